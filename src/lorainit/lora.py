@@ -1,0 +1,329 @@
+"""LoRA with K adapters on one frozen linear layer, and packs of them on a Hugging Face model.
+
+A *pack* trains K runs on one copy of a frozen model. Every input batch is stacked
+adapter-major: rows [k*b, (k+1)*b) belong to run k. The frozen layers see one big batch; each
+LoRA layer applies adapter k to run k's rows only, by batched matmul:
+
+    y = W x + bias + s * B_k (A_k dropout_k(x)),   s = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+with A of shape (K, r, in) and B of shape (K, out, r). The task head (the classifier's final
+projection) is packed the same way: K full copies of its weight. Nothing here knows about
+training; the init schemes live in `inits.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorainit import rng
+from lorainit.errors import BadInput
+from lorainit.inits import VARIANCES, get_init
+
+# Where a Hugging Face model keeps its task head's final projection, most specific first:
+# RoBERTa's `classifier.out_proj` (its `classifier.dense` stays frozen, as in the paper's code),
+# BERT's `classifier`, and the decoders' `score`.
+HEAD_NAMES = ("classifier.out_proj", "classifier", "score")
+
+
+class DropoutStreams:
+    """Per-run dropout masks, drawn from each run's own 'dropout' stream.
+
+    Runs that share a seed share their stream, and the mask is drawn once per distinct seed,
+    so that a pack of same-seed runs sees the masks each run would see alone.
+    """
+
+    def __init__(self, seeds: list[int]):
+        self.seeds = [int(s) for s in seeds]
+        self.distinct = sorted(set(self.seeds))
+        self.group = torch.tensor([self.distinct.index(s) for s in self.seeds])  # (K,)
+        self._generators: dict[torch.device, list[torch.Generator]] = {}
+
+    def _streams(self, device: torch.device) -> list[torch.Generator]:
+        if device not in self._generators:
+            self._generators[device] = [rng.generator(s, "dropout", device) for s in self.distinct]
+        return self._generators[device]
+
+    def mask(self, p: float, shape: tuple[int, ...], active: torch.Tensor | None,
+             device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Scaled keep-masks (n_active, *shape): one draw per distinct seed among active runs."""
+        groups = self.group if active is None else self.group[active.cpu()]
+        needed = sorted(set(groups.tolist()))
+        streams = self._streams(device)
+        drawn = {}
+        for gi in needed:
+            keep = torch.empty(shape, device=device, dtype=torch.float32)
+            keep.bernoulli_(1.0 - p, generator=streams[gi])
+            drawn[gi] = keep
+        masks = torch.stack([drawn[gi] for gi in groups.tolist()])  # (n_active, *shape)
+        return (masks / (1.0 - p)).to(dtype)
+
+
+class PackedLoRALinear(nn.Module):
+    """K LoRA adapters (A: (K, r, in), B: (K, out, r)) on one frozen `nn.Linear`."""
+
+    def __init__(self, base: nn.Linear, num_runs: int, rank: int, alpha: float,
+                 dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if num_runs < 1 or rank < 1:
+            raise ValueError(f"num_runs and rank must be >= 1, got {num_runs} and {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        base.requires_grad_(False)
+        self.base = base
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.rslora = rslora
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        self.dropout = dropout
+        w = base.weight
+        # Both factors start at zero; `inits.init_a` / `init_b` fill one run at a time.
+        self.lora_A = nn.Parameter(torch.zeros(num_runs, rank, base.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(num_runs, base.out_features, rank, dtype=w.dtype, device=w.device))
+        # Which adapters the current batch holds, in stacking order; None means all K.
+        self.active: torch.Tensor | None = None
+        self.streams: DropoutStreams | None = None
+
+    @classmethod
+    def from_linear(cls, base: nn.Linear, num_runs: int, rank: int, alpha: float,
+                    dropout: float = 0.0, rslora: bool = False) -> "PackedLoRALinear":
+        """Wrap `base` (frozen from then on) with `num_runs` zero adapters of rank `rank`."""
+        return cls(base, num_runs, rank, alpha, dropout, rslora)
+
+    @property
+    def num_runs(self) -> int:
+        return self.lora_A.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (n*b, ..., in), adapter-major over the n active runs -> (n*b, ..., out)."""
+        y = self.base(x)
+        A, B = self.lora_A, self.lora_B
+        if self.active is not None:
+            A, B = A[self.active], B[self.active]
+        n = A.shape[0]
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split evenly over {n} runs")
+        xs = x.reshape(n, -1, x.shape[-1])  # (n, rows, in)
+        if self.training and self.dropout > 0:
+            if self.streams is not None:
+                xs = xs * self.streams.mask(self.dropout, tuple(xs.shape[1:]), self.active, xs.device, xs.dtype)
+            else:
+                xs = nn.functional.dropout(xs, self.dropout, training=True)
+        z = torch.bmm(xs, A.transpose(1, 2).to(xs.dtype))  # (n, rows, r): Z_A = A x
+        d = torch.bmm(z, B.transpose(1, 2).to(z.dtype))    # (n, rows, out)
+        return y + self.scaling * d.reshape(*y.shape[:-1], d.shape[-1]).to(y.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self, k: int) -> torch.Tensor:
+        """W + s * B_k A_k, shape (out, in)."""
+        return self.base.weight + self.scaling * (self.lora_B[k] @ self.lora_A[k]).to(self.base.weight.dtype)
+
+    def merge(self, k: int) -> nn.Linear:
+        """A plain `nn.Linear` equal to this layer with adapter k (dropout off)."""
+        out = copy.deepcopy(self.base)
+        with torch.no_grad():
+            out.weight.copy_(self.merged_weight(k))
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"runs={self.num_runs}, rank={self.rank}, alpha={self.alpha:g}, "
+                f"scaling={self.scaling:g}, dropout={self.dropout:g}")
+
+
+class PackedHead(nn.Module):
+    """K trainable copies of a task head's final linear projection, applied run by run."""
+
+    def __init__(self, base: nn.Linear, num_runs: int):
+        super().__init__()
+        w = base.weight.detach()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = nn.Parameter(w.unsqueeze(0).repeat(num_runs, 1, 1))  # (K, out, in)
+        b = base.bias.detach() if base.bias is not None else None
+        self.bias = nn.Parameter(b.unsqueeze(0).repeat(num_runs, 1)) if b is not None else None  # (K, out)
+        self.active: torch.Tensor | None = None
+
+    @property
+    def num_runs(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (n*b, ..., in), adapter-major over the n active runs -> (n*b, ..., out)."""
+        W, b = self.weight, self.bias
+        if self.active is not None:
+            W = W[self.active]
+            b = b[self.active] if b is not None else None
+        n = W.shape[0]
+        xs = x.reshape(n, -1, x.shape[-1])  # (n, rows, in)
+        y = torch.bmm(xs, W.transpose(1, 2).to(xs.dtype))  # (n, rows, out)
+        if b is not None:
+            y = y + b.unsqueeze(1).to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def unpack(self, k: int) -> nn.Linear:
+        """Run k's head as a plain `nn.Linear`."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.weight[k])
+            if self.bias is not None:
+                out.bias.copy_(self.bias[k])
+        return out
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """The adapter shape shared by every run of a pack."""
+
+    rank: int = 8                 # r, the LoRA rank
+    alpha: float = 16.0           # scaling numerator: s = alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.0          # LoRA dropout on the LoRA input
+    rslora: bool = False          # rank-stabilised scaling alpha / sqrt(r)
+    targets: tuple[str, ...] = ("query", "value")  # module names to adapt (suffix match)
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def find_head(model: nn.Module) -> str | None:
+    """Name of the model's task-head projection (see HEAD_NAMES), or None if it has none."""
+    names = dict(model.named_modules())
+    for head in HEAD_NAMES:
+        if isinstance(names.get(head), nn.Linear):
+            return head
+    return None
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Full names of every `nn.Linear` in the model, in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+class LoRAPack:
+    """K LoRA runs on one frozen Hugging Face model: the injected layers, the packed head, inits."""
+
+    def __init__(self, model: nn.Module, config: LoRAConfig, num_runs: int, train_head: bool = True):
+        self.model = model
+        self.config = config
+        self.num_runs = num_runs
+        linears = linear_names(model)
+        self.head_name = find_head(model) if train_head else None
+        missing = [t for t in config.targets if not any(_matches(n, t) for n in linears)]
+        if missing:
+            leaves = sorted({n.rpartition(".")[2] for n in linears})
+            raise BadInput(
+                f"target module(s) {', '.join(map(repr, missing))} match no linear layer of "
+                f"{type(model).__name__}; its linear module names are: {', '.join(leaves)}")
+        model.requires_grad_(False)
+        self.layer_names = [n for n in linears
+                            if n != self.head_name and any(_matches(n, t) for t in config.targets)]
+        self.layers: dict[str, PackedLoRALinear] = {}
+        for name in self.layer_names:
+            layer = PackedLoRALinear.from_linear(_get(model, name), num_runs, config.rank, config.alpha,
+                                                 config.dropout, config.rslora)
+            _set(model, name, layer)
+            self.layers[name] = layer
+        self.head: PackedHead | None = None
+        if self.head_name is not None:
+            self.head = PackedHead(_get(model, self.head_name), num_runs)
+            _set(model, self.head_name, self.head)
+
+    # -- parameters -------------------------------------------------------------------------
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every trainable tensor of the pack; each has the run index as its leading dim."""
+        params = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+        if self.head is not None:
+            params += [p for p in (self.head.weight, self.head.bias) if p is not None]
+        return params
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """Trainable tensors by their model path (`...query.lora_A`, `classifier.weight`)."""
+        out = {}
+        for name, layer in self.layers.items():
+            out[f"{name}.lora_A"] = layer.lora_A
+            out[f"{name}.lora_B"] = layer.lora_B
+        if self.head is not None:
+            out[f"{self.head_name}.weight"] = self.head.weight
+            if self.head.bias is not None:
+                out[f"{self.head_name}.bias"] = self.head.bias
+        return out
+
+    def trainable_per_run(self) -> int:
+        """Number of trainable parameters of one run (LoRA factors plus head)."""
+        return sum(p[0].numel() for p in self.parameters())
+
+    # -- init -------------------------------------------------------------------------------
+
+    def init_run(self, k: int, init: str, variance: str = "kaiming", seed: int = 0) -> None:
+        """Initialise run k's adapters with scheme `init` ('a'|'b') and its head, from `seed`.
+
+        LoRA factors are drawn layer by layer in module order from the run's 'init' stream; the
+        head from its 'head' stream, as the model itself initialises a fresh head
+        (N(0, initializer_range), bias 0).
+        """
+        if not 0 <= k < self.num_runs:
+            raise IndexError(f"run {k} is outside this pack of {self.num_runs}")
+        if variance not in VARIANCES:
+            raise BadInput(f"unknown init_variance {variance!r}; expected one of {', '.join(VARIANCES)}")
+        fill = get_init(init)
+        device = next(iter(self.layers.values())).lora_A.device
+        g = rng.generator(seed, "init", device)
+        for layer in self.layers.values():
+            fill(layer.lora_A.data[k], layer.lora_B.data[k], variance, g)
+        if self.head is not None:
+            std = float(getattr(getattr(self.model, "config", None), "initializer_range", 0.02))
+            gh = rng.generator(seed, "head", device)
+            with torch.no_grad():
+                self.head.weight[k].normal_(0.0, std, generator=gh)
+                if self.head.bias is not None:
+                    self.head.bias[k].zero_()
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def set_active(self, runs: list[int] | torch.Tensor | None) -> None:
+        """Declare which runs the next batches hold, in stacking order (None: all K)."""
+        idx = None
+        if runs is not None:
+            idx = torch.as_tensor(runs, dtype=torch.long)
+            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= self.num_runs:
+                raise ValueError(f"active runs {idx.tolist()} must be a non-empty subset of 0..{self.num_runs - 1}")
+        for m in list(self.layers.values()) + ([self.head] if self.head is not None else []):
+            m.active = None if idx is None else idx.to(m.weight.device if isinstance(m, PackedHead) else m.lora_A.device)
+
+    def set_dropout_seeds(self, seeds: list[int] | None) -> None:
+        """Draw LoRA dropout masks from each run's own seed (None: torch's global generator)."""
+        if seeds is not None and len(seeds) != self.num_runs:
+            raise ValueError(f"need {self.num_runs} seeds, got {len(seeds)}")
+        streams = DropoutStreams(seeds) if seeds is not None else None
+        for layer in self.layers.values():
+            layer.streams = streams
+
+    # -- unpacking --------------------------------------------------------------------------
+
+    def merged_model(self, k: int) -> nn.Module:
+        """A plain copy of the model with run k's adapters merged in and run k's head."""
+        model = copy.deepcopy(self.model)
+        for name in self.layer_names:
+            _set(model, name, _get(model, name).merge(k))
+        if self.head_name is not None:
+            _set(model, self.head_name, _get(model, self.head_name).unpack(k))
+        return model
+
+
+def stack_runs(batch: dict[str, torch.Tensor], num_runs: int) -> dict[str, torch.Tensor]:
+    """The same batch for each of `num_runs` runs, stacked adapter-major along dim 0."""
+    return {k: v.repeat(num_runs, *([1] * (v.dim() - 1))) for k, v in batch.items()}

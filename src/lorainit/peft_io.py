@@ -1,0 +1,164 @@
+"""PEFT interop: one run of a pack <-> a PEFT LoRA adapter folder.
+
+A PEFT adapter folder holds `adapter_config.json` and `adapter_model.safetensors`, whose keys read
+`base_model.model.<module path>.lora_A.weight` (and `lora_B`), and, for a task head saved through
+`modules_to_save`, `base_model.model.<head module>.<param>`. `peft.PeftModel.from_pretrained(base,
+folder)` then rebuilds run k exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorainit.errors import BadInput
+from lorainit.lora import LoRAPack
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class AdapterError(BadInput):
+    """An adapter folder that does not fit the pack; the message names the mismatch."""
+
+
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for a transformers model class, from its class name."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    return None
+
+
+def _head_top(pack: LoRAPack) -> str | None:
+    """The module PEFT wraps as `modules_to_save`: the head's top-level module (`classifier`)."""
+    return pack.head_name.split(".")[0] if pack.head_name else None
+
+
+def _head_tensors(pack: LoRAPack, k: int) -> dict[str, torch.Tensor]:
+    """Every tensor under the head's top module, with the packed ones taken from run k."""
+    top = _head_top(pack)
+    if top is None:
+        return {}
+    packed = {f"{pack.head_name}.weight": pack.head.weight[k]}
+    if pack.head.bias is not None:
+        packed[f"{pack.head_name}.bias"] = pack.head.bias[k]
+    out = {}
+    for name, tensor in pack.model.get_submodule(top).named_parameters(prefix=top):
+        if name.startswith(f"{pack.head_name}."):
+            continue  # the packed (K, ...) tensors themselves
+        out[name] = tensor
+    out.update(packed)
+    return out
+
+
+def export_run(pack: LoRAPack, k: int, folder: str | os.PathLike, base_model: str) -> Path:
+    """Write run k of `pack` as a PEFT LoRA adapter folder; return the folder."""
+    if not 0 <= k < pack.num_runs:
+        raise IndexError(f"run {k} is outside this pack of {pack.num_runs}")
+    cfg = pack.config
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type(pack.model),
+        "base_model_name_or_path": base_model,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.rslora,
+        "target_modules": sorted(cfg.targets),
+        "modules_to_save": [_head_top(pack)] if pack.head_name else None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    tensors = {}
+    for name, layer in pack.layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[k]
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[k]
+    for name, tensor in _head_tensors(pack, k).items():
+        tensors[PREFIX + name] = tensor
+    tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Write both files beside their final names, then rename: a crash leaves no half adapter.
+    for fname, write in ((WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+                         (CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))):
+        fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", dir=folder)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, folder / fname)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return folder
+
+
+def import_run(pack: LoRAPack, k: int, folder: str | os.PathLike) -> None:
+    """Load a PEFT LoRA adapter folder into run k of `pack`, checking that it fits."""
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise AdapterError(f"{path} is missing: not a PEFT adapter folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{config_path} is not valid JSON: {err}") from err
+    cfg = pack.config
+    checks = [("peft_type", config.get("peft_type"), "LORA"),
+              ("r", config.get("r"), cfg.rank),
+              ("lora_alpha", config.get("lora_alpha"), cfg.alpha),
+              ("use_rslora", bool(config.get("use_rslora", False)), cfg.rslora)]
+    for key, got, want in checks:
+        if got != want:
+            raise AdapterError(f"{config_path}: {key} is {got!r}, but the pack has {want!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise AdapterError(f"{config_path}: per-module {key} is not supported by a pack")
+    if config.get("use_dora"):
+        raise AdapterError(f"{config_path}: DoRA adapters are not LoRA adapters")
+
+    tensors = load_file(str(weights_path))
+    wanted = {}
+    for name, layer in pack.layers.items():
+        wanted[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
+        wanted[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
+    if pack.head is not None:
+        wanted[f"{PREFIX}{pack.head_name}.weight"] = pack.head.weight
+        if pack.head.bias is not None:
+            wanted[f"{PREFIX}{pack.head_name}.bias"] = pack.head.bias
+    lora_keys = [key for key in tensors if ".lora_" in key]
+    unknown = [key for key in lora_keys if key not in wanted]
+    if unknown:
+        raise AdapterError(f"{weights_path} adapts modules the pack does not: {', '.join(unknown[:5])}")
+    missing = [key for key in wanted if ".lora_" in key and key not in tensors]
+    if missing:
+        raise AdapterError(f"{weights_path} lacks {', '.join(missing[:5])}")
+    for key, param in wanted.items():
+        if key not in tensors:
+            continue  # an adapter without a saved head keeps run k's current head
+        if tuple(tensors[key].shape) != tuple(param.shape[1:]):
+            raise AdapterError(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, "
+                               f"the pack expects {tuple(param.shape[1:])}")
+    frozen = {key: t for key, t in _head_tensors(pack, k).items() if not key.startswith(f"{pack.head_name}.")}
+    for key, base_tensor in frozen.items():
+        saved = tensors.get(PREFIX + key)
+        if saved is not None and not torch.equal(saved.to(base_tensor), base_tensor.detach()):
+            warnings.warn(f"{weights_path}: {key} differs from the base model's; a pack keeps it frozen "
+                          "and ignores the saved value", stacklevel=2)
+    with torch.no_grad():
+        for key, param in wanted.items():
+            if key in tensors:
+                param[k].copy_(tensors[key])

@@ -1,0 +1,125 @@
+"""GLUE sentence(-pair) classification: SST-2, QNLI, MNLI, read from the official TSV layout.
+
+The data folder is the GLUE root holding `SST-2/`, `QNLI/`, `MNLI/`. Columns are found by their
+header names, so both the official files and trimmed copies with fewer columns load. Label ids
+follow the Hugging Face `glue` dataset, so a model trained here reads the same ids there.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorainit.errors import BadInput
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    name: str               # the task key used in run configs
+    folder: str             # the task's folder under the GLUE root
+    text_columns: tuple     # one column (single sentence) or two (a pair)
+    label_column: str
+    labels: tuple           # label strings in id order; for SST-2 the ids are the strings
+    eval_split: str         # the validation file the paper reports
+
+
+TASKS = {
+    "sst2": GlueTask("sst2", "SST-2", ("sentence",), "label", ("0", "1"), "dev"),
+    "qnli": GlueTask("qnli", "QNLI", ("question", "sentence"), "label",
+                     ("entailment", "not_entailment"), "dev"),
+    "mnli": GlueTask("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label",
+                     ("entailment", "neutral", "contradiction"), "dev_matched"),
+}
+
+
+class DataError(BadInput):
+    """A missing or malformed data file; the message names the file, row and column."""
+
+
+@dataclass
+class Examples:
+    texts: list[tuple[str, ...]]  # one tuple of 1 or 2 strings per row
+    labels: list[int]
+
+
+def glue_root(data_dir: str | None = None) -> Path:
+    """The GLUE root: `data_dir`, else $LORAINIT_DATA/glue."""
+    if data_dir:
+        return Path(data_dir)
+    env = os.environ.get("LORAINIT_DATA")
+    if env:
+        return Path(env) / "glue"
+    raise DataError("no data folder: pass data_dir (the GLUE root holding SST-2/, QNLI/, MNLI/) "
+                    "or set LORAINIT_DATA to a root holding glue/")
+
+
+def read(task: str, split: str, data_dir: str | None = None, max_rows: int | None = None) -> Examples:
+    """Read the first `max_rows` rows (file order) of `split` ('train' or 'eval') of a GLUE task."""
+    if task not in TASKS:
+        raise DataError(f"unknown GLUE task {task!r}; expected one of {', '.join(TASKS)}")
+    spec = TASKS[task]
+    fname = "train" if split == "train" else spec.eval_split
+    path = glue_root(data_dir) / spec.folder / f"{fname}.tsv"
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected the GLUE layout <root>/{spec.folder}/{fname}.tsv)")
+    label_ids = {s: i for i, s in enumerate(spec.labels)}
+    texts, labels = [], []
+    with open(path, newline="", encoding="utf-8") as f:
+        # GLUE's TSVs are not quoted: a stray '"' is text, not a field delimiter.
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: file is empty")
+        header = [h.strip() for h in header]
+        for col in (*spec.text_columns, spec.label_column):
+            if col not in header:
+                raise DataError(f"{path}: header has no column {col!r} (found {', '.join(header)})")
+        cols = [header.index(c) for c in spec.text_columns]
+        lab = header.index(spec.label_column)
+        for row_no, row in enumerate(reader, start=2):  # row 1 is the header
+            if max_rows is not None and len(labels) >= max_rows:
+                break
+            if len(row) < len(header):
+                raise DataError(f"{path}: row {row_no} has {len(row)} columns, the header has {len(header)}")
+            value = row[lab].strip()
+            if value not in label_ids:
+                raise DataError(f"{path}: row {row_no}, column {spec.label_column!r}: label {value!r} "
+                                f"is not one of {', '.join(spec.labels)}")
+            texts.append(tuple(row[c].strip() for c in cols))
+            labels.append(label_ids[value])
+    if not labels:
+        raise DataError(f"{path}: no data rows")
+    return Examples(texts, labels)
+
+
+def encode(examples: Examples, tokenizer, max_seq_len: int) -> tuple[list[list[int]], list[list[int]] | None]:
+    """(input_ids, token_type_ids or None) per row, truncated to `max_seq_len`.
+
+    Pairs truncate the longer side first."""
+    if examples.texts and len(examples.texts[0]) == 2:
+        firsts, seconds = zip(*examples.texts)
+        enc = tokenizer(list(firsts), list(seconds), truncation=True, max_length=max_seq_len)
+    else:
+        enc = tokenizer([t[0] for t in examples.texts], truncation=True, max_length=max_seq_len)
+    return enc["input_ids"], enc.get("token_type_ids")
+
+
+def collate(ids: list[list[int]], pad_id: int, type_ids: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its own longest row: input_ids, attention_mask (and token_type_ids)."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if type_ids is not None:
+        tt = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(type_ids):
+            tt[i, :len(x)] = torch.tensor(x)
+        batch["token_type_ids"] = tt
+    return batch
