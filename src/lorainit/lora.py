@@ -219,6 +219,8 @@ class LoRAPack:
         self.model = model
         self.config = config
         self.num_runs = num_runs
+        if any(isinstance(m, (PackedLoRALinear, PackedHead)) for m in model.modules()):
+            raise BadInput(f"this {type(model).__name__} already holds a LoRA pack; inject into a fresh model")
         linears = linear_names(model)
         self.head_name = find_head(model) if train_head else None
         missing = [t for t in config.targets if not any(_matches(n, t) for n in linears)]
@@ -240,6 +242,7 @@ class LoRAPack:
         if self.head_name is not None:
             self.head = PackedHead(_get(model, self.head_name), num_runs)
             _set(model, self.head_name, self.head)
+        model.train(model.training)  # new modules follow the model's train/eval mode
 
     # -- parameters -------------------------------------------------------------------------
 

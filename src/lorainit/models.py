@@ -112,11 +112,12 @@ def _in_hub_cache(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
-def load(spec: str, kind: str = "classification", num_labels: int = 2, dtype=None):
+def load(spec: str, kind: str = "classification", num_labels: int = 2, dtype=None, **config_overrides):
     """Load (model, tokenizer) for `spec`.
 
     kind: 'classification' (a sequence-classification head with `num_labels` outputs),
-    'causal_lm', or 'base' (the bare encoder/decoder).
+    'causal_lm', or 'base' (the bare encoder/decoder). `config_overrides` set model config fields,
+    e.g. `hidden_dropout_prob=0.0`.
     """
     import transformers
 
@@ -128,10 +129,13 @@ def load(spec: str, kind: str = "classification", num_labels: int = 2, dtype=Non
     }
     if kind not in auto:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {', '.join(auto)}")
-    kwargs = {"num_labels": num_labels} if kind == "classification" else {}
+    kwargs = dict(config_overrides)
+    if kind == "classification":
+        kwargs["num_labels"] = num_labels
     if dtype is not None:
         kwargs["dtype"] = dtype
     transformers.logging.set_verbosity_error()  # the fresh head's "newly initialized" report
+    transformers.utils.logging.disable_progress_bar()
     try:
         model = auto[kind].from_pretrained(resolved.path, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(resolved.path)
@@ -139,6 +143,7 @@ def load(spec: str, kind: str = "classification", num_labels: int = 2, dtype=Non
         raise ModelNotFound(f"could not load model {spec!r} from {resolved.path}: {err}") from err
     finally:
         transformers.logging.set_verbosity_warning()
+        transformers.utils.logging.enable_progress_bar()
     if tokenizer.pad_token is None:
         # Decoders often ship without a pad token; padding is masked out, so any token serves.
         tokenizer.pad_token = tokenizer.eos_token
