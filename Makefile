@@ -1,5 +1,5 @@
 # lorainit: `make demo` runs the main job, `make test` runs the tests; each builds .venv first.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -49,7 +49,7 @@ def evaluate(pack: LoRAPack, ids, type_ids, labels, pad_id, chunk: int = 64) -> 
 
 
 def run_demo(out: str, steps: int = 150, batch_size: int = 16, lr: float = 5e-4, seed: int = 0,
-             train_rows: int = 4000, data_dir: str | None = None) -> dict:
+             train_rows: int = 4000, eval_rows: int | None = None, data_dir: str | None = None) -> dict:
     """Finetune Init[A] and Init[B] side by side; write results and PEFT adapters to `out`."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)  # the base model's own dropout layers draw from the global stream
@@ -61,7 +61,7 @@ def run_demo(out: str, steps: int = 150, batch_size: int = 16, lr: float = 5e-4,
     pack.set_dropout_seeds([seed] * len(INITS))
 
     train = glue.read("sst2", "train", data_dir, max_rows=train_rows)
-    dev = glue.read("sst2", "eval", data_dir)
+    dev = glue.read("sst2", "eval", data_dir, max_rows=eval_rows)
     train_ids, train_tt = glue.encode(train, tokenizer, 128)
     dev_ids, dev_tt = glue.encode(dev, tokenizer, 128)
     pad = tokenizer.pad_token_id
