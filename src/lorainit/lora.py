@@ -304,8 +304,9 @@ class LoRAPack:
             idx = torch.as_tensor(runs, dtype=torch.long)
             if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= self.num_runs:
                 raise ValueError(f"active runs {idx.tolist()} must be a non-empty subset of 0..{self.num_runs - 1}")
+            idx = idx.to(self.parameters()[0].device)
         for m in list(self.layers.values()) + ([self.head] if self.head is not None else []):
-            m.active = None if idx is None else idx.to(m.weight.device if isinstance(m, PackedHead) else m.lora_A.device)
+            m.active = idx
 
     def set_dropout_seeds(self, seeds: list[int] | None) -> None:
         """Draw LoRA dropout masks from each run's own seed (None: torch's global generator)."""
