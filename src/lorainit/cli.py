@@ -7,6 +7,7 @@ Exit codes: 0 done; 2 bad input (one line on stderr naming the problem, nothing 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from lorainit.errors import BadInput
@@ -39,6 +40,31 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_theory(args: argparse.Namespace) -> int:
+    import json
+
+    from lorainit import theory
+
+    if args.json:
+        print(json.dumps(theory.to_json(), indent=2))
+        return 0
+    inits = (args.init,) if args.init else ("a", "b")
+    if args.lr_exponent is not None:
+        if not math.isfinite(args.lr_exponent):
+            raise BadInput(f"--lr-exponent must be a finite number such as -0.5, got {args.lr_exponent}")
+        rows = [theory.exponents(init, -args.lr_exponent) for init in inits]
+    else:
+        rows = theory.table(inits)
+    print(theory.format_table(rows))
+    for init in inits:
+        print(f"Init[{init.upper()}]: largest stable learning rate Theta(n^{-float(theory.max_stable_c(init)):g})")
+    if args.check:
+        for optimizer in ("adam", "signsgd") if args.optimizer == "both" else (args.optimizer,):
+            print()
+            print(theory.format_check(theory.check(optimizer)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorainit",
@@ -56,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
                       help="GLUE root holding SST-2/ (default: $LORAINIT_DATA/glue)")
     demo.set_defaults(func=_cmd_demo)
+
+    th = sub.add_parser("theory", help="the width-exponent calculus of one LoRA module (paper §3)")
+    th.add_argument("--init", choices=("a", "b"), default=None, help="one init (default: both)")
+    th.add_argument("--lr-exponent", "--lr_exponent", dest="lr_exponent", type=float, default=None,
+                    help="learning rate Theta(n^X), e.g. -0.5 (default: a table over X)")
+    th.add_argument("--json", action="store_true", help="print JSON keyed by init instead of a table")
+    th.add_argument("--check", action="store_true",
+                    help="simulate the module at widths 2^8..2^14 and compare measured to predicted slopes")
+    th.add_argument("--optimizer", choices=("adam", "signsgd", "both"), default="both",
+                    help="optimizer(s) for --check")
+    th.set_defaults(func=_cmd_theory)
 
     model = sub.add_parser("model", help="resolve a model spec and list its linear module names")
     model.add_argument("spec", help="an alias (minilm, smollm2-135m), a local folder, or a hub id")

@@ -80,7 +80,7 @@ def run_demo(out: str, steps: int = 150, batch_size: int = 16, lr: float = 5e-4,
         try:
             rows, batch = next(batches)
         except StopIteration:
-            order = torch.randperm(len(train_ids), generator=rng.generator(seed + step, "data"))
+            order = torch.randperm(len(train_ids), generator=rng.generator(seed, "data", step))
             batches = _batches(train_ids, train_tt, order, batch_size, pad)
             rows, batch = next(batches)
         stacked = {k: v.repeat(pack.num_runs, 1) for k, v in batch.items()}

@@ -45,7 +45,7 @@ class DropoutStreams:
 
     def _streams(self, device: torch.device) -> list[torch.Generator]:
         if device not in self._generators:
-            self._generators[device] = [rng.generator(s, "dropout", device) for s in self.distinct]
+            self._generators[device] = [rng.generator(s, "dropout", device=device) for s in self.distinct]
         return self._generators[device]
 
     def mask(self, p: float, shape: tuple[int, ...], active: torch.Tensor | None,
@@ -284,12 +284,12 @@ class LoRAPack:
             raise BadInput(f"unknown init_variance {variance!r}; expected one of {', '.join(VARIANCES)}")
         fill = get_init(init)
         device = next(iter(self.layers.values())).lora_A.device
-        g = rng.generator(seed, "init", device)
+        g = rng.generator(seed, "init", device=device)
         for layer in self.layers.values():
             fill(layer.lora_A.data[k], layer.lora_B.data[k], variance, g)
         if self.head is not None:
             std = float(getattr(getattr(self.model, "config", None), "initializer_range", 0.02))
-            gh = rng.generator(seed, "head", device)
+            gh = rng.generator(seed, "head", device=device)
             with torch.no_grad():
                 self.head.weight[k].normal_(0.0, std, generator=gh)
                 if self.head.bias is not None:

@@ -12,19 +12,22 @@ import hashlib
 
 import torch
 
-PURPOSES = ("init", "head", "data", "dropout")
+PURPOSES = ("init", "head", "data", "dropout", "base")  # base: a synthetic frozen network
 
 
-def purpose_seed(seed: int, purpose: str) -> int:
-    """A 63-bit seed for one purpose of one run, stable across processes and versions."""
+def purpose_seed(seed: int, purpose: str, *salt: int) -> int:
+    """A 63-bit seed for one purpose of one run (and optional integer salt, e.g. a width).
+
+    Stable across processes and versions."""
     if purpose not in PURPOSES:
         raise ValueError(f"unknown random purpose {purpose!r}; expected one of {', '.join(PURPOSES)}")
-    digest = hashlib.sha256(f"lorainit:{int(seed)}:{purpose}".encode()).digest()
+    key = ":".join(["lorainit", str(int(seed)), purpose, *(str(int(x)) for x in salt)])
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def generator(seed: int, purpose: str, device: str | torch.device = "cpu") -> torch.Generator:
-    """A fresh generator for (seed, purpose) on `device`."""
+def generator(seed: int, purpose: str, *salt: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A fresh generator for (seed, purpose, *salt) on `device`."""
     g = torch.Generator(device=device)
-    g.manual_seed(purpose_seed(seed, purpose))
+    g.manual_seed(purpose_seed(seed, purpose, *salt))
     return g
