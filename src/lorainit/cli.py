@@ -65,6 +65,69 @@ def _cmd_theory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _numbers(text: str, kind, option: str) -> tuple:
+    """A comma-separated list of numbers; '2^-3' is accepted for powers of two."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise BadInput(f"{option} is empty: give a comma-separated list")
+    out = []
+    for item in items:
+        try:
+            value = 2.0 ** float(item[2:]) if item.startswith("2^") else float(item)
+        except ValueError:
+            raise BadInput(f"{option}: {item!r} is not a number") from None
+        if kind is int:
+            if value != int(value):
+                raise BadInput(f"{option}: {item!r} is not an integer")
+            value = int(value)
+        out.append(value)
+    return tuple(out)
+
+
+def _cmd_toy(args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+    from pathlib import Path
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from lorainit import toy, toy_report
+
+    fields = dict(toy.PRESETS[args.preset])
+    if args.widths is not None:
+        fields["widths"] = _numbers(args.widths, int, "--widths")
+    if args.lrs is not None:
+        fields["lrs"] = _numbers(args.lrs, float, "--lrs")
+    if args.inits is not None:
+        fields["inits"] = tuple(i.strip() for i in args.inits.split(",") if i.strip())
+    for name in ("seeds", "steps", "rank", "batch_size", "device"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    cfg = toy.ToyConfig(**fields)
+    cfg.validate()
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"--device {cfg.device}: no CUDA device is available here")
+    out = Path(args.out)
+    configs = cfg.seeds * len(cfg.inits) * len(cfg.lrs)
+    print(f"toy: widths {list(cfg.widths)}, {len(cfg.lrs)} lrs x {len(cfg.inits)} inits x {cfg.seeds} seeds "
+          f"= {configs} configurations per width, {cfg.steps} steps of batch {min(cfg.batch_size, cfg.n_train)}")
+    t0 = time.perf_counter()
+    results = []
+    # progress counts steps weighted by width, so the bar's ETA follows the real cost
+    with tqdm(total=cfg.steps * sum(cfg.widths), desc="toy", unit="step*n", unit_scale=True) as bar:
+        for width in cfg.widths:
+            bar.set_postfix(width=width)
+            results.append(toy.train_width(width, cfg, progress=lambda k, w=width: bar.update(k * w)))
+    summary = toy_report.summarize(results, cfg)
+    figures = toy_report.write_outputs(results, cfg, summary, out)
+    print(toy_report.format_summary(summary, cfg.inits))
+    print(f"wrote {out / 'toy_results.csv'}, {out / 'optimal_lr.csv'}, {out / 'slopes.json'} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    print("figures: " + ", ".join(str(f) for f in figures))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorainit",
@@ -93,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--optimizer", choices=("adam", "signsgd", "both"), default="both",
                     help="optimizer(s) for --check")
     th.set_defaults(func=_cmd_theory)
+
+    ty = sub.add_parser("toy", help="the teacher-student toy: optimal and largest stable lr against width")
+    ty.add_argument("--preset", choices=("default", "paper"), default="default",
+                    help="default: minutes on a laptop CPU; paper: widths to 8192, full batch (GPU)")
+    ty.add_argument("--widths", default=None, help="comma-separated widths, e.g. 64,128,256")
+    ty.add_argument("--lrs", default=None, help="comma-separated learning rates, e.g. 1e-3,2^-8")
+    ty.add_argument("--inits", default=None, help="comma-separated inits (default a,b)")
+    ty.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5)")
+    ty.add_argument("--steps", type=int, default=None, help="Adam steps (default 500)")
+    ty.add_argument("--rank", type=int, default=None, help="LoRA rank (default 4)")
+    ty.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+                    help="training points per step (default 100; >= 1000 is full batch)")
+    ty.add_argument("--device", default=None, help="cpu (default) or cuda")
+    ty.add_argument("--out", default="runs/toy", help="output folder")
+    ty.set_defaults(func=_cmd_toy)
 
     model = sub.add_parser("model", help="resolve a model spec and list its linear module names")
     model.add_argument("spec", help="an alias (minilm, smollm2-135m), a local folder, or a hub id")

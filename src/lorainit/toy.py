@@ -16,13 +16,13 @@ scale and gives the teacher a natural size.
 
 Teacher: the same network with W + Delta W*, Delta W* = U V^T of rank `teacher_rank`, scaled so
 that the teacher's output differs from the base's by an RMS of exactly 1 on the training points.
-Only A and B train, with Adam (full batch) at one learning rate, from Init[A] or Init[B] with the
+Only A and B train, with Adam on batches of `batch_size` points at one learning rate, from Init[A] or Init[B] with the
 theory's `gaussian` variances (A ~ N(0, 1/n) or B ~ N(0, 1/r)).
 
 Vectorised: for one width, all (seed, init, lr) configurations are one stack of tensors, with
 closed-form gradients and one Adam over the stack. The frozen part (phi(W_in x) and W phi(W_in x))
-does not depend on the configuration, and with full-batch training not on the step either, so it
-is computed once per seed and width.
+depends on neither the configuration nor the step, so it is computed once per seed and width for
+all training points, and each step gathers its batch's columns.
 """
 
 from __future__ import annotations
@@ -37,6 +37,15 @@ from lorainit.errors import BadInput
 from lorainit.inits import get_init
 
 
+PRESETS = {
+    # a few minutes on 2 CPU cores
+    "default": {},
+    # the paper's range of widths, full batch: meant for a GPU
+    "paper": {"widths": tuple(2 ** k for k in range(6, 14)), "batch_size": 1000,
+              "lrs": tuple(2.0 ** (k / 2) for k in range(-32, 1))},
+}
+
+
 def lr_grid(low_exp2: float, high_exp2: float) -> tuple[float, ...]:
     """Half-octave grid 2^low .. 2^high."""
     steps = int(round((high_exp2 - low_exp2) * 2))
@@ -46,9 +55,11 @@ def lr_grid(low_exp2: float, high_exp2: float) -> tuple[float, ...]:
 @dataclass(frozen=True)
 class ToyConfig:
     widths: tuple[int, ...] = (64, 128, 256, 512, 1024)  # hidden widths n
-    lrs: tuple[float, ...] = field(default_factory=lambda: lr_grid(-14, -2))  # Adam learning rates
+    lrs: tuple[float, ...] = field(default_factory=lambda: lr_grid(-12, 0))  # Adam learning rates
     seeds: int = 5               # seeds 0..seeds-1: each its own data, base, teacher and LoRA init
-    steps: int = 500             # full-batch Adam steps
+    steps: int = 500             # Adam steps
+    batch_size: int = 100        # training points per step (>= n_train: full batch); all configs
+                                 # of a seed see the same batches (common random numbers)
     rank: int = 4                # LoRA rank r
     inits: tuple[str, ...] = ("a", "b")
     input_dim: int = 5           # d
@@ -71,7 +82,7 @@ class ToyConfig:
             raise BadInput("--lrs is empty: give at least one learning rate")
         if any(not math.isfinite(lr) or lr <= 0 for lr in self.lrs):
             raise BadInput(f"--lrs must be positive numbers, got {list(self.lrs)}")
-        for name in ("seeds", "steps", "rank", "input_dim", "n_train", "n_test", "teacher_rank"):
+        for name in ("seeds", "steps", "rank", "batch_size", "input_dim", "n_train", "n_test", "teacher_rank"):
             if getattr(self, name) < 1:
                 raise BadInput(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not self.inits:
@@ -125,6 +136,16 @@ def make_problem(width: int, seed: int, cfg: ToyConfig) -> Problem:
                    (c * dz[:, tr]).pow(2).mean().sqrt().item())
 
 
+def batch_plan(seed: int, cfg: ToyConfig) -> torch.Tensor | None:
+    """Row indices (steps, b) of each step's batch: epochs of a seeded shuffle; None = full batch."""
+    if cfg.batch_size >= cfg.n_train:
+        return None
+    g = rng.generator(seed, "data", 1)
+    epochs = -(-cfg.steps * cfg.batch_size // cfg.n_train)
+    order = torch.cat([torch.randperm(cfg.n_train, generator=g) for _ in range(epochs)])
+    return order[:cfg.steps * cfg.batch_size].view(cfg.steps, cfg.batch_size)
+
+
 def _init_factors(width: int, cfg: ToyConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """A (S, I, r, n) and B (S, I, n, r) at init, one draw per (seed, init) from the seed's stream."""
     S, I, r = cfg.seeds, len(cfg.inits), cfg.rank
@@ -165,7 +186,7 @@ def _forward(A, B, z, h, y, need_grad: bool):
 @dataclass
 class WidthResult:
     width: int
-    train_loss: torch.Tensor   # (S, I, L): mean over the last 10% of steps (inf if diverged)
+    train_loss: torch.Tensor   # (S, I, L): mean batch loss over the last 10% of steps (inf if diverged)
     test_loss: torch.Tensor    # (S, I, L)
     diverged_step: torch.Tensor  # (S, I, L): step of divergence, -1 if none
     z_a_rms: torch.Tensor      # (S, I, L) at the end
@@ -194,11 +215,18 @@ def train_width(width: int, cfg: ToyConfig, progress=None) -> WidthResult:
     mA, vA, mB, vB = (torch.zeros_like(t) for t in (A, A, B, B))
     b1, b2 = cfg.betas
     tail = max(1, cfg.steps // 10)
+    plans = [batch_plan(s, cfg) for s in range(S)]
+    plan = None if plans[0] is None else torch.stack(plans).to(cfg.device)  # (S, steps, b)
     losses, tr_za, tr_zb, test_tail = [], [], [], []
     diverged_step = torch.full((S, M), -1, dtype=torch.long, device=cfg.device)
     loss0 = None
     for step in range(1, cfg.steps + 1):
-        loss, rza, rzb, gA, gB = _forward(A, B, z, h, y, need_grad=True)
+        if plan is None:
+            zb, hb, yb = z, h, y
+        else:
+            idx = plan[:, step - 1].unsqueeze(1).expand(-1, width, -1)  # (S, n, b)
+            zb, hb, yb = (torch.take_along_dim(t, idx, dim=2) for t in (z, h, y))
+        loss, rza, rzb, gA, gB = _forward(A, B, zb, hb, yb, need_grad=True)
         if loss0 is None:
             loss0 = loss.clone()
         bad = alive & (~torch.isfinite(loss) | (loss > cfg.divergence_factor * loss0))
@@ -244,14 +272,17 @@ def train_width(width: int, cfg: ToyConfig, progress=None) -> WidthResult:
 def train_one(width: int, cfg: ToyConfig, seed: int, init: str, lr: float) -> torch.Tensor:
     """Reference: one configuration with autograd and `torch.optim.Adam`; per-step losses (steps,)."""
     p = make_problem(width, seed, cfg)
+    plan = batch_plan(seed, cfg)
     A = torch.zeros(cfg.rank, width)
     B = torch.zeros(width, cfg.rank)
     get_init(init)(A, B, "gaussian", rng.generator(seed, "init"))
     A, B = A.to(cfg.device).requires_grad_(), B.to(cfg.device).requires_grad_()
     opt = torch.optim.Adam([A, B], lr=lr, betas=cfg.betas, eps=cfg.eps)
     losses, loss0 = [], None
-    for _ in range(cfg.steps):
-        loss = (torch.relu(p.h + B @ (A @ p.z)) - p.y).pow(2).mean()
+    for step in range(cfg.steps):
+        cols = slice(None) if plan is None else plan[step].to(cfg.device)
+        z, h, y = p.z[:, cols], p.h[:, cols], p.y[:, cols]
+        loss = (torch.relu(h + B @ (A @ z)) - y).pow(2).mean()
         value = loss.item()
         loss0 = value if loss0 is None else loss0
         if not math.isfinite(value) or value > cfg.divergence_factor * loss0:
