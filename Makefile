@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/lorainit demo --out runs/demo
+	$(BIN)/lorainit toy --out runs/toy
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -104,6 +104,8 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     for name in ("seeds", "steps", "rank", "batch_size", "device"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
+    if fields.get("device", "auto") == "auto":
+        fields["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = toy.ToyConfig(**fields)
     cfg.validate()
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -168,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     ty.add_argument("--rank", type=int, default=None, help="LoRA rank (default 4)")
     ty.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                     help="training points per step (default 100; >= 1000 is full batch)")
-    ty.add_argument("--device", default=None, help="cpu (default) or cuda")
+    ty.add_argument("--device", default=None, help="auto (default: cuda when available), cpu or cuda")
     ty.add_argument("--out", default="runs/toy", help="output folder")
     ty.set_defaults(func=_cmd_toy)
 

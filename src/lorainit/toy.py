@@ -28,6 +28,7 @@ all training points, and each step gathers its batch's columns.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,7 @@ def lr_grid(low_exp2: float, high_exp2: float) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class ToyConfig:
-    widths: tuple[int, ...] = (64, 128, 256, 512, 1024)  # hidden widths n
+    widths: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)  # hidden widths n
     lrs: tuple[float, ...] = field(default_factory=lambda: lr_grid(-12, 0))  # Adam learning rates
     seeds: int = 5               # seeds 0..seeds-1: each its own data, base, teacher and LoRA init
     steps: int = 500             # Adam steps
@@ -89,6 +90,8 @@ class ToyConfig:
             raise BadInput("no inits given: use a, b or both")
         for init in self.inits:
             get_init(init)  # raises BadInput naming the allowed inits
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise BadInput(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass
@@ -157,28 +160,41 @@ def _init_factors(width: int, cfg: ToyConfig) -> tuple[torch.Tensor, torch.Tenso
     return A, B
 
 
-def _forward(A, B, z, h, y, need_grad: bool):
+class _Workspace:
+    """Two reused (S, M, n, N) buffers: allocating them afresh each step costs more than the math."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, shape: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if shape not in self.buffers:
+            self.buffers[shape] = (torch.empty(shape, device=device), torch.empty(shape, device=device))
+        return self.buffers[shape]
+
+
+def _forward(A, B, z, h, y, need_grad: bool, work: _Workspace | None = None):
     """Loss per config, feature RMS, and (optionally) closed-form gradients.
 
     A (S, M, r, n), B (S, M, n, r); z, h, y (S, n, N). Returns loss (S, M), rms_za, rms_zb (S, M),
-    and grads of A and B (None when need_grad is False).
+    and grads of A and B (None when need_grad is False). Every (S, M, n, N) step is in place:
+    these passes over memory are the cost of the whole toy.
     """
     S, M, r, n = A.shape
     N = z.shape[-1]
+    p, q = (work or _Workspace()).get((S, M, n, N), A.device)
     za = (A.reshape(S, M * r, n) @ z).reshape(S, M, r, N)  # (S, M, r, N): Z_A = A z
-    p = B @ za                                              # (S, M, n, N): Z_B = s B Z_A, s = 1
+    torch.matmul(B, za, out=p)                              # (S, M, n, N): Z_B = s B Z_A, s = 1
     rms_za = za.pow(2).mean((-2, -1)).sqrt()
     rms_zb = torch.linalg.vector_norm(p, dim=(-2, -1)) / math.sqrt(n * N)
     p += h.unsqueeze(1)                                     # pre-activation h + Z_B
-    active = p > 0
-    p.clamp_(min=0).sub_(y.unsqueeze(1))                    # residual phi(h + Z_B) - y
-    loss = torch.linalg.vector_norm(p, dim=(-2, -1)).pow(2) / (n * N)
+    torch.clamp(p, min=0, out=q).sub_(y.unsqueeze(1))      # residual phi(h + Z_B) - y
+    loss = torch.linalg.vector_norm(q, dim=(-2, -1)).pow(2) / (n * N)
     if not need_grad:
         return loss, rms_za, rms_zb, None, None
-    p.mul_(active)                                           # dL/dpre * (n N / 2)
-    scale = 2.0 / (n * N)
-    g_b = (p @ za.transpose(-1, -2)) * scale                 # (S, M, n, r)
-    g_za = B.transpose(-1, -2) @ p                           # (S, M, r, N)
+    q.mul_(p.gt_(0))             # times phi'(pre) as 0/1 floats (a bool mask is 10x slower here)
+    scale = 2.0 / (n * N)        # dL/dpre = scale * q
+    g_b = (q @ za.transpose(-1, -2)) * scale                 # (S, M, n, r)
+    g_za = B.transpose(-1, -2) @ q                           # (S, M, r, N)
     g_a = (g_za.reshape(S, M * r, N) @ z.transpose(-1, -2)).reshape(S, M, r, n) * scale
     return loss, rms_za, rms_zb, g_a, g_b
 
@@ -198,11 +214,14 @@ class WidthResult:
     losses: torch.Tensor       # (steps, S, I, L) training loss per step
 
 
-def train_width(width: int, cfg: ToyConfig, progress=None) -> WidthResult:
-    """Train every (seed, init, lr) configuration at one width together."""
+def train_width(width: int, cfg: ToyConfig, progress=None, problems: list[Problem] | None = None) -> WidthResult:
+    """Train every (seed, init, lr) configuration at one width together.
+
+    `problems` (one per seed) may be passed in when they are already built.
+    """
     S, I, L = cfg.seeds, len(cfg.inits), len(cfg.lrs)
     M = I * L
-    probs = [make_problem(width, s, cfg) for s in range(S)]
+    probs = problems if problems is not None else [make_problem(width, s, cfg) for s in range(S)]
     stack = lambda name: torch.stack([getattr(p, name) for p in probs])  # noqa: E731
     z, h, y = stack("z"), stack("h"), stack("y")
     zt, ht, yt = stack("z_test"), stack("h_test"), stack("y_test")
@@ -220,13 +239,14 @@ def train_width(width: int, cfg: ToyConfig, progress=None) -> WidthResult:
     losses, tr_za, tr_zb, test_tail = [], [], [], []
     diverged_step = torch.full((S, M), -1, dtype=torch.long, device=cfg.device)
     loss0 = None
+    work = _Workspace()
     for step in range(1, cfg.steps + 1):
         if plan is None:
             zb, hb, yb = z, h, y
         else:
             idx = plan[:, step - 1].unsqueeze(1).expand(-1, width, -1)  # (S, n, b)
             zb, hb, yb = (torch.take_along_dim(t, idx, dim=2) for t in (z, h, y))
-        loss, rza, rzb, gA, gB = _forward(A, B, zb, hb, yb, need_grad=True)
+        loss, rza, rzb, gA, gB = _forward(A, B, zb, hb, yb, need_grad=True, work=work)
         if loss0 is None:
             loss0 = loss.clone()
         bad = alive & (~torch.isfinite(loss) | (loss > cfg.divergence_factor * loss0))
@@ -239,7 +259,7 @@ def train_width(width: int, cfg: ToyConfig, progress=None) -> WidthResult:
         tr_za.append(torch.where(alive, rza, torch.nan))
         tr_zb.append(torch.where(alive, rzb, torch.nan))
         if step > cfg.steps - tail:
-            tl = _forward(A, B, zt, ht, yt, need_grad=False)[0]
+            tl = _forward(A, B, zt, ht, yt, need_grad=False, work=work)[0]
             test_tail.append(torch.where(alive, tl, torch.inf))
         # Adam, elementwise over the whole stack, one lr per configuration
         c1, c2 = 1 - b1 ** step, 1 - b2 ** step
@@ -269,9 +289,10 @@ def train_width(width: int, cfg: ToyConfig, progress=None) -> WidthResult:
     )
 
 
-def train_one(width: int, cfg: ToyConfig, seed: int, init: str, lr: float) -> torch.Tensor:
+def train_one(width: int, cfg: ToyConfig, seed: int, init: str, lr: float,
+              problem: Problem | None = None) -> torch.Tensor:
     """Reference: one configuration with autograd and `torch.optim.Adam`; per-step losses (steps,)."""
-    p = make_problem(width, seed, cfg)
+    p = problem if problem is not None else make_problem(width, seed, cfg)
     plan = batch_plan(seed, cfg)
     A = torch.zeros(cfg.rank, width)
     B = torch.zeros(width, cfg.rank)
