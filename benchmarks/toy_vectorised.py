@@ -5,7 +5,7 @@ Prints both wall times and their ratio, and the largest per-step loss difference
 at learning rates below each (init, width)'s optimum. Both sides get the same prebuilt problems
 (data, frozen network, teacher), so only training is timed.
 
-    .venv/bin/python benchmarks/toy_vectorised.py [--widths 64,256] [--steps 200] [--seeds 3]
+    .venv/bin/python benchmarks/toy_vectorised.py [--widths 64,256] [--steps 200] [--seeds 5]
 """
 
 import argparse
@@ -21,7 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", default="64,256")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--lrs", default="-12:0", help="half-octave grid between these log2 values")
     args = parser.parse_args()
     lo, hi = (float(x) for x in args.lrs.split(":"))
