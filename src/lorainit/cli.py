@@ -130,6 +130,27 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lorainit.config import RunConfig
+
+    given = {name: getattr(args, name) for name in RunConfig.field_names() if getattr(args, name) is not None}
+    run = RunConfig.from_dict(given, where="lorainit train")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} exists and is not a folder")
+    from lorainit.results import write_run_files
+    from lorainit.train import train_pack
+
+    (result,) = train_pack([run], device=args.device, adapters_dir=out / "adapters", show_progress=not args.quiet)
+    write_run_files(out, [result])
+    print(f"run {run.run_id()}: {result.status}, {result.steps} steps, accuracy {result.final.get('accuracy')}, "
+          f"eval loss {result.final.get('eval_loss')} ({result.seconds:.0f} s)")
+    print(f"wrote {out / 'results.csv'}, {out / 'metrics.csv'}" + (f", {result.adapter}" if result.adapter else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorainit",
@@ -173,6 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     ty.add_argument("--device", default=None, help="auto (default: cuda when available), cpu or cuda")
     ty.add_argument("--out", default="runs/toy", help="output folder")
     ty.set_defaults(func=_cmd_toy)
+
+    from lorainit.config import RunConfig
+
+    tr = sub.add_parser("train", help="train one LoRA run; every run field is an option (--lr, --init, ...)")
+    tr.add_argument("--out", required=True, help="output folder: results.csv, metrics.csv, adapters/")
+    tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    defaults = RunConfig()
+    for name in RunConfig.field_names():
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        default = getattr(defaults, name)
+        tr.add_argument(*flags, dest=name, default=None, metavar="V",
+                        help=f"default {','.join(default) if isinstance(default, tuple) else default}")
 
     model = sub.add_parser("model", help="resolve a model spec and list its linear module names")
     model.add_argument("spec", help="an alias (minilm, smollm2-135m), a local folder, or a hub id")

@@ -34,7 +34,9 @@ class DropoutStreams:
     """Per-run dropout masks, drawn from each run's own 'dropout' stream.
 
     Runs that share a seed share their stream, and the mask is drawn once per distinct seed,
-    so that a pack of same-seed runs sees the masks each run would see alone.
+    so that a pack of same-seed runs sees the masks each run would see alone. When a batch is
+    padded to a longer length than a run's own batch would be, `lengths` gives each active run's
+    own length and its mask is drawn at that length (then padded), as the run alone would draw it.
     """
 
     def __init__(self, seeds: list[int]):
@@ -42,6 +44,7 @@ class DropoutStreams:
         self.distinct = sorted(set(self.seeds))
         self.group = torch.tensor([self.distinct.index(s) for s in self.seeds])  # (K,)
         self._generators: dict[torch.device, list[torch.Generator]] = {}
+        self.lengths: list[int] | None = None  # own padded length per active run, stacking order
 
     def _streams(self, device: torch.device) -> list[torch.Generator]:
         if device not in self._generators:
@@ -49,17 +52,26 @@ class DropoutStreams:
         return self._generators[device]
 
     def mask(self, p: float, shape: tuple[int, ...], active: torch.Tensor | None,
-             device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Scaled keep-masks (n_active, *shape): one draw per distinct seed among active runs."""
-        groups = self.group if active is None else self.group[active.cpu()]
-        needed = sorted(set(groups.tolist()))
+             device: torch.device, dtype: torch.dtype, seq_dims: tuple[int, ...] = ()) -> torch.Tensor:
+        """Scaled keep-masks (n_active, *shape): one draw per distinct seed among active runs.
+
+        `seq_dims` are the dims of `shape` that run along the sequence; with `lengths` set, each
+        run's mask is drawn with those dims at its own length.
+        """
+        groups = (self.group if active is None else self.group[active.cpu()]).tolist()
+        lengths = self.lengths if (self.lengths is not None and seq_dims) else [None] * len(groups)
         streams = self._streams(device)
         drawn = {}
-        for gi in needed:
-            keep = torch.empty(shape, device=device, dtype=torch.float32)
-            keep.bernoulli_(1.0 - p, generator=streams[gi])
-            drawn[gi] = keep
-        masks = torch.stack([drawn[gi] for gi in groups.tolist()])  # (n_active, *shape)
+        for gi, length in zip(groups, lengths):
+            if gi in drawn:
+                continue
+            own = [length if (d in seq_dims and length is not None) else size for d, size in enumerate(shape)]
+            keep = torch.empty(own, device=device, dtype=torch.float32).bernoulli_(1.0 - p, generator=streams[gi])
+            pad = []
+            for d in reversed(range(len(shape))):
+                pad += [0, shape[d] - own[d]]
+            drawn[gi] = nn.functional.pad(keep, pad, value=1.0) if any(pad) else keep
+        masks = torch.stack([drawn[gi] for gi in groups])  # (n_active, *shape)
         return (masks / (1.0 - p)).to(dtype)
 
 
@@ -107,12 +119,15 @@ class PackedLoRALinear(nn.Module):
         n = A.shape[0]
         if x.shape[0] % n:
             raise ValueError(f"batch of {x.shape[0]} rows does not split evenly over {n} runs")
-        xs = x.reshape(n, -1, x.shape[-1])  # (n, rows, in)
         if self.training and self.dropout > 0:
             if self.streams is not None:
-                xs = xs * self.streams.mask(self.dropout, tuple(xs.shape[1:]), self.active, xs.device, xs.dtype)
+                per_run = (x.shape[0] // n, *x.shape[1:])  # (b, T, in): dim 1 runs along the sequence
+                keep = self.streams.mask(self.dropout, per_run, self.active, x.device, x.dtype,
+                                         seq_dims=(1,) if x.dim() >= 3 else ())
+                x = x * keep.reshape(x.shape)
             else:
-                xs = nn.functional.dropout(xs, self.dropout, training=True)
+                x = nn.functional.dropout(x, self.dropout, training=True)
+        xs = x.reshape(n, -1, x.shape[-1])  # (n, rows, in)
         z = torch.bmm(xs, A.transpose(1, 2).to(xs.dtype))  # (n, rows, r): Z_A = A x
         d = torch.bmm(z, B.transpose(1, 2).to(z.dtype))    # (n, rows, out)
         return y + self.scaling * d.reshape(*y.shape[:-1], d.shape[-1]).to(y.dtype)

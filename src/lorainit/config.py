@@ -1,0 +1,165 @@
+"""A run's configuration: every field a sweep file or the command line may set, typed and checked.
+
+The names are the interface (DESIGN.md, "Run fields"): sweep files use them as written, the command
+line as `--max_steps` or `--max-steps`. `RunConfig.from_dict` refuses unknown keys and bad values
+with a message that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from lorainit.errors import BadInput
+
+TASKS = ("sst2", "qnli", "mnli", "gsm8k", "wikitext2")
+INITS = ("a", "b")
+VARIANCES = ("kaiming", "gaussian")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One LoRA finetuning run. Fields that must agree for runs to share a pack are marked (pack)."""
+
+    model: str = "minilm"                 # (pack) model spec: alias, local folder or hub id
+    task: str = "sst2"                    # (pack) sst2 | qnli | mnli | gsm8k | wikitext2
+    data_dir: str | None = None           # (pack) the task's data folder; default $LORAINIT_DATA or hub
+    init: str = "a"                       # a: A random, B = 0 (Init[A]); b: B random, A = 0 (Init[B])
+    init_variance: str = "kaiming"        # kaiming (PEFT's) | gaussian (the theory's)
+    lr: float = 1e-4                      # AdamW learning rate of A (and of the head)
+    lr_b_ratio: float = 1.0               # B's learning rate is lr x this (LoRA+); 1 is plain LoRA
+    seed: int = 0                         # draws init, head init, data order and dropout masks
+    rank: int = 8                         # (pack) LoRA rank r
+    alpha: float = 16.0                   # (pack) scaling s = alpha / r (alpha / sqrt(r) with rslora)
+    rslora: bool = False                  # (pack) rank-stabilised scaling
+    dropout: float = 0.1                  # (pack) LoRA dropout on the LoRA input
+    targets: tuple[str, ...] = ("query", "value")  # (pack) module names to adapt
+    batch_size: int = 4                   # (pack) rows per step for this run
+    epochs: float | None = None           # (pack) passes over the training rows; or max_steps
+    max_steps: int | None = None          # (pack) optimiser steps; wins over epochs when both given
+    warmup_ratio: float = 0.06            # linear warmup over this fraction of steps, then linear decay
+    weight_decay: float = 0.0             # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0            # clip this run's global gradient norm (0: no clipping)
+    max_seq_len: int = 128                # (pack) tokens per row after truncation
+    max_train_samples: int | None = None  # (pack) the first N training rows, in file order
+    max_eval_samples: int | None = None   # (pack) the first N evaluation rows, in file order
+    eval_every: int = 0                   # (pack) evaluate every N steps (0: only at the end)
+    precision: str = "fp32"               # (pack) fp32 | bf16 | fp16 (bf16 and fp16 need CUDA)
+    divergence_factor: float = 10.0       # diverged: loss non-finite or above this x its initial loss
+    checkpoint_every: int = 0             # (pack) write a checkpoint every N steps (0: never)
+    save_adapters: bool = True            # write the run's PEFT adapter when it finishes
+
+    PACK_FIELDS = ("model", "task", "data_dir", "rank", "alpha", "rslora", "dropout", "targets", "batch_size",
+                   "epochs", "max_steps", "max_seq_len", "max_train_samples", "max_eval_samples",
+                   "eval_every", "precision", "checkpoint_every")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "run") -> "RunConfig":
+        """Build and check a run from plain values (a YAML mapping, parsed options)."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise BadInput(f"{where}: unknown key {key!r}; run fields are: {', '.join(known)}")
+            kwargs[name] = _coerce(name, value, known[name].type, where)
+        run = cls(**kwargs)
+        run.validate(where)
+        return run
+
+    def validate(self, where: str = "run") -> None:
+        """Raise BadInput naming the first impossible value."""
+        choices = {"task": TASKS, "init": INITS, "init_variance": VARIANCES, "precision": PRECISIONS}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise BadInput(f"{where}: {key} is {getattr(self, key)!r}; allowed: {', '.join(allowed)}")
+        positive = ("lr", "lr_b_ratio", "rank", "alpha", "batch_size", "max_seq_len", "divergence_factor")
+        for key in positive:
+            value = getattr(self, key)
+            if not (value > 0 and math.isfinite(value)):
+                raise BadInput(f"{where}: {key} must be a positive number, got {value!r}")
+        for key in ("weight_decay", "max_grad_norm", "eval_every", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                raise BadInput(f"{where}: {key} must be >= 0, got {getattr(self, key)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise BadInput(f"{where}: dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise BadInput(f"{where}: warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.epochs is None and self.max_steps is None:
+            raise BadInput(f"{where}: give epochs or max_steps")
+        if self.epochs is not None and not self.epochs > 0:
+            raise BadInput(f"{where}: epochs must be > 0, got {self.epochs!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise BadInput(f"{where}: max_steps must be >= 1, got {self.max_steps!r}")
+        for key in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise BadInput(f"{where}: {key} must be >= 1, got {getattr(self, key)!r}")
+        if not self.targets:
+            raise BadInput(f"{where}: targets is empty; name at least one module, e.g. query")
+
+    def to_dict(self) -> dict:
+        return {f: (list(v) if isinstance(v, tuple) else v) for f, v in dataclasses.asdict(self).items()}
+
+    def run_id(self) -> str:
+        """A short hash of the resolved config: the run's identity in a store."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def pack_key(self) -> tuple:
+        """Runs with equal keys can train in one pack."""
+        return tuple((name, json.dumps(getattr(self, name))) for name in self.PACK_FIELDS)
+
+
+def _coerce(name: str, value, annotation: str, where: str):
+    """Turn a YAML or command-line value into the field's type, or raise BadInput naming the key."""
+    kind = annotation.replace(" | None", "")
+    if value is None and "None" in annotation:
+        return None
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "tuple[str, ...]":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            if not all(isinstance(t, str) for t in items):
+                raise ValueError
+            return tuple(t.strip() for t in items if t.strip())
+        if kind == "str":
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise AssertionError(f"no coercion for field type {annotation}")  # a RunConfig field without one
+    raise BadInput(f"{where}: {name} must be {_describe(kind)}, got {value!r}")
+
+
+def _describe(kind: str) -> str:
+    return {"bool": "true or false", "int": "an integer", "float": "a number",
+            "tuple[str, ...]": "a list of module names", "str": "a string"}.get(kind, kind)
+
+
+def default_run(**overrides) -> RunConfig:
+    """A run with defaults and `overrides` (checked)."""
+    return RunConfig.from_dict(overrides)
+

@@ -1,0 +1,106 @@
+"""The base model's own dropout, made per run, so that a pack equals its runs done one by one.
+
+BERT and RoBERTa train with hidden and attention dropout (0.1). With torch's global generator,
+the rows of a pack would draw masks that no run alone would draw. Here every `nn.Dropout` of the
+model becomes a `PackedDropout` and attention dropout goes through `packed_attention`: both draw
+each run's masks from the run's own 'dropout' stream (`lora.DropoutStreams`), once per distinct
+seed, at the run's own sequence length. With dropout probability 0, or in eval mode, nothing is
+drawn and the model's usual attention kernel runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorainit.lora import DropoutStreams, LoRAPack
+
+ATTENTION_NAME = "lorainit_packed"
+
+
+class PackedDropout(nn.Module):
+    """`nn.Dropout` whose masks come from per-run streams; rows are stacked adapter-major."""
+
+    def __init__(self, p: float, state: "PackState"):
+        super().__init__()
+        self.p = p
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        n = self.state.num_active()
+        per_run = (x.shape[0] // n, *x.shape[1:])  # (b, T, d) or (b, d)
+        keep = self.state.streams.mask(self.p, per_run, self.state.active, x.device, x.dtype,
+                                       seq_dims=(1,) if x.dim() >= 3 else ())
+        return x * keep.reshape(x.shape)
+
+
+class PackState:
+    """What the packed dropout needs to know about the current batch: active runs and lengths."""
+
+    def __init__(self, pack: LoRAPack, seeds: list[int]):
+        self.pack = pack
+        self.streams = DropoutStreams(seeds)
+        self.active: torch.Tensor | None = None
+
+    def num_active(self) -> int:
+        return self.pack.num_runs if self.active is None else len(self.active)
+
+    def set_batch(self, active: list[int] | None, lengths: list[int] | None) -> None:
+        """Declare the next batch: which runs it stacks and each one's own padded length."""
+        self.pack.set_active(active)
+        layer = next(iter(self.pack.layers.values()))
+        self.active = layer.active
+        self.streams.lengths = lengths
+
+
+def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None,
+                     dropout: float = 0.0, **kwargs):
+    """Attention with per-run dropout masks on the attention probabilities.
+
+    query/key/value: (n*b, heads, T, d_head). Without dropout this defers to torch's SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    state: PackState | None = getattr(module, "lorainit_state", None)
+    if dropout == 0.0 or state is None or not module.training:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (n*b, h, T, T)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+        else:
+            weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1)
+    n = state.num_active()
+    per_run = (weights.shape[0] // n, *weights.shape[1:])  # (b, h, T, T)
+    keep = state.streams.mask(dropout, per_run, state.active, weights.device, weights.dtype, seq_dims=(2, 3))
+    weights = weights * keep.reshape(weights.shape)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (n*b, T, h, d_head)
+    return out, weights
+
+
+def install(pack: LoRAPack, seeds: list[int]) -> PackState:
+    """Route every dropout of the packed model (LoRA, hidden, attention) through per-run streams."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    state = PackState(pack, seeds)
+    model = pack.model
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(module, child_name, PackedDropout(child.p, state))
+        if hasattr(module, "is_causal") or type(module).__name__.endswith("SelfAttention"):
+            module.lorainit_state = state
+    for layer in pack.layers.values():
+        layer.streams = state.streams
+    AttentionInterface.register(ATTENTION_NAME, packed_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, AttentionMaskInterface._global_mapping["sdpa"])
+    model.set_attn_implementation(ATTENTION_NAME)
+    model.train(model.training)
+    return state

@@ -1,0 +1,69 @@
+"""Feature-norm probes: the quantities the paper's theory is about, per LoRA layer and per run.
+
+At a logging step, forward hooks on every `PackedLoRALinear` record, for each run k, over the
+batch's real (non-padding) tokens x:
+
+- `z_a_rms`: RMS of Z_A = A_k x (the LoRA layer's internal features; Init[A] grows them);
+- `lora_out_rms`: RMS of the LoRA output s B_k A_k x (its contribution to the layer's output);
+- `a_norm`, `b_norm`: Frobenius norms of A_k and B_k.
+
+Rows are plain dicts (step, layer, run, name, value), in the style of muP's coordinate checks.
+The hooks do nothing outside a `capture` block, so the cost is one rank-r matmul per layer at
+logging steps only.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from lorainit.lora import LoRAPack
+
+NAMES = ("z_a_rms", "lora_out_rms", "a_norm", "b_norm")
+
+
+class Probes:
+    def __init__(self, pack: LoRAPack):
+        self.pack = pack
+        self._armed = False
+        self._token_mask: torch.Tensor | None = None  # (n*b, T) bool, real tokens
+        self._runs: list[int] = []
+        self._step = 0
+        self.rows: list[dict] = []
+        for name, layer in pack.layers.items():
+            layer.register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str):
+        @torch.no_grad()
+        def hook(layer, inputs, output):
+            if not self._armed:
+                return
+            x = inputs[0]
+            n = len(self._runs)
+            A, B = layer.lora_A[self._runs], layer.lora_B[self._runs]  # (n, r, in), (n, out, r)
+            xs = x.reshape(n, -1, x.shape[-1]).float()                 # (n, rows, in)
+            z = torch.bmm(xs, A.float().transpose(1, 2))               # (n, rows, r)
+            out = layer.scaling * torch.bmm(z, B.float().transpose(1, 2))  # (n, rows, out)
+            if self._token_mask is not None and x.dim() >= 3:
+                keep = self._token_mask.reshape(n, -1, 1).to(z.dtype)  # (n, rows, 1)
+                count = keep.sum(1).clamp(min=1)                        # (n, 1)
+                z_rms = ((z.pow(2) * keep).sum(1) / (count * z.shape[-1])).sum(1).sqrt()
+                o_rms = ((out.pow(2) * keep).sum(1) / (count * out.shape[-1])).sum(1).sqrt()
+            else:
+                z_rms, o_rms = z.pow(2).mean((1, 2)).sqrt(), out.pow(2).mean((1, 2)).sqrt()
+            for j, run in enumerate(self._runs):
+                values = (z_rms[j], o_rms[j], A[j].norm(), B[j].norm())
+                for metric, value in zip(NAMES, values):
+                    self.rows.append({"step": self._step, "layer": name, "run": run, "name": metric,
+                                      "value": float(value)})
+        return hook
+
+    @contextmanager
+    def capture(self, step: int, runs: list[int], token_mask: torch.Tensor | None):
+        """Record probe rows during the forwards inside this block, for `runs` in stacking order."""
+        self._armed, self._step, self._runs, self._token_mask = True, step, list(runs), token_mask
+        try:
+            yield
+        finally:
+            self._armed, self._token_mask = False, None

@@ -1,0 +1,239 @@
+"""The loop of one pack: K runs on one frozen model, each exactly as if it ran alone.
+
+Every step stacks the active runs' micro-batches adapter-major (runs sharing a seed share their
+batch and draw it once), computes each run's mean loss, and backpropagates their sum, so that
+run k's gradient is its own loss's gradient. `PackedAdamW` then clips and steps each run with its
+own hyperparameters. A run whose loss turns non-finite or exceeds `divergence_factor` x its first
+loss is marked diverged at that step, gets no update from it on, and its rows leave the batch.
+The trainer knows nothing of sweeps: it takes runs and returns their results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from lorainit import models, packing
+from lorainit.config import RunConfig
+from lorainit.data import DataOrder, Split, TaskData, load_task, total_steps
+from lorainit.errors import BadInput
+from lorainit.lora import LoRAConfig, LoRAPack
+from lorainit.optim import PackedAdamW, PackedGradScaler
+from lorainit.peft_io import export_run
+from lorainit.probes import Probes
+
+EVAL_CHUNK = 64  # evaluation rows per run per forward, sorted by length to cut padding
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    status: str = "done"                  # done | diverged | failed
+    diverged_step: int | None = None      # 1-based step at which the run diverged
+    steps: int = 0                        # optimiser steps taken
+    final: dict = field(default_factory=dict)   # metric -> value at the end
+    best: dict = field(default_factory=dict)    # metric -> best value over evaluations
+    metrics: list[dict] = field(default_factory=list)  # rows: step, name, value (probes too)
+    seconds: float = 0.0
+    adapter: str | None = None
+
+
+def _device(runs: list[RunConfig], device: str | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if runs[0].precision != "fp32" and device.type != "cuda":
+        raise BadInput(f"precision {runs[0].precision} needs a CUDA device; use fp32 on {device.type}")
+    return device
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _stack(batches: list[dict[str, torch.Tensor]], device) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Right-pad each run's batch to the longest and stack them; also return each one's own length."""
+    lengths = [b["input_ids"].shape[1] for b in batches]
+    width = max(lengths)
+    out = {key: torch.cat([F.pad(b[key], (0, width - b[key].shape[1])) for b in batches]).to(device)
+           for key in batches[0]}
+    return out, lengths
+
+
+class PackTrainer:
+    """Holds one pack's model, data, optimiser and state; `run()` trains it to the end."""
+
+    def __init__(self, runs: list[RunConfig], device: str | None = None, show_progress: bool = True):
+        if not runs:
+            raise BadInput("a pack needs at least one run")
+        keys = {r.pack_key() for r in runs}
+        if len(keys) > 1:
+            differing = [f for f in RunConfig.PACK_FIELDS if len({repr(getattr(r, f)) for r in runs}) > 1]
+            raise BadInput(f"these runs cannot share a pack: they differ in {', '.join(differing)}")
+        self.runs, self.K = runs, len(runs)
+        self.device = _device(runs, device)
+        self.show_progress = show_progress
+        first = runs[0]
+        model, self.tokenizer = models.load(first.model, "classification", num_labels=2)
+        self.data: TaskData = load_task(first, self.tokenizer)
+        if self.data.num_labels != model.config.num_labels:
+            model, self.tokenizer = models.load(first.model, "classification", num_labels=self.data.num_labels)
+        self.model = model.to(self.device)
+        self.pack = LoRAPack(model, LoRAConfig(rank=first.rank, alpha=first.alpha, dropout=first.dropout,
+                                               rslora=first.rslora, targets=first.targets), self.K)
+        for k, run in enumerate(runs):
+            self.pack.init_run(k, run.init, run.init_variance, run.seed)
+        self.state = packing.install(self.pack, [r.seed for r in runs])
+        self.probes = Probes(self.pack)
+        self.total = total_steps(first, len(self.data.train))
+        self.optimizer = PackedAdamW(
+            self.pack.named_parameters(), lr=[r.lr for r in runs], lr_b_ratio=[r.lr_b_ratio for r in runs],
+            weight_decay=[r.weight_decay for r in runs], max_grad_norm=[r.max_grad_norm for r in runs],
+            warmup_ratio=[r.warmup_ratio for r in runs], total_steps=self.total)
+        self.scaler = PackedGradScaler(self.K, self.device) if first.precision == "fp16" else None
+        self.orders = [DataOrder(r.seed, len(self.data.train), first.batch_size) for r in runs]
+        self.alive = [True] * self.K
+        self.first_loss: list[float | None] = [None] * self.K
+        self.results = [RunResult(r) for r in runs]
+        self.step = 0  # optimiser steps done
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def _batch(self, active: list[int]) -> tuple[dict, torch.Tensor, list[int]]:
+        """The stacked batch of the active runs (same-seed runs draw theirs once), labels, lengths."""
+        drawn: dict[int, tuple[dict, torch.Tensor]] = {}
+        batches, labels = [], []
+        for k in active:
+            seed = self.runs[k].seed
+            if seed not in drawn:
+                rows = self.orders[k].rows_at(self.step)
+                drawn[seed] = (self.data.train.batch(rows, self.tokenizer.pad_token_id), self.data.train.labels[rows])
+            else:
+                self.orders[k].rows_at(self.step)  # keep every run's order object in step
+            batches.append(drawn[seed][0])
+            labels.append(drawn[seed][1])
+        stacked, lengths = _stack(batches, self.device)
+        return stacked, torch.cat(labels).to(self.device), lengths
+
+    def train_step(self, log: bool) -> tuple[dict[int, float], int]:
+        """One optimiser step of every active run; returns their losses and the real tokens seen."""
+        active = [k for k in range(self.K) if self.alive[k]]
+        batch, labels, lengths = self._batch(active)
+        self.state.set_batch(active, lengths)
+        self.model.train()
+        probe = (self.probes.capture(self.step + 1, active, batch["attention_mask"].bool())
+                 if log else contextlib.nullcontext())
+        with probe, _autocast(self.runs[0].precision, self.device):
+            logits = self.model(**batch).logits
+        per_run = F.cross_entropy(logits.float(), labels, reduction="none").view(len(active), -1).mean(1)  # (n,)
+        values = per_run.detach().cpu().tolist()
+        ok = torch.ones(len(active), dtype=torch.bool)
+        for j, k in enumerate(active):
+            if self.first_loss[k] is None:
+                self.first_loss[k] = values[j]
+            bad = not torch.isfinite(torch.tensor(values[j])) or values[j] > self.runs[k].divergence_factor * self.first_loss[k]
+            if bad:
+                ok[j] = False
+                self.alive[k] = False
+                self.results[k].status, self.results[k].diverged_step = "diverged", self.step + 1
+        self.optimizer.zero_grad()
+        mask = torch.zeros(self.K, dtype=torch.bool)
+        mask[[k for j, k in enumerate(active) if ok[j]]] = True
+        if ok.any():
+            kept = per_run[ok.to(per_run.device)]
+            if self.scaler is not None:
+                scales = self.scaler.scale_losses(torch.zeros(self.K, device=kept.device).index_put(
+                    (torch.tensor([k for j, k in enumerate(active) if ok[j]], device=kept.device),), kept))
+                scales.sum().backward()
+                found_inf = self.scaler.unscale_(self.pack.named_parameters())
+                self.optimizer.step(mask.to(found_inf.device) & ~found_inf)
+                self.scaler.update(found_inf, mask.to(found_inf.device))
+            else:
+                kept.sum().backward()
+                self.optimizer.step(mask.to(self.device))
+        self.step += 1
+        for j, k in enumerate(active):
+            if ok[j]:
+                self.results[k].steps = self.step
+                self.results[k].metrics.append({"step": self.step, "name": "train_loss", "value": values[j]})
+        return {k: values[j] for j, k in enumerate(active)}, int(batch["attention_mask"].sum())
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        """Accuracy and loss of every active run on the evaluation rows; updates final and best."""
+        active = [k for k in range(self.K) if self.alive[k]]
+        if not active:
+            return
+        split: Split = self.data.eval
+        self.state.set_batch(active, None)
+        self.model.eval()
+        order = sorted(range(len(split)), key=lambda i: len(split.ids[i]))
+        correct = torch.zeros(len(active))
+        loss_sum = torch.zeros(len(active))
+        for start in range(0, len(order), EVAL_CHUNK):
+            rows = order[start:start + EVAL_CHUNK]
+            batch = split.batch(rows, self.tokenizer.pad_token_id)
+            stacked = {key: v.repeat(len(active), 1).to(self.device) for key, v in batch.items()}
+            with _autocast(self.runs[0].precision, self.device):
+                logits = self.model(**stacked).logits.float().view(len(active), len(rows), -1)  # (n, b, C)
+            y = split.labels[rows].to(self.device)
+            correct += (logits.argmax(-1) == y).sum(1).float().cpu()
+            loss_sum += F.cross_entropy(logits.transpose(1, 2), y.expand(len(active), -1),
+                                        reduction="none").sum(1).cpu()
+        self.state.set_batch(None, None)
+        for j, k in enumerate(active):
+            res = self.results[k]
+            values = {"accuracy": float(correct[j] / len(split)), "eval_loss": float(loss_sum[j] / len(split))}
+            for name, value in values.items():
+                res.metrics.append({"step": self.step, "name": name, "value": value})
+            res.final = dict(values)
+            res.best = {"accuracy": max(values["accuracy"], res.best.get("accuracy", float("-inf"))),
+                        "eval_loss": min(values["eval_loss"], res.best.get("eval_loss", float("inf")))}
+
+    # -- the whole run ----------------------------------------------------------------------
+
+    def run(self, adapters_dir: str | Path | None = None) -> list[RunResult]:
+        """Train to the end, evaluating every `eval_every` steps and at the end."""
+        from tqdm.auto import tqdm
+
+        first = self.runs[0]
+        start = time.perf_counter()
+        tokens = 0
+        bar = tqdm(total=self.total, desc=f"pack of {self.K}", unit="step", disable=not self.show_progress)
+        while self.step < self.total and any(self.alive):
+            log = first.eval_every > 0 and (self.step + 1) % first.eval_every == 0
+            losses, seen = self.train_step(log=log or self.step == 0)
+            tokens += seen
+            if log:
+                self.evaluate()
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{sum(losses.values()) / max(1, len(losses)):.4f}",
+                            tok_s=f"{tokens / max(elapsed, 1e-9):.0f}", alive=sum(self.alive))
+            bar.update()
+        bar.close()
+        if not (first.eval_every > 0 and self.step % first.eval_every == 0):
+            self.evaluate()
+        seconds = time.perf_counter() - start
+        for k, res in enumerate(self.results):
+            res.seconds = seconds
+            res.metrics.extend(row | {"name": f"probe/{row['layer']}/{row['name']}"}
+                               for row in self.probes.rows if row["run"] == k)
+            if adapters_dir is not None and res.status == "done" and self.runs[k].save_adapters:
+                folder = Path(adapters_dir) / res.config.run_id()
+                res.adapter = str(export_run(self.pack, k, folder, base_model=self.runs[k].model))
+        return self.results
+
+
+def train_pack(runs: list[RunConfig], device: str | None = None, adapters_dir: str | Path | None = None,
+               show_progress: bool = True) -> list[RunResult]:
+    """Train `runs` as one pack and return their results, in order."""
+    return PackTrainer(runs, device, show_progress).run(adapters_dir)
