@@ -70,7 +70,8 @@ def _stack(batches: list[dict[str, torch.Tensor]], device) -> tuple[dict[str, to
 class PackTrainer:
     """Holds one pack's model, data, optimiser and state; `run()` trains it to the end."""
 
-    def __init__(self, runs: list[RunConfig], device: str | None = None, show_progress: bool = True):
+    def __init__(self, runs: list[RunConfig], device: str | None = None, show_progress: bool = True,
+                 model_overrides: dict | None = None):
         if not runs:
             raise BadInput("a pack needs at least one run")
         keys = {r.pack_key() for r in runs}
@@ -81,10 +82,12 @@ class PackTrainer:
         self.device = _device(runs, device)
         self.show_progress = show_progress
         first = runs[0]
-        model, self.tokenizer = models.load(first.model, "classification", num_labels=2)
+        overrides = model_overrides or {}  # base-model config fields, e.g. hidden_dropout_prob=0.0
+        model, self.tokenizer = models.load(first.model, "classification", num_labels=2, **overrides)
         self.data: TaskData = load_task(first, self.tokenizer)
         if self.data.num_labels != model.config.num_labels:
-            model, self.tokenizer = models.load(first.model, "classification", num_labels=self.data.num_labels)
+            model, self.tokenizer = models.load(first.model, "classification", num_labels=self.data.num_labels,
+                                                **overrides)
         self.model = model.to(self.device)
         self.pack = LoRAPack(model, LoRAConfig(rank=first.rank, alpha=first.alpha, dropout=first.dropout,
                                                rslora=first.rslora, targets=first.targets), self.K)
@@ -234,6 +237,6 @@ class PackTrainer:
 
 
 def train_pack(runs: list[RunConfig], device: str | None = None, adapters_dir: str | Path | None = None,
-               show_progress: bool = True) -> list[RunResult]:
+               show_progress: bool = True, model_overrides: dict | None = None) -> list[RunResult]:
     """Train `runs` as one pack and return their results, in order."""
-    return PackTrainer(runs, device, show_progress).run(adapters_dir)
+    return PackTrainer(runs, device, show_progress, model_overrides).run(adapters_dir)
