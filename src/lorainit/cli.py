@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, name)
         tr.add_argument(*flags, dest=name, default=None, metavar="V",
                         help=f"default {','.join(default) if isinstance(default, tuple) else default}")
+    tr.set_defaults(func=_cmd_train)
 
     model = sub.add_parser("model", help="resolve a model spec and list its linear module names")
     model.add_argument("spec", help="an alias (minilm, smollm2-135m), a local folder, or a hub id")

@@ -1,0 +1,144 @@
+"""The pack trainer on real MiniLM weights and real SST-2 rows: a pack equals its runs done alone."""
+
+import copy
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lorainit import models
+from lorainit.config import RunConfig
+from lorainit.data import DataOrder, load_task
+from lorainit.lora import LoRAConfig, LoRAPack
+from lorainit.train import train_pack
+
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+BASE = dict(max_steps=20, max_train_samples=160, max_eval_samples=32)
+
+
+def _losses(result):
+    return [m["value"] for m in result.metrics if m["name"] == "train_loss"]
+
+
+def _run(**fields):
+    return RunConfig.from_dict(BASE | fields)
+
+
+def test_pack_equals_runs_one_at_a_time():
+    """2 inits x 2 lrs, LoRA dropout 0, the base model's own dropout on (drawn per run)."""
+    runs = [_run(init=init, lr=lr, dropout=0.0) for init in "ab" for lr in (2e-4, 2e-3)]
+    packed = train_pack(runs, show_progress=False)
+    for run, res in zip(runs, packed):
+        (alone,) = train_pack([run], show_progress=False)
+        assert res.status == alone.status == "done"
+        assert len(_losses(res)) == 20
+        assert max(abs(a - b) for a, b in zip(_losses(res), _losses(alone))) <= 1e-4
+        assert abs(res.final["accuracy"] - alone.final["accuracy"]) <= 1e-4
+    # the four runs really differ
+    assert len({round(_losses(r)[-1], 6) for r in packed}) == 4
+
+
+def test_mixed_seeds_with_all_dropout_equal_runs_alone():
+    """Seeds 0, 1, 0 with LoRA, hidden and attention dropout: masks are drawn per run, at its own length."""
+    runs = [_run(seed=s, init=i, lr=1e-3, dropout=0.1, max_steps=8) for s, i in ((0, "a"), (1, "a"), (0, "b"))]
+    packed = train_pack(runs, show_progress=False)
+    for run, res in zip(runs, packed):
+        (alone,) = train_pack([run], show_progress=False)
+        assert max(abs(a - b) for a, b in zip(_losses(res), _losses(alone))) <= 1e-5
+
+
+def test_single_run_matches_peft_and_torch_adamw():
+    """K = 1 against PEFT + torch.optim.AdamW with the same init, data order, schedule and clipping."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_linear_schedule_with_warmup
+
+    run = _run(init="a", lr=1e-3, dropout=0.0, warmup_ratio=0.1, max_grad_norm=0.5)
+    (ours,) = train_pack([run], show_progress=False, model_overrides=NO_DROPOUT)
+
+    base, tokenizer = models.load("minilm", "classification", num_labels=2, **NO_DROPOUT)
+    donor = LoRAPack(copy.deepcopy(base), LoRAConfig(rank=run.rank, alpha=run.alpha, targets=run.targets), 1)
+    donor.init_run(0, run.init, run.init_variance, run.seed)
+    peft_model = get_peft_model(base, LoraConfig(r=run.rank, lora_alpha=run.alpha, lora_dropout=0.0,
+                                                 target_modules=list(run.targets), task_type="SEQ_CLS"))
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, layer in donor.layers.items():
+            params[f"base_model.model.{name}.lora_A.default.weight"].copy_(layer.lora_A[0])
+            params[f"base_model.model.{name}.lora_B.default.weight"].copy_(layer.lora_B[0])
+        params["base_model.model.classifier.modules_to_save.default.weight"].copy_(donor.head.weight[0])
+        params["base_model.model.classifier.modules_to_save.default.bias"].copy_(donor.head.bias[0])
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=run.lr, weight_decay=run.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, 2, run.max_steps)  # ceil(0.1 * 20) warmup steps
+    data = load_task(run, tokenizer)
+    order = DataOrder(run.seed, len(data.train), run.batch_size)
+    peft_model.train()
+    reference = []
+    for step in range(run.max_steps):
+        rows = order.rows_at(step)
+        loss = F.cross_entropy(peft_model(**data.train.batch(rows, tokenizer.pad_token_id)).logits,
+                               data.train.labels[rows])
+        reference.append(loss.item())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, run.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert max(abs(a - b) for a, b in zip(_losses(ours), reference)) <= 1e-4
+    assert reference[-1] != reference[0]
+
+
+def test_a_diverging_run_leaves_the_others_unchanged():
+    runs = [_run(init="a", lr=1e-3), _run(init="b", lr=5e-4)]
+    absurd = _run(init="a", lr=1e3)
+    with_it = train_pack([runs[0], absurd, runs[1]], show_progress=False)
+    without = train_pack(runs, show_progress=False)
+    assert with_it[1].status == "diverged" and with_it[1].diverged_step is not None
+    assert with_it[1].final == {} and with_it[1].steps < 20
+    for res, ref in zip((with_it[0], with_it[2]), without):
+        assert res.status == "done"
+        assert max(abs(a - b) for a, b in zip(_losses(res), _losses(ref))) <= 1e-5
+        assert abs(res.final["accuracy"] - ref.final["accuracy"]) <= 1e-5
+
+
+def test_probes_see_which_factor_starts_at_zero():
+    runs = [_run(init="a", max_steps=2), _run(init="b", max_steps=2)]
+    res_a, res_b = train_pack(runs, show_progress=False)
+
+    def probe(res, metric, step=1):
+        return [m["value"] for m in res.metrics if m["name"].endswith("/" + metric) and m["step"] == step]
+
+    layers = 12  # query and value in 6 layers
+    assert len(probe(res_a, "z_a_rms")) == layers
+    assert all(v > 0 for v in probe(res_a, "z_a_rms")) and all(v == 0 for v in probe(res_a, "lora_out_rms"))
+    assert all(v == 0 for v in probe(res_b, "z_a_rms")) and all(v > 0 for v in probe(res_b, "b_norm"))
+
+
+def test_train_command_writes_results_metrics_and_adapter(tmp_path):
+    cmd = [sys.executable, "-m", "lorainit.cli", "train", "--out", str(tmp_path), "--quiet", "--max-steps", "3",
+           "--max_train_samples", "24", "--max_eval_samples", "16", "--init", "b", "--lr", "1e-3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["status"] == "done" and row["init"] == "b" and row["steps"] == "3"
+    assert 0.0 <= float(row["final_accuracy"]) <= 1.0 and float(row["final_eval_loss"]) > 0
+    assert (tmp_path / "adapters" / row["run_id"] / "adapter_model.safetensors").is_file()
+    with open(tmp_path / "metrics.csv") as f:
+        names = {r["name"] for r in csv.DictReader(f)}
+    assert {"train_loss", "accuracy", "eval_loss"} <= names
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--lr", "fast"], "lr must be a number"),
+    (["--init", "c"], "init is 'c'; allowed: a, b"),
+    (["--lr_b_rato", "2"], "unrecognized arguments"),
+])
+def test_train_command_rejects_bad_options(tmp_path, args, needle):
+    cmd = [sys.executable, "-m", "lorainit.cli", "train", "--out", str(tmp_path / "o"), "--max_steps", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and needle in proc.stderr
+    assert not (tmp_path / "o").exists()
