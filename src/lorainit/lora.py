@@ -75,6 +75,18 @@ class DropoutStreams:
         return (masks / (1.0 - p)).to(dtype)
 
 
+    def mask_ragged(self, p: float, counts: list[int], features: int, active: torch.Tensor | None,
+                    device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Scaled keep-masks for rows laid run after run, run j owning `counts[j]` rows: (sum, features)."""
+        groups = (self.group if active is None else self.group[active.cpu()]).tolist()
+        streams = self._streams(device)
+        drawn = {}
+        for gi, count in zip(groups, counts):
+            if gi not in drawn:
+                drawn[gi] = torch.empty(count, features, device=device).bernoulli_(1.0 - p, generator=streams[gi])
+        return (torch.cat([drawn[gi] for gi in groups]) / (1.0 - p)).to(dtype)
+
+
 class PackedLoRALinear(nn.Module):
     """K LoRA adapters (A: (K, r, in), B: (K, out, r)) on one frozen `nn.Linear`."""
 
@@ -98,6 +110,9 @@ class PackedLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(num_runs, base.out_features, rank, dtype=w.dtype, device=w.device))
         # Which adapters the current batch holds, in stacking order; None means all K.
         self.active: torch.Tensor | None = None
+        # Rows of each active run when a 2-d input lays runs' tokens end to end (unpadded
+        # training); None: every run has the same number of rows.
+        self.row_counts: list[int] | None = None
         self.streams: DropoutStreams | None = None
 
     @classmethod
@@ -117,6 +132,8 @@ class PackedLoRALinear(nn.Module):
         if self.active is not None:
             A, B = A[self.active], B[self.active]
         n = A.shape[0]
+        if self.row_counts is not None and x.dim() == 2:
+            return y + self.scaling * self._ragged(x, A, B).to(y.dtype)
         if x.shape[0] % n:
             raise ValueError(f"batch of {x.shape[0]} rows does not split evenly over {n} runs")
         if self.training and self.dropout > 0:
@@ -131,6 +148,21 @@ class PackedLoRALinear(nn.Module):
         z = torch.bmm(xs, A.transpose(1, 2).to(xs.dtype))  # (n, rows, r): Z_A = A x
         d = torch.bmm(z, B.transpose(1, 2).to(z.dtype))    # (n, rows, out)
         return y + self.scaling * d.reshape(*y.shape[:-1], d.shape[-1]).to(y.dtype)
+
+    def _ragged(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """The LoRA path for rows laid run after run in unequal numbers: (sum of counts, out)."""
+        counts = self.row_counts
+        if self.training and self.dropout > 0:
+            if self.streams is not None:
+                x = x * self.streams.mask_ragged(self.dropout, counts, x.shape[-1], self.active, x.device, x.dtype)
+            else:
+                x = nn.functional.dropout(x, self.dropout, training=True)
+        if len(set(counts)) == 1:  # equal shares: one batched matmul
+            xs = x.view(len(counts), counts[0], -1)  # (n, rows, in)
+            z = torch.bmm(xs, A.transpose(1, 2).to(xs.dtype))
+            return torch.bmm(z, B.transpose(1, 2).to(z.dtype)).reshape(x.shape[0], -1)
+        parts = [xk @ A[j].T.to(xk.dtype) @ B[j].T.to(xk.dtype) for j, xk in enumerate(x.split(counts))]
+        return torch.cat(parts)
 
     @torch.no_grad()
     def merged_weight(self, k: int) -> torch.Tensor:

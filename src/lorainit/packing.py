@@ -29,6 +29,9 @@ class PackedDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
+        if self.state.row_counts is not None and x.dim() == 2:  # unpadded tokens, run after run
+            return x * self.state.streams.mask_ragged(self.p, self.state.row_counts, x.shape[-1],
+                                                      self.state.active, x.device, x.dtype)
         n = self.state.num_active()
         per_run = (x.shape[0] // n, *x.shape[1:])  # (b, T, d) or (b, d)
         keep = self.state.streams.mask(self.p, per_run, self.state.active, x.device, x.dtype,
@@ -43,9 +46,16 @@ class PackState:
         self.pack = pack
         self.streams = DropoutStreams(seeds)
         self.active: torch.Tensor | None = None
+        self.row_counts: list[int] | None = None  # tokens per active run in the unpadded layout
 
     def num_active(self) -> int:
         return self.pack.num_runs if self.active is None else len(self.active)
+
+    def set_row_counts(self, counts: list[int] | None) -> None:
+        """Declare (or end, with None) the unpadded layout: run j owns the next counts[j] rows."""
+        self.row_counts = counts
+        for layer in self.pack.layers.values():
+            layer.row_counts = counts
 
     def set_batch(self, active: list[int] | None, lengths: list[int] | None) -> None:
         """Declare the next batch: which runs it stacks and each one's own padded length."""
@@ -55,13 +65,32 @@ class PackState:
         self.streams.lengths = lengths
 
 
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+           scaling: float, dropout: float, state: "PackState | None") -> torch.Tensor:
+    """Softmax attention with per-run dropout masks on its probabilities.
+
+    query/key/value: (n*b, heads, T, d_head); mask: bool, broadcastable to (n*b, heads, T, T), True
+    where a key may be seen, or an additive float mask. Returns (n*b, T, heads, d_head).
+    """
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (n*b, h, T, T)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            weights = weights.masked_fill(~mask, torch.finfo(weights.dtype).min)
+        else:
+            weights = weights + mask
+    weights = nn.functional.softmax(weights, dim=-1)
+    if dropout > 0 and state is not None:
+        n = state.num_active()
+        per_run = (weights.shape[0] // n, *weights.shape[1:])  # (b, h, T, T)
+        keep = state.streams.mask(dropout, per_run, state.active, weights.device, weights.dtype, seq_dims=(2, 3))
+        weights = weights * keep.reshape(weights.shape)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous()
+
+
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None,
                      dropout: float = 0.0, **kwargs):
-    """Attention with per-run dropout masks on the attention probabilities.
-
-    query/key/value: (n*b, heads, T, d_head). Without dropout this defers to torch's SDPA.
-    """
+    """The model's attention call with per-run dropout masks; without dropout, torch's SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     state: PackState | None = getattr(module, "lorainit_state", None)
@@ -70,19 +99,7 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                                       dropout=dropout, **kwargs)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (n*b, h, T, T)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
-        else:
-            weights = weights + attention_mask
-    weights = nn.functional.softmax(weights, dim=-1)
-    n = state.num_active()
-    per_run = (weights.shape[0] // n, *weights.shape[1:])  # (b, h, T, T)
-    keep = state.streams.mask(dropout, per_run, state.active, weights.device, weights.dtype, seq_dims=(2, 3))
-    weights = weights * keep.reshape(weights.shape)
-    out = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (n*b, T, h, d_head)
-    return out, weights
+    return attend(query, key, value, attention_mask, scaling, dropout, state), None
 
 
 def install(pack: LoRAPack, seeds: list[int]) -> PackState:

@@ -39,19 +39,24 @@ class Probes:
         def hook(layer, inputs, output):
             if not self._armed:
                 return
-            x = inputs[0]
+            x = inputs[0].float()
             n = len(self._runs)
-            A, B = layer.lora_A[self._runs], layer.lora_B[self._runs]  # (n, r, in), (n, out, r)
-            xs = x.reshape(n, -1, x.shape[-1]).float()                 # (n, rows, in)
-            z = torch.bmm(xs, A.float().transpose(1, 2))               # (n, rows, r)
-            out = layer.scaling * torch.bmm(z, B.float().transpose(1, 2))  # (n, rows, out)
-            if self._token_mask is not None and x.dim() >= 3:
-                keep = self._token_mask.reshape(n, -1, 1).to(z.dtype)  # (n, rows, 1)
-                count = keep.sum(1).clamp(min=1)                        # (n, 1)
-                z_rms = ((z.pow(2) * keep).sum(1) / (count * z.shape[-1])).sum(1).sqrt()
-                o_rms = ((out.pow(2) * keep).sum(1) / (count * out.shape[-1])).sum(1).sqrt()
+            A, B = layer.lora_A[self._runs].float(), layer.lora_B[self._runs].float()  # (n, r, in), (n, out, r)
+            if layer.row_counts is not None and x.dim() == 2:  # unpadded: real tokens, run after run
+                parts = x.split(layer.row_counts)
             else:
-                z_rms, o_rms = z.pow(2).mean((1, 2)).sqrt(), out.pow(2).mean((1, 2)).sqrt()
+                xs = x.reshape(n, -1, x.shape[-1])                      # (n, rows, in)
+                if self._token_mask is not None and x.dim() >= 3:
+                    real = self._token_mask.reshape(n, -1)               # (n, rows)
+                    parts = [xs[j][real[j]] for j in range(n)]
+                else:
+                    parts = list(xs)
+            z_rms, o_rms = [], []
+            for j, xj in enumerate(parts):
+                z = xj @ A[j].T                                          # (tokens, r): Z_A
+                out = layer.scaling * (z @ B[j].T)                       # (tokens, out)
+                z_rms.append(z.pow(2).mean().sqrt())
+                o_rms.append(out.pow(2).mean().sqrt())
             for j, run in enumerate(self._runs):
                 values = (z_rms[j], o_rms[j], A[j].norm(), B[j].norm())
                 for metric, value in zip(NAMES, values):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from lorainit import models, packing
+from lorainit import models, packing, unpadded
 from lorainit.config import RunConfig
 from lorainit.data import DataOrder, Split, TaskData, load_task, total_steps
 from lorainit.errors import BadInput
@@ -94,6 +94,8 @@ class PackTrainer:
         for k, run in enumerate(runs):
             self.pack.init_run(k, run.init, run.init_variance, run.seed)
         self.state = packing.install(self.pack, [r.seed for r in runs])
+        # BERT-family classifiers skip padding in every token-wise op (see unpadded.py)
+        self.unpadded = unpadded.supports(self.model)
         self.probes = Probes(self.pack)
         self.total = total_steps(first, len(self.data.train))
         self.optimizer = PackedAdamW(
@@ -108,6 +110,11 @@ class PackTrainer:
         self.step = 0  # optimiser steps done
 
     # -- one step ---------------------------------------------------------------------------
+
+    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.unpadded:
+            return unpadded.forward(self.model, self.state, **batch)
+        return self.model(**batch).logits
 
     def _batch(self, active: list[int]) -> tuple[dict, torch.Tensor, list[int]]:
         """The stacked batch of the active runs (same-seed runs draw theirs once), labels, lengths."""
@@ -134,7 +141,7 @@ class PackTrainer:
         probe = (self.probes.capture(self.step + 1, active, batch["attention_mask"].bool())
                  if log else contextlib.nullcontext())
         with probe, _autocast(self.runs[0].precision, self.device):
-            logits = self.model(**batch).logits
+            logits = self._logits(batch)
         per_run = F.cross_entropy(logits.float(), labels, reduction="none").view(len(active), -1).mean(1)  # (n,)
         values = per_run.detach().cpu().tolist()
         ok = torch.ones(len(active), dtype=torch.bool)
@@ -187,7 +194,7 @@ class PackTrainer:
             batch = split.batch(rows, self.tokenizer.pad_token_id)
             stacked = {key: v.repeat(len(active), 1).to(self.device) for key, v in batch.items()}
             with _autocast(self.runs[0].precision, self.device):
-                logits = self.model(**stacked).logits.float().view(len(active), len(rows), -1)  # (n, b, C)
+                logits = self._logits(stacked).float().view(len(active), len(rows), -1)  # (n, b, C)
             y = split.labels[rows].to(self.device)
             correct += (logits.argmax(-1) == y).sum(1).float().cpu()
             loss_sum += F.cross_entropy(logits.transpose(1, 2), y.expand(len(active), -1),

@@ -1,0 +1,85 @@
+"""BERT-family classifiers computed on their real tokens only.
+
+GLUE rows are short and uneven: in batches of 4 SST-2 rows about 45% of a padded batch is
+padding, and a padded forward spends that share of every matmul on it. Here every token-wise
+operation (the Q/K/V/output projections with their LoRA adapters, the feed-forward block,
+LayerNorm, dropout) runs on the real tokens laid end to end, (tokens, d); only attention scatters
+them back into a padded (rows, heads, T, d_head) layout, where padding costs little. The modules
+are the model's own (LoRA-wrapped) modules, called in the order `BertLayer` calls them, so the
+numbers equal the padded forward's to float rounding.
+
+Runs stay adapter-major: run j's rows come before run j+1's, so its tokens are one contiguous
+block, whose size each LoRA layer and dropout learns through `PackState.set_row_counts`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorainit.packing import PackState, attend
+
+SUPPORTED = ("bert", "roberta")
+
+
+def supports(model: nn.Module) -> bool:
+    """True for BERT and RoBERTa sequence classifiers, whose layers this module knows."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) in SUPPORTED
+            and type(model).__name__.endswith("ForSequenceClassification")
+            and not getattr(config, "is_decoder", False))
+
+
+def _layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor, index: torch.Tensor,
+           state: PackState) -> torch.Tensor:
+    """One encoder layer on real tokens x (N, d); keep (B, T) marks them, index their flat slots."""
+    rows, width = keep.shape
+    attn = layer.attention.self
+    heads, size = attn.num_attention_heads, attn.attention_head_size
+
+    def padded(t: torch.Tensor) -> torch.Tensor:  # (N, h*dh) -> (B, h, T, dh)
+        out = t.new_zeros(rows * width, t.shape[-1]).index_copy(0, index, t)
+        return out.view(rows, width, heads, size).transpose(1, 2)
+
+    q, k, v = padded(attn.query(x)), padded(attn.key(x)), padded(attn.value(x))
+    dropout = attn.dropout.p if attn.training else 0.0
+    mask = keep[:, None, None, :]  # (B, 1, 1, T): which keys exist
+    if dropout > 0:
+        context = attend(q, k, v, mask, attn.scaling, dropout, state)  # (B, T, h, dh)
+    else:
+        context = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+        context = context.transpose(1, 2)
+    context = context.reshape(rows * width, heads * size).index_select(0, index)  # (N, d)
+    out = layer.attention.output
+    a = out.LayerNorm(out.dropout(out.dense(context)) + x)
+    ff = layer.output
+    return ff.LayerNorm(ff.dropout(ff.dense(layer.intermediate(a))) + a)
+
+
+def forward(model: nn.Module, state: PackState, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (rows, labels) of a BERT/RoBERTa classifier, computing token-wise work on real tokens.
+
+    Rows are right-padded (real tokens first), stacked adapter-major over the active runs.
+    """
+    base = model.base_model
+    keep = attention_mask.bool()                               # (B, T)
+    rows, width = keep.shape
+    hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # (B, T, d)
+    index = keep.flatten().nonzero().squeeze(1)                # (N,) flat slots of real tokens
+    x = hidden.reshape(rows * width, -1).index_select(0, index)  # (N, d)
+    n = state.num_active()
+    per_row = keep.sum(1)                                      # (B,)
+    state.set_row_counts(per_row.view(n, -1).sum(1).tolist())
+    try:
+        for layer in base.encoder.layer:
+            x = _layer(layer, x, keep, index, state)
+    finally:
+        state.set_row_counts(None)
+    # the heads read the first token of every row: real, since rows are right-padded
+    first = torch.cumsum(per_row, 0) - per_row                 # (B,) offsets of each row's first token
+    sequence = x.index_select(0, first).unsqueeze(1)           # (B, 1, d)
+    if model.config.model_type == "roberta":
+        return model.classifier(sequence)
+    pooled = base.pooler(sequence)
+    return model.classifier(model.dropout(pooled))
