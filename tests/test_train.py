@@ -142,3 +142,23 @@ def test_train_command_rejects_bad_options(tmp_path, args, needle):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and needle in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_precisions_run_close_to_fp32(monkeypatch, precision):
+    """bf16 and fp16 (with per-run loss scaling) are meant for CUDA; CPU autocast runs the same code."""
+    from lorainit import train
+
+    monkeypatch.setattr(train, "_device", lambda runs, device: torch.device("cpu"))
+    fields = dict(max_steps=6, max_train_samples=40, max_eval_samples=16, lr=1e-3)
+    runs = [_run(**fields, init=i, precision=precision) for i in "ab"]
+    low = train.train_pack(runs, show_progress=False)
+    full = train.train_pack([_run(**fields, init=i) for i in "ab"], show_progress=False)
+    for a, b in zip(low, full):
+        assert a.status == "done" and a.steps == 6
+        assert max(abs(x - y) for x, y in zip(_losses(a), _losses(b))) < 0.02
+
+
+def test_cuda_precisions_are_refused_on_cpu():
+    with pytest.raises(ValueError, match="precision fp16 needs a CUDA device"):
+        train_pack([_run(precision="fp16")], device="cpu", show_progress=False)

@@ -1,0 +1,60 @@
+"""The unpadded forward equals the model's own padded forward, outputs and gradients."""
+
+import copy
+
+import torch
+
+from lorainit import packing, unpadded
+from lorainit.lora import LoRAConfig, LoRAPack, stack_runs
+from lorainit.tasks import glue
+
+
+def _packed(model, K=3):
+    pack = LoRAPack(model, LoRAConfig(targets=("query", "value", "dense")), num_runs=K)
+    g = torch.Generator().manual_seed(0)
+    for k in range(K):
+        pack.init_run(k, "ab"[k % 2], seed=k)
+    with torch.no_grad():
+        for p in pack.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return pack, packing.install(pack, list(range(K)))
+
+
+def test_unpadded_equals_padded_forward_and_gradients(minilm, sst2_rows):
+    model, tokenizer = minilm
+    assert unpadded.supports(model)
+    pack, state = _packed(model)
+    ids, type_ids = glue.encode(sst2_rows, tokenizer, 128)
+    batch = stack_runs(glue.collate(ids, tokenizer.pad_token_id, type_ids), 3)
+    assert batch["attention_mask"].float().mean() < 0.9  # there is padding to skip
+    state.set_batch(None, None)
+    model.eval()  # dropout off on both sides; gradients still flow
+
+    ref = model(**batch).logits
+    ref.square().sum().backward()
+    ref_grads = [p.grad.clone() for p in pack.parameters()]
+    pack.model.zero_grad()
+    out = unpadded.forward(model, state, **batch)
+    out.square().sum().backward()
+    assert (out - ref).abs().max().item() <= 1e-5
+    for p, g in zip(pack.parameters(), ref_grads):
+        assert (p.grad - g).abs().max().item() <= 1e-5
+
+
+def test_unequal_token_counts_per_run(minilm, sst2_rows):
+    """Runs with different rows (different seeds) own different numbers of tokens."""
+    model, tokenizer = minilm
+    pack, state = _packed(copy.deepcopy(model), K=2)
+    ids, type_ids = glue.encode(sst2_rows, tokenizer, 128)
+    first = glue.collate(ids[:4], tokenizer.pad_token_id, type_ids[:4])
+    second = glue.collate(ids[4:], tokenizer.pad_token_id, type_ids[4:])
+    width = max(first["input_ids"].shape[1], second["input_ids"].shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    batch = {k: torch.cat([pad(first[k]), pad(second[k])]) for k in first}
+    assert first["attention_mask"].sum() != second["attention_mask"].sum()
+    state.set_batch(None, None)
+    pack.model.eval()
+    with torch.no_grad():
+        ref = pack.model(**batch).logits
+        out = unpadded.forward(pack.model, state, **batch)
+    assert (out - ref).abs().max().item() <= 1e-5
