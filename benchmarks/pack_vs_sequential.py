@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -74,9 +75,9 @@ def bench_pack(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     trainer = PackTrainer(runs, device="cpu", show_progress=False)  # loads the model and the data
     load_s = time.perf_counter() - start
-    # The pack may compute its body on real tokens only, around the body's own forward, so the
-    # padded positions are counted where every path starts (the embeddings) and the real tokens
-    # are the attention-mask sums `train_step` reports.
+    # The pack may bypass the body's own forward to compute on real tokens only, so the padded
+    # positions are counted where every path starts (the embeddings), and the real tokens are the
+    # attention-mask sums that `train_step` reports.
     positions = TokenCounter(trainer.model.base_model.embeddings)
     train_s, tokens = 0.0, 0
     while trainer.step < trainer.total and any(trainer.alive):
@@ -101,6 +102,8 @@ def _peft_model(model, init: str):
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
+    # raised inside transformers when PEFT wraps a model; nothing of ours
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=LORA_DROPOUT,
                                              target_modules=list(TARGETS), task_type="SEQ_CLS"))
     if init == "b":

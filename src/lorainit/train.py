@@ -27,7 +27,9 @@ from lorainit.optim import PackedAdamW, PackedGradScaler
 from lorainit.peft_io import export_run
 from lorainit.probes import Probes
 
-EVAL_CHUNK = 64  # evaluation rows per run per forward, sorted by length to cut padding
+# Evaluation forwards hold about this many tokens over all active runs (rows sorted by length, so
+# little padding): large enough for efficient matmuls, small enough to stay in cache and memory.
+EVAL_TOKENS = 4096
 
 
 @dataclass
@@ -177,7 +179,18 @@ class PackTrainer:
 
     # -- evaluation -------------------------------------------------------------------------
 
-    @torch.no_grad()
+    def _eval_chunks(self, order: list[int], runs: int) -> list[list[int]]:
+        """Consecutive rows of `order` grouped so that runs x rows x longest stays near EVAL_TOKENS."""
+        chunks, current = [], []
+        for i in order:
+            longest = len(self.data.eval.ids[i])  # rows are sorted by length: the last is the longest
+            if current and runs * (len(current) + 1) * longest > EVAL_TOKENS:
+                chunks.append(current)
+                current = []
+            current.append(i)
+        return chunks + ([current] if current else [])
+
+    @torch.inference_mode()
     def evaluate(self) -> None:
         """Accuracy and loss of every active run on the evaluation rows; updates final and best."""
         active = [k for k in range(self.K) if self.alive[k]]
@@ -189,8 +202,7 @@ class PackTrainer:
         order = sorted(range(len(split)), key=lambda i: len(split.ids[i]))
         correct = torch.zeros(len(active))
         loss_sum = torch.zeros(len(active))
-        for start in range(0, len(order), EVAL_CHUNK):
-            rows = order[start:start + EVAL_CHUNK]
+        for rows in self._eval_chunks(order, len(active)):
             batch = split.batch(rows, self.tokenizer.pad_token_id)
             stacked = {key: v.repeat(len(active), 1).to(self.device) for key, v in batch.items()}
             with _autocast(self.runs[0].precision, self.device):
