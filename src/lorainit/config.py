@@ -118,40 +118,52 @@ class RunConfig:
         return tuple((name, json.dumps(getattr(self, name))) for name in self.PACK_FIELDS)
 
 
+def _to_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError(value)
+
+
+def _to_int(value) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return int(value)
+
+
+def _to_float(value) -> float:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    return float(value)
+
+
+def _to_names(value) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if not all(isinstance(t, str) for t in items):
+        raise ValueError(value)
+    return tuple(t.strip() for t in items if t.strip())
+
+
+def _to_str(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(value)
+    return str(value)
+
+
+# one converter per field type used by RunConfig
+_CONVERT = {"bool": _to_bool, "int": _to_int, "float": _to_float, "tuple[str, ...]": _to_names, "str": _to_str}
+
+
 def _coerce(name: str, value, annotation: str, where: str):
     """Turn a YAML or command-line value into the field's type, or raise BadInput naming the key."""
     kind = annotation.replace(" | None", "")
     if value is None and "None" in annotation:
         return None
     try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            raise ValueError
-        if kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind == "tuple[str, ...]":
-            items = value.split(",") if isinstance(value, str) else list(value)
-            if not all(isinstance(t, str) for t in items):
-                raise ValueError
-            return tuple(t.strip() for t in items if t.strip())
-        if kind == "str":
-            if not isinstance(value, (str, int)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
+        return _CONVERT[kind](value)
     except (TypeError, ValueError):
-        pass
-    else:
-        raise AssertionError(f"no coercion for field type {annotation}")  # a RunConfig field without one
-    raise BadInput(f"{where}: {name} must be {_describe(kind)}, got {value!r}")
+        raise BadInput(f"{where}: {name} must be {_describe(kind)}, got {value!r}") from None
 
 
 def _describe(kind: str) -> str:
