@@ -1,5 +1,6 @@
-"""Measurement helpers shared by the benchmarks: the environment they run in, this machine's fp32
-matmul peak, a model's frozen compute per token, the tokens a model is fed, and peak memory."""
+"""Measurement helpers shared by the benchmarks: the environment they run in, a clock that waits
+for the GPU, the fp32 matmul peak of the CPU or the GPU, a model's frozen compute per token, the
+tokens a model is fed, and peak memory (host RSS, or what torch allocated on the GPU)."""
 
 from __future__ import annotations
 
@@ -27,15 +28,41 @@ def set_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 7) -> float:
-    """fp32 FLOP/s of one (n, n) @ (n, n) `torch.matmul` at torch's default threads: 2 n^3 / median time."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)  # warm up: thread pool, allocator
+def clock(device: str) -> float:
+    """`time.perf_counter()`, read once the device has finished its queued work.
+
+    CUDA kernels run asynchronously: without the wait, a timed section would end when its last
+    kernel is queued, not when it is done. On the CPU this is `time.perf_counter()` alone."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def cuda_matmul_tf32() -> bool:
+    """Whether fp32 matmuls on CUDA may run in TF32 in this process.
+
+    torch's default is no, but some builds and containers turn it on, by the setting or by the
+    cuBLAS override variable; the benchmarks keep whatever is set and report it."""
+    if os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1":
+        return True
+    try:
+        return torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:  # newer torch refuses the legacy flag once the `fp32_precision` API has set it
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 7, device: str = "cpu") -> float:
+    """fp32 FLOP/s of one (n, n) @ (n, n) `torch.matmul` on `device`: 2 n^3 / median time.
+
+    On the CPU at torch's default threads; on CUDA with torch's TF32 setting as it stands
+    (see `cuda_matmul_tf32`)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.matmul(a, b)  # warm up: thread pool or cuBLAS handle, allocator
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock(device)
         torch.matmul(a, b)
-        times.append(time.perf_counter() - start)
+        times.append(clock(device) - start)
     return 2 * n**3 / statistics.median(times)
 
 
@@ -77,3 +104,9 @@ class TokenCounter:
 def peak_rss_mib() -> float:
     """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_cuda_mib() -> float:
+    """The most GPU memory torch has allocated to tensors in this process since the last
+    `torch.cuda.reset_peak_memory_stats()`, in MiB (`torch.cuda.max_memory_allocated()`)."""
+    return torch.cuda.max_memory_allocated() / 2**20

@@ -3,19 +3,22 @@ paper's own code runs them) and with PEFT and a plain `torch.optim.AdamW` loop.
 
 The runs: learning rates 2^k x 1e-5 (k = 0..10, the paper's GLUE grid) x Init[A]/Init[B], MiniLM
 on SST-2, batch 4, seed 0, rank 8, alpha 16, LoRA dropout 0.1 on query and value, warmup ratio
-0.06, clipping at 1.0, fp32 on the CPU, the first 2000 training rows; each evaluated once, at the
-end, on the first 200 dev rows. `--runs K` keeps K of the 22, at evenly spaced learning rates.
+0.06, clipping at 1.0, fp32 on the CPU (or on one GPU with `--device cuda`), the first 2000
+training rows; each evaluated once, at the end, on the first 200 dev rows. `--runs K` keeps K of
+the 22, at evenly spaced learning rates.
 
 Each variant runs in a fresh subprocess of this script (`--only NAME --json`), so that its peak
-RSS is its own; the parent first measures this machine's fp32 matmul peak, then prints one row per
-variant and the ratios. Wall time covers the whole variant: loading and tokenising, every model
+memory is its own: RSS on the CPU, `torch.cuda.max_memory_allocated()` on CUDA. The parent first
+measures the device's fp32 matmul peak (on CUDA with torch's TF32 setting as it stands, which it
+prints), then prints one row per variant and the ratios. On CUDA every clock read waits for the
+GPU's queued work. Wall time covers the whole variant: loading and tokenising, every model
 load, training and evaluation. Training time covers the training steps only. Achieved FLOP/s is
 4 x (frozen non-embedding parameters) x (non-padding training tokens) / training time: the
 frozen weights' forward plus backward-to-the-input multiply-adds, with neither attention's
 T^2 work nor the LoRA factors counted. Tokens are counted from the attention masks actually fed.
 
-    .venv/bin/python benchmarks/pack_vs_sequential.py [--steps 40] [--runs 22] [--eval-rows 200]
-        [--train-rows 2000] [--only pack|trainer|loop] [--json]
+    .venv/bin/python benchmarks/pack_vs_sequential.py [--device cpu|cuda] [--steps 40] [--runs 22]
+        [--eval-rows 200] [--train-rows 2000] [--only pack|trainer|loop] [--json]
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
 
-from _common import TokenCounter, frozen_flop_params, matmul_peak_flops, peak_rss_mib, set_environment
+from _common import (TokenCounter, clock, cuda_matmul_tf32, frozen_flop_params, matmul_peak_flops, peak_cuda_mib,
+                     peak_rss_mib, set_environment)
 
 LR_EXPONENTS = 11          # lr = 2^k x 1e-5 for k = 0..10 (DESIGN.md, the paper's GLUE setting)
 INITS = ("a", "b")         # Init[A]: A random, B = 0; Init[B]: B random, A = 0
@@ -46,6 +49,10 @@ MAX_GRAD_NORM = 1.0
 MAX_SEQ_LEN = 128
 EVAL_BATCH = 64            # rows per forward in the plain loop's evaluation
 VARIANTS = ("pack", "trainer", "loop")
+DEVICES = ("cpu", "cuda")
+# the matmul peak's size: on a GPU a 2048^3 product takes a fraction of a millisecond, where the
+# launch and the synchronisation would weigh in the time
+MATMUL_N = {"cpu": 2048, "cuda": 4096}
 
 
 def grid(num_runs: int) -> list[tuple[float, str]]:
@@ -72,23 +79,23 @@ def bench_pack(args: argparse.Namespace) -> dict:
     from lorainit.train import PackTrainer
 
     runs = [RunConfig.from_dict(run_fields(args) | {"lr": lr, "init": init}) for lr, init in grid(args.runs)]
-    start = time.perf_counter()
-    trainer = PackTrainer(runs, device="cpu", show_progress=False)  # loads the model and the data
-    load_s = time.perf_counter() - start
+    start = clock(args.device)
+    trainer = PackTrainer(runs, device=args.device, show_progress=False)  # loads the model and the data
+    load_s = clock(args.device) - start
     # The pack may bypass the body's own forward to compute on real tokens only, so the padded
     # positions are counted where every path starts (the embeddings), and the real tokens are the
     # attention-mask sums that `train_step` reports.
     positions = TokenCounter(trainer.model.base_model.embeddings)
     train_s, tokens = 0.0, 0
     while trainer.step < trainer.total and any(trainer.alive):
-        t = time.perf_counter()
+        t = clock(args.device)
         _, seen = trainer.train_step(log=trainer.step == 0)  # run() captures probes on the first step
-        train_s += time.perf_counter() - t
+        train_s += clock(args.device) - t
         tokens += seen
-    t = time.perf_counter()
+    t = clock(args.device)
     trainer.evaluate()
-    eval_s = time.perf_counter() - t
-    wall_s = time.perf_counter() - start
+    eval_s = clock(args.device) - t
+    wall_s = clock(args.device) - start
     positions.remove()
     return dict(wall_s=wall_s, load_s=load_s, train_s=train_s, eval_s=eval_s, tokens=tokens,
                 tokens_fed=positions.fed, frozen_params=frozen_flop_params(trainer.model),
@@ -155,14 +162,16 @@ def _accuracy(prediction) -> dict:
 
 
 def bench_trainer(args: argparse.Namespace) -> dict:
-    """Run by run: a fresh model, PEFT, `transformers.Trainer` to max_steps, `trainer.evaluate()`."""
+    """Run by run: a fresh model, PEFT, `transformers.Trainer` to max_steps, `trainer.evaluate()`.
+
+    On CUDA the Trainer moves the model to the GPU itself, as it does in the paper's scripts."""
     import transformers
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from lorainit import models
 
     transformers.logging.set_verbosity_error()
-    start = time.perf_counter()
+    start = clock(args.device)
     rows = _Rows(args)
     train_s = eval_s = 0.0
     tokens = tokens_fed = 0
@@ -180,28 +189,28 @@ def bench_trainer(args: argparse.Namespace) -> dict:
                 learning_rate=lr, warmup_steps=WARMUP_RATIO,  # a float below 1 is a ratio in transformers 5
                 lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, seed=SEED,
                 report_to=[], save_strategy="no", eval_strategy="no", logging_strategy="no",
-                use_cpu=True, disable_tqdm=True)
+                use_cpu=args.device == "cpu", disable_tqdm=True)
             trainer = Trainer(model=model, args=training_args,
                               train_dataset=_Encoded(rows.train, rows.train_ex.labels),
                               eval_dataset=_Encoded(rows.dev, rows.dev_ex.labels),
                               data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_accuracy)
-            t = time.perf_counter()
+            t = clock(args.device)
             trainer.train()
-            train_s += time.perf_counter() - t
-            t = time.perf_counter()
+            train_s += clock(args.device) - t
+            t = clock(args.device)
             accuracies.append(trainer.evaluate()["eval_accuracy"])
-            eval_s += time.perf_counter() - t
+            eval_s += clock(args.device) - t
             counter.remove()
             tokens, tokens_fed = tokens + counter.real, tokens_fed + counter.fed
             del trainer, model
             gc.collect()
-    return dict(wall_s=time.perf_counter() - start, train_s=train_s, eval_s=eval_s, tokens=tokens,
+    return dict(wall_s=clock(args.device) - start, train_s=train_s, eval_s=eval_s, tokens=tokens,
                 tokens_fed=tokens_fed, frozen_params=frozen_params, accuracies=accuracies, diverged=0)
 
 
 @torch.no_grad()
-def _evaluate(model, rows: _Rows, pad_id: int) -> float:
-    """Accuracy on the dev rows, EVAL_BATCH rows per forward in file order."""
+def _evaluate(model, rows: _Rows, pad_id: int, device: str) -> float:
+    """Accuracy on the dev rows, EVAL_BATCH rows per forward in file order, on `device`."""
     from lorainit.tasks import glue
 
     model.eval()
@@ -211,7 +220,8 @@ def _evaluate(model, rows: _Rows, pad_id: int) -> float:
     for lo in range(0, len(ids), EVAL_BATCH):
         hi = lo + EVAL_BATCH
         batch = glue.collate(ids[lo:hi], pad_id, type_ids[lo:hi] if type_ids is not None else None)
-        correct += int((model(**batch).logits.argmax(-1) == labels[lo:hi]).sum())
+        batch = {key: v.to(device) for key, v in batch.items()}
+        correct += int((model(**batch).logits.argmax(-1).cpu() == labels[lo:hi]).sum())
     return correct / len(ids)
 
 
@@ -223,7 +233,7 @@ def bench_loop(args: argparse.Namespace) -> dict:
     from lorainit.data import DataOrder
     from lorainit.tasks import glue
 
-    start = time.perf_counter()
+    start = clock(args.device)
     rows = _Rows(args)
     train_labels = torch.tensor(rows.train_ex.labels)
     train_s = eval_s = 0.0
@@ -234,7 +244,7 @@ def bench_loop(args: argparse.Namespace) -> dict:
         model, tokenizer = models.load("minilm", "classification", num_labels=2)
         rows.tokenise(tokenizer)
         frozen_params = frozen_flop_params(model)
-        model = _peft_model(model, init)
+        model = _peft_model(model, init).to(args.device)
         counter = TokenCounter(model.get_base_model().base_model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -242,26 +252,27 @@ def bench_loop(args: argparse.Namespace) -> dict:
         order = DataOrder(SEED, len(train_labels), BATCH_SIZE)  # the batches a pack run with this seed sees
         ids, type_ids = rows.train
         model.train()
-        t = time.perf_counter()
+        t = clock(args.device)
         for step in range(args.steps):
             idx = order.rows_at(step)
             batch = glue.collate([ids[i] for i in idx], tokenizer.pad_token_id,
                                  [type_ids[i] for i in idx] if type_ids is not None else None)
-            loss = model(**batch, labels=train_labels[idx]).loss
+            batch = {key: v.to(args.device) for key, v in batch.items()}
+            loss = model(**batch, labels=train_labels[idx].to(args.device)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
-        train_s += time.perf_counter() - t
-        t = time.perf_counter()
-        accuracies.append(_evaluate(model, rows, tokenizer.pad_token_id))
-        eval_s += time.perf_counter() - t
+        train_s += clock(args.device) - t
+        t = clock(args.device)
+        accuracies.append(_evaluate(model, rows, tokenizer.pad_token_id, args.device))
+        eval_s += clock(args.device) - t
         counter.remove()
         tokens, tokens_fed = tokens + counter.real, tokens_fed + counter.fed
         del model, optimizer, schedule
         gc.collect()
-    return dict(wall_s=time.perf_counter() - start, train_s=train_s, eval_s=eval_s, tokens=tokens,
+    return dict(wall_s=clock(args.device) - start, train_s=train_s, eval_s=eval_s, tokens=tokens,
                 tokens_fed=tokens_fed, frozen_params=frozen_params, accuracies=accuracies, diverged=0)
 
 
@@ -271,8 +282,12 @@ BENCHES = {"pack": bench_pack, "trainer": bench_trainer, "loop": bench_loop}
 # -- measuring and reporting --------------------------------------------------------------------
 
 def measure(name: str, args: argparse.Namespace) -> dict:
-    """Run one variant in this process and add its derived figures."""
+    """Run one variant in this process and add its derived figures (on CUDA, its peak GPU memory too)."""
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # forget the matmul peak's operands
     res = BENCHES[name](args)
+    if args.device == "cuda":
+        res["peak_cuda_mib"] = peak_cuda_mib()
     finished = [a for a in res["accuracies"] if a is not None]
     res.update(variant=name, runs=len(res["accuracies"]), steps=args.steps, peak_rss_mib=peak_rss_mib(),
                tokens_per_s=res["tokens"] / res["train_s"],
@@ -283,9 +298,9 @@ def measure(name: str, args: argparse.Namespace) -> dict:
 
 
 def measure_in_subprocess(name: str, args: argparse.Namespace) -> dict:
-    """Run one variant in a fresh process of this script, so that its peak RSS is its own."""
-    command = [sys.executable, __file__, "--only", name, "--json", "--steps", str(args.steps), "--runs",
-               str(args.runs), "--eval-rows", str(args.eval_rows), "--train-rows", str(args.train_rows)]
+    """Run one variant in a fresh process of this script, so that its peak memory is its own."""
+    command = [sys.executable, __file__, "--only", name, "--json", "--device", args.device, "--steps", str(args.steps),
+               "--runs", str(args.runs), "--eval-rows", str(args.eval_rows), "--train-rows", str(args.train_rows)]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -294,16 +309,24 @@ def measure_in_subprocess(name: str, args: argparse.Namespace) -> dict:
     return json.loads(lines[-1])["variants"][name]
 
 
-def print_table(results: dict[str, dict], peak_flops: float) -> None:
-    print(f"fp32 matmul peak (2048^3, {torch.get_num_threads()} threads): {peak_flops / 1e9:.1f} GFLOP/s")
+def print_table(results: dict[str, dict], peak_flops: float, device: str) -> None:
+    n = MATMUL_N[device]
+    if device == "cuda":
+        tf32 = "TF32 on" if cuda_matmul_tf32() else "TF32 off"
+        print(f"fp32 matmul peak ({n}^3, {torch.cuda.get_device_name(0)}, {tf32}): {peak_flops / 1e9:.1f} GFLOP/s")
+    else:
+        print(f"fp32 matmul peak ({n}^3, {torch.get_num_threads()} threads): {peak_flops / 1e9:.1f} GFLOP/s")
+    memory_label, memory_key = ("GPU MiB", "peak_cuda_mib") if device == "cuda" else ("RSS MiB", "peak_rss_mib")
     header = (f"{'variant':8} {'runs':>4} {'wall s':>8} {'train s':>8} {'eval s':>7} {'tok/s':>7} "
-              f"{'GFLOP/s':>8} {'of peak':>7} {'pad':>5} {'RSS MiB':>8} {'mean acc':>8} {'diverged':>8}")
+              f"{'GFLOP/s':>8} {'of peak':>7} {'pad':>5} {memory_label:>8} {'mean acc':>8} {'diverged':>8}")
     print(header)
     for name, r in results.items():
         acc = f"{r['mean_accuracy']:.4f}" if r["mean_accuracy"] is not None else "-"
         print(f"{name:8} {r['runs']:>4} {r['wall_s']:8.1f} {r['train_s']:8.1f} {r['eval_s']:7.1f} "
               f"{r['tokens_per_s']:7.0f} {r['flops_per_s'] / 1e9:8.1f} {r['flops_per_s'] / peak_flops:7.1%} "
-              f"{r['padding']:5.1%} {r['peak_rss_mib']:8.0f} {acc:>8} {r['diverged']:>8}")
+              f"{r['padding']:5.1%} {r[memory_key]:8.0f} {acc:>8} {r['diverged']:>8}")
+    if device == "cuda":
+        print("(GPU MiB: torch.cuda.max_memory_allocated() of the variant's own process)")
     if results.get("pack", {}).get("unpadded_body"):
         print("(the pack runs its body's token-wise ops on real tokens only; its pad column is the "
               "padded share of the batches it stacks)")
@@ -335,6 +358,7 @@ def print_ratios(r: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where every variant trains and evaluates")
     parser.add_argument("--steps", type=int, default=40, help="optimiser steps per run")
     parser.add_argument("--runs", type=int, default=2 * LR_EXPONENTS,
                         help="runs to train (at most 22): evenly spaced learning rates, both inits each")
@@ -348,25 +372,31 @@ def main() -> None:
     for name in ("steps", "eval_rows", "train_rows"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        parser.exit(2, f"{parser.prog}: error: --device cuda, but torch {torch.__version__} ({build}) "
+                       "sees no CUDA device\n")
     set_environment()
 
     # torch's threads spin at every op's barrier: another busy process on these cores can slow
     # small ops many times over, so the load at the start is printed beside the timings
     load = os.getloadavg()[0]
-    peak_flops = matmul_peak_flops()  # before any variant, in this process
+    peak_flops = matmul_peak_flops(MATMUL_N[args.device], device=args.device)  # before any variant, in this process
     if args.only:
         results = {args.only: measure(args.only, args)}
     else:
         results = {name: measure_in_subprocess(name, args) for name in VARIANTS}
     summary = ratios(results, peak_flops)
     if args.json:
-        print(json.dumps({"peak_flops": peak_flops, "threads": torch.get_num_threads(), "load_average": load,
-                          "variants": results, "ratios": summary}))
+        info = {"peak_flops": peak_flops, "threads": torch.get_num_threads(), "load_average": load}
+        if args.device == "cuda":
+            info.update(device=torch.cuda.get_device_name(0), tf32=cuda_matmul_tf32())
+        print(json.dumps(info | {"variants": results, "ratios": summary}))
         return
     print(f"{len(grid(args.runs))} runs x {args.steps} steps of batch {BATCH_SIZE}, MiniLM on SST-2 "
           f"({args.train_rows} training rows), eval on {args.eval_rows} dev rows")
     print(f"load average at the start: {load:.2f} on {os.cpu_count()} cores")
-    print_table(results, peak_flops)
+    print_table(results, peak_flops, args.device)
     print_ratios(summary)
 
 

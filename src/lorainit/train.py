@@ -11,6 +11,7 @@ The trainer knows nothing of sweeps: it takes runs and returns their results.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,26 +151,27 @@ class PackTrainer:
         for j, k in enumerate(active):
             if self.first_loss[k] is None:
                 self.first_loss[k] = values[j]
-            bad = not torch.isfinite(torch.tensor(values[j])) or values[j] > self.runs[k].divergence_factor * self.first_loss[k]
-            if bad:
+            if not math.isfinite(values[j]) or values[j] > self.runs[k].divergence_factor * self.first_loss[k]:
                 ok[j] = False
                 self.alive[k] = False
                 self.results[k].status, self.results[k].diverged_step = "diverged", self.step + 1
         self.optimizer.zero_grad()
-        mask = torch.zeros(self.K, dtype=torch.bool)
-        mask[[k for j, k in enumerate(active) if ok[j]]] = True
-        if ok.any():
-            kept = per_run[ok.to(per_run.device)]
-            if self.scaler is not None:
-                scales = self.scaler.scale_losses(torch.zeros(self.K, device=kept.device).index_put(
-                    (torch.tensor([k for j, k in enumerate(active) if ok[j]], device=kept.device),), kept))
-                scales.sum().backward()
-                found_inf = self.scaler.unscale_(self.pack.named_parameters())
-                self.optimizer.step(mask.to(found_inf.device) & ~found_inf)
-                self.scaler.update(found_inf, mask.to(found_inf.device))
-            else:
+        stepping = [k for j, k in enumerate(active) if ok[j]]
+        if stepping:
+            kept = per_run[ok.to(per_run.device)]  # (m,) losses of the runs that step
+            mask = torch.zeros(self.K, dtype=torch.bool, device=self.device)
+            mask[stepping] = True
+            if self.scaler is None:
                 kept.sum().backward()
-                self.optimizer.step(mask.to(self.device))
+                self.optimizer.step(mask)
+            else:
+                # each run's loss times its own scale: one run's overflow never skips another's step
+                losses = torch.zeros(self.K, device=kept.device).index_copy(
+                    0, torch.tensor(stepping, device=kept.device), kept)
+                self.scaler.scale_losses(losses).sum().backward()
+                found_inf = self.scaler.unscale_(self.pack.named_parameters())
+                self.optimizer.step(mask & ~found_inf)
+                self.scaler.update(found_inf, mask)
         self.step += 1
         for j, k in enumerate(active):
             if ok[j]:
