@@ -12,7 +12,7 @@ def test_short_demo_run(tmp_path):
     assert runs["a"]["accuracy_before"] == runs["b"]["accuracy_before"]
     for run in runs.values():
         assert run["peft_reload_max_abs_diff"] <= 1e-5
-        assert (tmp_path / "adapters" / f"init_{run['init']}" / "adapter_model.safetensors").is_file()
+        assert (tmp_path / "adapters" / run["run_id"] / "adapter_model.safetensors").is_file()
     # training changed the runs' functions, and differently for the two inits
     assert runs["a"]["train_loss_last10pct"] != runs["b"]["train_loss_last10pct"]
     assert json.loads((tmp_path / "demo_results.json").read_text())["steps"] == 6

@@ -193,11 +193,14 @@ class PackTrainer:
         return chunks + ([current] if current else [])
 
     @torch.inference_mode()
-    def evaluate(self) -> None:
-        """Accuracy and loss of every active run on the evaluation rows; updates final and best."""
+    def evaluate(self, record: bool = True) -> dict[int, dict[str, float]]:
+        """Accuracy and loss of every active run on the evaluation rows, by run.
+
+        With `record`, they join each run's metrics and update its final and best values.
+        """
         active = [k for k in range(self.K) if self.alive[k]]
         if not active:
-            return
+            return {}
         split: Split = self.data.eval
         self.state.set_batch(active, None)
         self.model.eval()
@@ -214,14 +217,16 @@ class PackTrainer:
             loss_sum += F.cross_entropy(logits.transpose(1, 2), y.expand(len(active), -1),
                                         reduction="none").sum(1).cpu()
         self.state.set_batch(None, None)
-        for j, k in enumerate(active):
+        measured = {k: {"accuracy": float(correct[j] / len(split)), "eval_loss": float(loss_sum[j] / len(split))}
+                    for j, k in enumerate(active)}
+        for k, values in measured.items() if record else ():
             res = self.results[k]
-            values = {"accuracy": float(correct[j] / len(split)), "eval_loss": float(loss_sum[j] / len(split))}
             for name, value in values.items():
                 res.metrics.append({"step": self.step, "name": name, "value": value})
             res.final = dict(values)
             res.best = {"accuracy": max(values["accuracy"], res.best.get("accuracy", float("-inf"))),
                         "eval_loss": min(values["eval_loss"], res.best.get("eval_loss", float("inf")))}
+        return measured
 
     # -- the whole run ----------------------------------------------------------------------
 
