@@ -71,20 +71,29 @@ class DropoutStreams:
             for d in reversed(range(len(shape))):
                 pad += [0, shape[d] - own[d]]
             drawn[gi] = nn.functional.pad(keep, pad, value=1.0) if any(pad) else keep
-        masks = torch.stack([drawn[gi] for gi in groups])  # (n_active, *shape)
-        return (masks / (1.0 - p)).to(dtype)
+        scaled = {gi: (keep / (1.0 - p)).to(dtype) for gi, keep in drawn.items()}
+        if len(scaled) == 1:  # one seed in the batch: a broadcast view, no copy per run
+            return next(iter(scaled.values())).unsqueeze(0).expand(len(groups), *shape)
+        return torch.stack([scaled[gi] for gi in groups])  # (n_active, *shape)
+
+    @staticmethod
+    def apply(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x (n*b, ...) times per-run masks keep (n, b, ...), without materialising an expanded mask."""
+        return (x.reshape(keep.shape) * keep).view(x.shape)
 
 
-    def mask_ragged(self, p: float, counts: list[int], features: int, active: torch.Tensor | None,
-                    device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Scaled keep-masks for rows laid run after run, run j owning `counts[j]` rows: (sum, features)."""
+    def drop_ragged(self, x: torch.Tensor, p: float, counts: list[int], active: torch.Tensor | None) -> torch.Tensor:
+        """Dropout on rows laid run after run, run j owning `counts[j]` rows of x (sum, features)."""
         groups = (self.group if active is None else self.group[active.cpu()]).tolist()
-        streams = self._streams(device)
+        streams = self._streams(x.device)
         drawn = {}
         for gi, count in zip(groups, counts):
             if gi not in drawn:
-                drawn[gi] = torch.empty(count, features, device=device).bernoulli_(1.0 - p, generator=streams[gi])
-        return (torch.cat([drawn[gi] for gi in groups]) / (1.0 - p)).to(dtype)
+                keep = torch.empty(count, x.shape[-1], device=x.device).bernoulli_(1.0 - p, generator=streams[gi])
+                drawn[gi] = (keep / (1.0 - p)).to(x.dtype)
+        if len(drawn) == 1 and len(set(counts)) == 1:  # one seed: broadcast, no copy per run
+            return (x.view(len(counts), counts[0], -1) * drawn[groups[0]]).view(x.shape)
+        return x * torch.cat([drawn[gi] for gi in groups])
 
 
 class PackedLoRALinear(nn.Module):
@@ -141,7 +150,7 @@ class PackedLoRALinear(nn.Module):
                 per_run = (x.shape[0] // n, *x.shape[1:])  # (b, T, in): dim 1 runs along the sequence
                 keep = self.streams.mask(self.dropout, per_run, self.active, x.device, x.dtype,
                                          seq_dims=(1,) if x.dim() >= 3 else ())
-                x = x * keep.reshape(x.shape)
+                x = self.streams.apply(x, keep)
             else:
                 x = nn.functional.dropout(x, self.dropout, training=True)
         xs = x.reshape(n, -1, x.shape[-1])  # (n, rows, in)
@@ -154,7 +163,7 @@ class PackedLoRALinear(nn.Module):
         counts = self.row_counts
         if self.training and self.dropout > 0:
             if self.streams is not None:
-                x = x * self.streams.mask_ragged(self.dropout, counts, x.shape[-1], self.active, x.device, x.dtype)
+                x = self.streams.drop_ragged(x, self.dropout, counts, self.active)
             else:
                 x = nn.functional.dropout(x, self.dropout, training=True)
         if len(set(counts)) == 1:  # equal shares: one batched matmul

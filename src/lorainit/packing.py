@@ -30,13 +30,12 @@ class PackedDropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         if self.state.row_counts is not None and x.dim() == 2:  # unpadded tokens, run after run
-            return x * self.state.streams.mask_ragged(self.p, self.state.row_counts, x.shape[-1],
-                                                      self.state.active, x.device, x.dtype)
+            return self.state.streams.drop_ragged(x, self.p, self.state.row_counts, self.state.active)
         n = self.state.num_active()
         per_run = (x.shape[0] // n, *x.shape[1:])  # (b, T, d) or (b, d)
         keep = self.state.streams.mask(self.p, per_run, self.state.active, x.device, x.dtype,
                                        seq_dims=(1,) if x.dim() >= 3 else ())
-        return x * keep.reshape(x.shape)
+        return self.state.streams.apply(x, keep)
 
 
 class PackState:
@@ -83,7 +82,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
         n = state.num_active()
         per_run = (weights.shape[0] // n, *weights.shape[1:])  # (b, h, T, T)
         keep = state.streams.mask(dropout, per_run, state.active, weights.device, weights.dtype, seq_dims=(2, 3))
-        weights = weights * keep.reshape(weights.shape)
+        weights = state.streams.apply(weights, keep)
     return torch.matmul(weights, value).transpose(1, 2).contiguous()
 
 
