@@ -240,7 +240,8 @@ class PackTrainer:
         bar = tqdm(total=self.total, desc=f"pack of {self.K}", unit="step", disable=not self.show_progress)
         while self.step < self.total and any(self.alive):
             log = first.eval_every > 0 and (self.step + 1) % first.eval_every == 0
-            losses, seen = self.train_step(log=log or self.step == 0)
+            # probes at the first and last step and at every evaluation
+            losses, seen = self.train_step(log=log or self.step == 0 or self.step + 1 == self.total)
             tokens += seen
             if log:
                 self.evaluate()
