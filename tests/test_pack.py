@@ -17,6 +17,15 @@ def _perturb(pack, seed=0, scale=0.05):
             p.add_(scale * torch.randn(p.shape, generator=g))
 
 
+def _moved_pack(model, K, inits, variance="kaiming", **config):
+    """K runs (run k: init inits[k % len(inits)], seed k) moved off their init, as after training."""
+    pack = LoRAPack(model, LoRAConfig(targets=("query", "value"), **config), num_runs=K)
+    for k in range(K):
+        pack.init_run(k, inits[k % len(inits)], variance, seed=k)
+    _perturb(pack)
+    return pack
+
+
 def _peft_model(base, config, head_name="classifier"):
     from peft import LoraConfig, get_peft_model
 
@@ -109,10 +118,7 @@ def test_a_runs_loss_has_exactly_zero_gradient_in_other_runs(minilm, sst2_batch)
     model, _ = minilm
     batch, labels = sst2_batch
     K = 3
-    pack = LoRAPack(model, LoRAConfig(targets=("query", "value")), num_runs=K)
-    for k in range(K):
-        pack.init_run(k, "ab"[k % 2], seed=k)
-    _perturb(pack)
+    pack = _moved_pack(model, K, "ab")
     logits = model(**stack_runs(batch, K)).logits
     per_run = F.cross_entropy(logits, labels.repeat(K), reduction="none").view(K, -1).mean(1)
     params = pack.parameters()
@@ -188,10 +194,7 @@ def test_merged_model_equals_packed_run(minilm, sst2_batch):
     model, _ = minilm
     batch, _ = sst2_batch
     K = 2
-    pack = LoRAPack(model, LoRAConfig(rslora=True, targets=("query", "value")), num_runs=K)
-    for k in range(K):
-        pack.init_run(k, "b", "gaussian", seed=k)
-    _perturb(pack)
+    pack = _moved_pack(model, K, "b", "gaussian", rslora=True)
     with torch.no_grad():
         packed = model(**stack_runs(batch, K)).logits.view(K, len(batch["input_ids"]), -1)
         for k in range(K):
@@ -204,10 +207,7 @@ def test_active_subset_computes_only_those_runs(minilm, sst2_batch):
     model, _ = minilm
     batch, _ = sst2_batch
     K = 3
-    pack = LoRAPack(model, LoRAConfig(targets=("query", "value")), num_runs=K)
-    for k in range(K):
-        pack.init_run(k, "a", seed=k)
-    _perturb(pack)
+    pack = _moved_pack(model, K, "a")
     n = len(batch["input_ids"])
     with torch.no_grad():
         full = model(**stack_runs(batch, K)).logits.view(K, n, -1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorainit.errors import BadInput
+from lorainit.files import write_atomic, write_text_atomic
 from lorainit.lora import LoRAPack
 
 PREFIX = "base_model.model."
@@ -90,18 +90,9 @@ def export_run(pack: LoRAPack, k: int, folder: str | os.PathLike, base_model: st
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    # Write both files beside their final names, then rename: a crash leaves no half adapter.
-    for fname, write in ((WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                         (CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))):
-        fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", dir=folder)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, folder / fname)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    # weights first, config last: a folder with a config always has its weights
+    write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_text_atomic(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return folder
 
 

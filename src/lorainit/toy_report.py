@@ -17,15 +17,14 @@ Definitions (stated once, used everywhere):
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from lorainit import theory
+from lorainit.files import csv_text, write_text_atomic
 from lorainit.toy import ToyConfig, WidthResult
 
 RESULT_COLUMNS = ("init", "width", "lr", "seed", "train_loss", "test_loss", "diverged", "diverged_step",
@@ -145,26 +144,10 @@ def summarize(results: list[WidthResult], cfg: ToyConfig, bootstrap: int = 1000,
             "bootstrap": bootstrap, "seeds": cfg.seeds}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _csv(rows: list[dict], columns) -> str:
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def write_outputs(results: list[WidthResult], cfg: ToyConfig, summary: dict, out: Path) -> list[Path]:
     """toy_results.csv, optimal_lr.csv, slopes.json and the figures; returns the figure paths."""
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "toy_results.csv", _csv(result_rows(results, cfg), RESULT_COLUMNS))
+    write_text_atomic(out / "toy_results.csv", csv_text(result_rows(results, cfg), RESULT_COLUMNS))
     opt_rows = []
     for init in cfg.inits:
         per = summary["per_width"][init]
@@ -175,8 +158,8 @@ def write_outputs(results: list[WidthResult], cfg: ToyConfig, summary: dict, out
                              "largest_stable_lr": 2 ** per["log2_stable_lr"][j],
                              "train_loss_at_optimum": per["loss_at_opt"][j],
                              "z_a_rms_at_optimum": per["z_a_at_opt"][j]})
-    _write_atomic(out / "optimal_lr.csv", _csv(opt_rows, opt_rows[0].keys()))
-    _write_atomic(out / "slopes.json", json.dumps({
+    write_text_atomic(out / "optimal_lr.csv", csv_text(opt_rows, opt_rows[0].keys()))
+    write_text_atomic(out / "slopes.json", json.dumps({
         "slopes": summary["slopes"], "widths": summary["widths"], "seeds": summary["seeds"],
         "bootstrap": summary["bootstrap"],
         "definitions": __doc__.split("Definitions (stated once, used everywhere):")[1].strip(),

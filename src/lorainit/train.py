@@ -106,7 +106,8 @@ class PackTrainer:
             weight_decay=[r.weight_decay for r in runs], max_grad_norm=[r.max_grad_norm for r in runs],
             warmup_ratio=[r.warmup_ratio for r in runs], total_steps=self.total)
         self.scaler = PackedGradScaler(self.K, self.device) if first.precision == "fp16" else None
-        self.orders = [DataOrder(r.seed, len(self.data.train), first.batch_size) for r in runs]
+        # one order per seed: runs sharing a seed share their batches
+        self.orders = {r.seed: DataOrder(r.seed, len(self.data.train), first.batch_size) for r in runs}
         self.alive = [True] * self.K
         self.first_loss: list[float | None] = [None] * self.K
         self.results = [RunResult(r) for r in runs]
@@ -126,10 +127,8 @@ class PackTrainer:
         for k in active:
             seed = self.runs[k].seed
             if seed not in drawn:
-                rows = self.orders[k].rows_at(self.step)
+                rows = self.orders[seed].rows_at(self.step)
                 drawn[seed] = (self.data.train.batch(rows, self.tokenizer.pad_token_id), self.data.train.labels[rows])
-            else:
-                self.orders[k].rows_at(self.step)  # keep every run's order object in step
             batches.append(drawn[seed][0])
             labels.append(drawn[seed][1])
         stacked, lengths = _stack(batches, self.device)
