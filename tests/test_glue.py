@@ -34,3 +34,58 @@ def test_bad_files_are_named(tmp_path):
         glue.read("qnli", "eval", str(tmp_path))
     with pytest.raises(glue.DataError, match="unknown GLUE task 'cola'"):
         glue.read("cola", "train", str(tmp_path))
+
+
+def _hub_parquet(folder, task, split, examples):
+    """Write `examples` as the hub's parquet file of that task and split would hold them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    spec = glue.TASKS[task]
+    columns = {name: [t[i] for t in examples.texts] for i, name in enumerate(spec.hub_columns)}
+    columns |= {"label": examples.labels, "idx": list(range(len(examples.labels)))}
+    path = folder / f"{split}.parquet"
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_without_a_folder_rows_come_from_the_hub_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    tsv = {(task, split): glue.read(task, split, max_rows=50) for task in glue.TASKS for split in ("train", "eval")}
+    asked = []
+
+    def download(repo_id, filename, repo_type):  # the hub, laid out as nyu-mll/glue's parquet files
+        asked.append((repo_id, filename, repo_type))
+        task, name = filename.split("/")
+        split = "train" if name.startswith("train-") else "eval"
+        return str(_hub_parquet(tmp_path, task, name.split("-")[0], tsv[task, split]))
+
+    monkeypatch.delenv("LORAINIT_DATA")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    for (task, split), expected in tsv.items():
+        got = glue.read(task, split, max_rows=20)
+        assert got.texts == expected.texts[:20] and got.labels == expected.labels[:20]
+    assert ("nyu-mll/glue", "mnli/validation_matched-00000-of-00001.parquet", "dataset") in asked
+    assert ("nyu-mll/glue", "sst2/train-00000-of-00001.parquet", "dataset") in asked
+
+
+def test_no_folder_and_no_hub_says_what_to_pass(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("offline and not in the cache")
+
+    monkeypatch.delenv("LORAINIT_DATA")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(glue.DataError, match=r"nyu-mll/glue:sst2/train-00000-of-00001.parquet could not be "
+                                             r"fetched .*LocalEntryNotFoundError.*pass data_dir"):
+        glue.read("sst2", "train")
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("not parquet")
+    with pytest.raises(glue.DataError, match="bad.parquet: not a readable parquet file"):
+        glue.read_parquet(bad, "sst2")
+    path = _hub_parquet(tmp_path, "sst2", "train", glue.Examples([("fine",), ("odd",)], [1, 7]))
+    with pytest.raises(glue.DataError, match=r"train.parquet: row 2, column 'label': 7 is not a label id 0..1"):
+        glue.read_parquet(path, "sst2")

@@ -3,6 +3,10 @@
 The data folder is the GLUE root holding `SST-2/`, `QNLI/`, `MNLI/`. Columns are found by their
 header names, so both the official files and trimmed copies with fewer columns load. Label ids
 follow the Hugging Face `glue` dataset, so a model trained here reads the same ids there.
+
+With no folder given (neither `data_dir` nor $LORAINIT_DATA), the rows come from the hub's
+`nyu-mll/glue` parquet files instead (downloaded once into the hub cache; needs pyarrow, the
+`hub` extra). The same rows, in the same order, as the official TSVs.
 """
 
 from __future__ import annotations
@@ -25,14 +29,19 @@ class GlueTask:
     label_column: str
     labels: tuple           # label strings in id order; for SST-2 the ids are the strings
     eval_split: str         # the validation file the paper reports
+    hub_columns: tuple      # the text columns' names in the hub's parquet files
+    hub_eval_split: str     # the hub's name for `eval_split`
 
 
 TASKS = {
-    "sst2": GlueTask("sst2", "SST-2", ("sentence",), "label", ("0", "1"), "dev"),
+    "sst2": GlueTask("sst2", "SST-2", ("sentence",), "label", ("0", "1"), "dev",
+                     ("sentence",), "validation"),
     "qnli": GlueTask("qnli", "QNLI", ("question", "sentence"), "label",
-                     ("entailment", "not_entailment"), "dev"),
+                     ("entailment", "not_entailment"), "dev",
+                     ("question", "sentence"), "validation"),
     "mnli": GlueTask("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label",
-                     ("entailment", "neutral", "contradiction"), "dev_matched"),
+                     ("entailment", "neutral", "contradiction"), "dev_matched",
+                     ("premise", "hypothesis"), "validation_matched"),
 }
 
 
@@ -46,15 +55,59 @@ class Examples:
     labels: list[int]
 
 
-def glue_root(data_dir: str | None = None) -> Path:
-    """The GLUE root: `data_dir`, else $LORAINIT_DATA/glue."""
+HUB_DATASET = "nyu-mll/glue"
+
+
+def glue_root(data_dir: str | None = None) -> Path | None:
+    """The GLUE root: `data_dir`, else $LORAINIT_DATA/glue, else None (read from the hub)."""
     if data_dir:
         return Path(data_dir)
     env = os.environ.get("LORAINIT_DATA")
     if env:
         return Path(env) / "glue"
-    raise DataError("no data folder: pass data_dir (the GLUE root holding SST-2/, QNLI/, MNLI/) "
-                    "or set LORAINIT_DATA to a root holding glue/")
+    return None
+
+
+def hub_file(task: str, split: str) -> Path:
+    """The hub's parquet file of `split` ('train' or 'eval'), downloaded once into the hub cache."""
+    from huggingface_hub import hf_hub_download
+
+    spec = TASKS[task]
+    name = f"{task}/{'train' if split == 'train' else spec.hub_eval_split}-00000-of-00001.parquet"
+    try:
+        return Path(hf_hub_download(HUB_DATASET, name, repo_type="dataset"))
+    except Exception as err:  # offline, unreachable, or not in the cache: all mean "give a folder"
+        raise DataError(f"no data folder was given and {HUB_DATASET}:{name} could not be fetched from the hub "
+                        f"({type(err).__name__}); pass data_dir (the GLUE root holding {spec.folder}/) or set "
+                        "LORAINIT_DATA to a root holding glue/") from None
+
+
+def read_parquet(path: Path, task: str, max_rows: int | None = None) -> Examples:
+    """The first `max_rows` rows of one of the hub's GLUE parquet files."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading GLUE from the hub needs pyarrow: pip install 'lorainit[hub]', "
+                        "or pass data_dir (a GLUE folder of TSV files)") from None
+    spec = TASKS[task]
+    try:
+        table = pq.read_table(path)
+    except Exception as err:
+        raise DataError(f"{path}: not a readable parquet file ({err})") from None
+    for col in (*spec.hub_columns, "label"):
+        if col not in table.column_names:
+            raise DataError(f"{path}: no column {col!r} (found {', '.join(table.column_names)})")
+    if max_rows is not None:
+        table = table.slice(0, max_rows)
+    columns = [table.column(c).to_pylist() for c in spec.hub_columns]
+    labels = table.column("label").to_pylist()
+    for row_no, value in enumerate(labels, start=1):
+        if not isinstance(value, int) or not 0 <= value < len(spec.labels):
+            raise DataError(f"{path}: row {row_no}, column 'label': {value!r} is not a label id "
+                            f"0..{len(spec.labels) - 1}")
+    if not labels:
+        raise DataError(f"{path}: no data rows")
+    return Examples([tuple(t.strip() for t in row) for row in zip(*columns)], labels)
 
 
 def read(task: str, split: str, data_dir: str | None = None, max_rows: int | None = None) -> Examples:
@@ -62,8 +115,11 @@ def read(task: str, split: str, data_dir: str | None = None, max_rows: int | Non
     if task not in TASKS:
         raise DataError(f"unknown GLUE task {task!r}; expected one of {', '.join(TASKS)}")
     spec = TASKS[task]
+    root = glue_root(data_dir)
+    if root is None:
+        return read_parquet(hub_file(task, split), task, max_rows)
     fname = "train" if split == "train" else spec.eval_split
-    path = glue_root(data_dir) / spec.folder / f"{fname}.tsv"
+    path = root / spec.folder / f"{fname}.tsv"
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected the GLUE layout <root>/{spec.folder}/{fname}.tsv)")
     label_ids = {s: i for i, s in enumerate(spec.labels)}
