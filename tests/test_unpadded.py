@@ -37,8 +37,10 @@ def test_unpadded_equals_padded_forward_and_gradients(minilm, sst2_rows):
     out = unpadded.forward(model, state, **batch)
     out.square().sum().backward()
     assert (out - ref).abs().max().item() <= 1e-5
+    # fp32 rounding, relative to each gradient's scale (some entries reach ~15 here): the last
+    # layer's attention runs on one query per row, a different reduction order from the padded one
     for p, g in zip(pack.parameters(), ref_grads):
-        assert (p.grad - g).abs().max().item() <= 1e-5
+        assert (p.grad - g).abs().max().item() <= 1e-5 * max(1.0, g.abs().max().item())
 
 
 def test_unequal_token_counts_per_run(minilm, sst2_rows):

@@ -68,8 +68,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
            scaling: float, dropout: float, state: "PackState | None") -> torch.Tensor:
     """Softmax attention with per-run dropout masks on its probabilities.
 
-    query/key/value: (n*b, heads, T, d_head); mask: bool, broadcastable to (n*b, heads, T, T), True
-    where a key may be seen, or an additive float mask. Returns (n*b, T, heads, d_head).
+    query: (n*b, heads, Tq, d_head), key/value: (n*b, heads, T, d_head); mask: bool, broadcastable
+    to (n*b, heads, Tq, T), True where a key may be seen, or an additive float mask. Returns
+    (n*b, Tq, heads, d_head). Queries run along the sequence only when there is one per token.
     """
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (n*b, h, T, T)
     if mask is not None:
@@ -80,8 +81,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     weights = nn.functional.softmax(weights, dim=-1)
     if dropout > 0 and state is not None:
         n = state.num_active()
-        per_run = (weights.shape[0] // n, *weights.shape[1:])  # (b, h, T, T)
-        keep = state.streams.mask(dropout, per_run, state.active, weights.device, weights.dtype, seq_dims=(2, 3))
+        per_run = (weights.shape[0] // n, *weights.shape[1:])  # (b, h, Tq, T)
+        seq_dims = (2, 3) if query.shape[2] == key.shape[2] else (3,)
+        keep = state.streams.mask(dropout, per_run, state.active, weights.device, weights.dtype, seq_dims=seq_dims)
         weights = state.streams.apply(weights, keep)
     return torch.matmul(weights, value).transpose(1, 2).contiguous()
 
