@@ -60,3 +60,43 @@ def test_unequal_token_counts_per_run(minilm, sst2_rows):
         ref = pack.model(**batch).logits
         out = unpadded.forward(pack.model, state, **batch)
     assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_last_layer_on_first_tokens_equals_every_token_with_dropout_on(sst2_rows):
+    """The last layer computes one token per row; with every dropout on (hidden, attention,
+    LoRA), its masks are the full layer's masks at those rows, so the logits and gradients match."""
+    from lorainit import models
+
+    model, tokenizer = models.load("minilm", "classification", num_labels=2)  # dropout 0.1 everywhere
+    assert model.config.hidden_dropout_prob > 0 and model.config.attention_probs_dropout_prob > 0
+    pack = LoRAPack(model, LoRAConfig(targets=("query", "value", "dense"), dropout=0.1), num_runs=4)
+    for k in range(4):
+        pack.init_run(k, "ab"[k % 2], seed=k // 2)
+    with torch.no_grad():
+        for p in pack.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    ids, type_ids = glue.encode(sst2_rows, tokenizer, 128)
+    half = len(ids) // 2
+    batches = [glue.collate(ids[s], tokenizer.pad_token_id, type_ids[s]) for s in (slice(0, half), slice(half, 2 * half))]
+    width = max(b["input_ids"].shape[1] for b in batches)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    # runs 0, 1 (seed 0) see the first rows, runs 2, 3 (seed 1) the others: unequal token counts
+    batch = {k: torch.cat([pad(batches[0][k])] * 2 + [pad(batches[1][k])] * 2) for k in batches[0]}
+    state = packing.install(pack, [0, 0, 1, 1])
+    model.train()
+    outs, grads = [], []
+    for every_token in (True, False):
+        state.streams._generators.clear()  # both forwards draw from fresh dropout streams
+        state.set_batch(None, [b["input_ids"].shape[1] for b in batches for _ in range(2)])
+        pack.model.zero_grad()
+        out = unpadded.forward(model, state, **batch, every_token=every_token)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in pack.parameters()])
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
+    model.eval()
+    with torch.no_grad():
+        undropped = unpadded.forward(model, state, **batch)
+    assert (outs[0] - undropped).abs().max().item() > 1e-2  # the dropouts were on
+    for g_all, g_first in zip(*grads):
+        assert (g_all - g_first).abs().max().item() <= 1e-5 * max(1.0, g_all.abs().max().item())

@@ -82,18 +82,37 @@ class DropoutStreams:
         return (x.reshape(keep.shape) * keep).view(x.shape)
 
 
-    def drop_ragged(self, x: torch.Tensor, p: float, counts: list[int], active: torch.Tensor | None) -> torch.Tensor:
-        """Dropout on rows laid run after run, run j owning `counts[j]` rows of x (sum, features)."""
+    def drop_ragged(self, x: torch.Tensor, p: float, counts: list[int], active: torch.Tensor | None,
+                    subset: "RowSubset | None" = None) -> torch.Tensor:
+        """Dropout on rows laid run after run, run j owning `counts[j]` rows of x (sum, features).
+
+        With `subset`, x holds only some of each run's rows: each run's mask is drawn at its full
+        row count and the subset's rows are taken from it, so that those rows are dropped exactly
+        as they would be with every row present.
+        """
         groups = (self.group if active is None else self.group[active.cpu()]).tolist()
         streams = self._streams(x.device)
         drawn = {}
-        for gi, count in zip(groups, counts):
+        for j, (gi, count) in enumerate(zip(groups, counts)):
             if gi not in drawn:
-                keep = torch.empty(count, x.shape[-1], device=x.device).bernoulli_(1.0 - p, generator=streams[gi])
+                full = count if subset is None else subset.full_counts[j]
+                keep = torch.empty(full, x.shape[-1], device=x.device).bernoulli_(1.0 - p, generator=streams[gi])
+                if subset is not None:
+                    keep = keep.index_select(0, subset.rows[j].to(x.device))
                 drawn[gi] = (keep / (1.0 - p)).to(x.dtype)
         if len(drawn) == 1 and len(set(counts)) == 1:  # one seed: broadcast, no copy per run
             return (x.view(len(counts), counts[0], -1) * drawn[groups[0]]).view(x.shape)
         return x * torch.cat([drawn[gi] for gi in groups])
+
+
+@dataclass
+class RowSubset:
+    """Which of each run's rows a 2-d input holds, when only some are computed (see `unpadded.py`).
+
+    full_counts[j]: run j's rows had all been present; rows[j]: the local indices of those present.
+    """
+    full_counts: list[int]
+    rows: list[torch.Tensor]
 
 
 class PackedLoRALinear(nn.Module):
@@ -122,6 +141,7 @@ class PackedLoRALinear(nn.Module):
         # Rows of each active run when a 2-d input lays runs' tokens end to end (unpadded
         # training); None: every run has the same number of rows.
         self.row_counts: list[int] | None = None
+        self.row_subset: RowSubset | None = None  # with row_counts: the rows present of each run's
         self.streams: DropoutStreams | None = None
 
     @classmethod
@@ -163,7 +183,7 @@ class PackedLoRALinear(nn.Module):
         counts = self.row_counts
         if self.training and self.dropout > 0:
             if self.streams is not None:
-                x = self.streams.drop_ragged(x, self.dropout, counts, self.active)
+                x = self.streams.drop_ragged(x, self.dropout, counts, self.active, self.row_subset)
             else:
                 x = nn.functional.dropout(x, self.dropout, training=True)
         if len(set(counts)) == 1:  # equal shares: one batched matmul

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorainit.lora import DropoutStreams, LoRAPack
+from lorainit.lora import DropoutStreams, LoRAPack, RowSubset
 
 ATTENTION_NAME = "lorainit_packed"
 
@@ -30,7 +30,8 @@ class PackedDropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         if self.state.row_counts is not None and x.dim() == 2:  # unpadded tokens, run after run
-            return self.state.streams.drop_ragged(x, self.p, self.state.row_counts, self.state.active)
+            return self.state.streams.drop_ragged(x, self.p, self.state.row_counts, self.state.active,
+                                                  self.state.row_subset)
         n = self.state.num_active()
         per_run = (x.shape[0] // n, *x.shape[1:])  # (b, T, d) or (b, d)
         keep = self.state.streams.mask(self.p, per_run, self.state.active, x.device, x.dtype,
@@ -46,15 +47,19 @@ class PackState:
         self.streams = DropoutStreams(seeds)
         self.active: torch.Tensor | None = None
         self.row_counts: list[int] | None = None  # tokens per active run in the unpadded layout
+        self.row_subset: RowSubset | None = None  # which tokens of each run, when not all are present
 
     def num_active(self) -> int:
         return self.pack.num_runs if self.active is None else len(self.active)
 
-    def set_row_counts(self, counts: list[int] | None) -> None:
-        """Declare (or end, with None) the unpadded layout: run j owns the next counts[j] rows."""
-        self.row_counts = counts
+    def set_row_counts(self, counts: list[int] | None, subset: RowSubset | None = None) -> None:
+        """Declare (or end, with None) the unpadded layout: run j owns the next counts[j] rows.
+
+        With `subset`, those rows are a subset of each run's rows; dropout masks are drawn for all
+        of them and the subset's rows taken, as if every row were present."""
+        self.row_counts, self.row_subset = counts, subset
         for layer in self.pack.layers.values():
-            layer.row_counts = counts
+            layer.row_counts, layer.row_subset = counts, subset
 
     def set_batch(self, active: list[int] | None, lengths: list[int] | None) -> None:
         """Declare the next batch: which runs it stacks and each one's own padded length."""
@@ -70,7 +75,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
 
     query: (n*b, heads, Tq, d_head), key/value: (n*b, heads, T, d_head); mask: bool, broadcastable
     to (n*b, heads, Tq, T), True where a key may be seen, or an additive float mask. Returns
-    (n*b, Tq, heads, d_head). Queries run along the sequence only when there is one per token.
+    (n*b, Tq, heads, d_head). With Tq < T the queries are the first Tq positions: their dropout
+    masks are the first Tq query rows of the masks drawn for all T, as if every query were present.
     """
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (n*b, h, T, T)
     if mask is not None:
@@ -81,9 +87,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     weights = nn.functional.softmax(weights, dim=-1)
     if dropout > 0 and state is not None:
         n = state.num_active()
-        per_run = (weights.shape[0] // n, *weights.shape[1:])  # (b, h, Tq, T)
-        seq_dims = (2, 3) if query.shape[2] == key.shape[2] else (3,)
-        keep = state.streams.mask(dropout, per_run, state.active, weights.device, weights.dtype, seq_dims=seq_dims)
+        b, h, tq, t = weights.shape[0] // n, *weights.shape[1:]
+        keep = state.streams.mask(dropout, (b, h, t, t), state.active, weights.device, weights.dtype, seq_dims=(2, 3))
+        keep = keep[:, :, :, :tq]  # (n, b, h, Tq, T)
         weights = state.streams.apply(weights, keep)
     return torch.matmul(weights, value).transpose(1, 2).contiguous()
 

@@ -115,9 +115,9 @@ class PackTrainer:
 
     # -- one step ---------------------------------------------------------------------------
 
-    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _logits(self, batch: dict[str, torch.Tensor], every_token: bool = False) -> torch.Tensor:
         if self.unpadded:
-            return unpadded.forward(self.model, self.state, **batch)
+            return unpadded.forward(self.model, self.state, **batch, every_token=every_token)
         return self.model(**batch).logits
 
     def _batch(self, active: list[int]) -> tuple[dict, torch.Tensor, list[int]]:
@@ -143,7 +143,7 @@ class PackTrainer:
         probe = (self.probes.capture(self.step + 1, active, batch["attention_mask"].bool())
                  if log else contextlib.nullcontext())
         with probe, _autocast(self.runs[0].precision, self.device):
-            logits = self._logits(batch)
+            logits = self._logits(batch, every_token=log)  # probes read every token's features
         per_run = F.cross_entropy(logits.float(), labels, reduction="none").view(len(active), -1).mean(1)  # (n,)
         values = per_run.detach().cpu().tolist()
         ok = torch.ones(len(active), dtype=torch.bool)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorainit.lora import RowSubset
 from lorainit.packing import PackState, attend
 
 SUPPORTED = ("bert", "roberta")
@@ -33,13 +34,14 @@ def supports(model: nn.Module) -> bool:
 
 
 def _layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor, index: torch.Tensor,
-           state: PackState, first: torch.Tensor | None = None) -> torch.Tensor:
+           state: PackState, first: tuple[torch.Tensor, RowSubset] | None = None) -> torch.Tensor:
     """One encoder layer on real tokens x (N, d); keep (B, T) marks them, index their flat slots.
 
-    With `first` (B,), the positions in x of each row's first token, only those tokens' outputs
-    are computed, (B, d): keys and values still come from every token, but the queries, the
-    attention output and the feed-forward block run on one token per row. The head reads nothing
-    else, so the last layer needs nothing else.
+    With `first` = (positions (B,) in x of each row's first token, the same as a RowSubset), only
+    those tokens' outputs are computed, (B, d): keys and values still come from every token, but
+    the queries, the attention output and the feed-forward block run on one token per row. The
+    head reads nothing else, so the last layer needs nothing else. Dropout masks are drawn as for
+    every token and the first tokens' rows taken, so the numbers are those of the full layer.
     """
     rows, width = keep.shape
     attn = layer.attention.self
@@ -53,8 +55,9 @@ def _layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor, index: torch.T
     if first is None:
         q = padded(attn.query(x))
     else:
-        x = x.index_select(0, first)  # (B, d): from here on, one token per row
-        state.set_row_counts([rows // state.num_active()] * state.num_active())
+        positions, subset = first
+        x = x.index_select(0, positions)  # (B, d): from here on, one token per row
+        state.set_row_counts([rows // state.num_active()] * state.num_active(), subset)
         q = attn.query(x).view(rows, 1, heads, size).transpose(1, 2)  # (B, h, 1, dh)
     dropout = attn.dropout.p if attn.training else 0.0
     mask = keep[:, None, None, :]  # (B, 1, 1, T): which keys exist
@@ -74,10 +77,12 @@ def _layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor, index: torch.T
 
 
 def forward(model: nn.Module, state: PackState, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+            token_type_ids: torch.Tensor | None = None, every_token: bool = False) -> torch.Tensor:
     """Logits (rows, labels) of a BERT/RoBERTa classifier, computing token-wise work on real tokens.
 
-    Rows are right-padded (real tokens first), stacked adapter-major over the active runs.
+    Rows are right-padded (real tokens first), stacked adapter-major over the active runs. The
+    last layer computes only each row's first token, unless `every_token` (for probes, which
+    read every token's features); the logits are the same either way.
     """
     base = model.base_model
     keep = attention_mask.bool()                               # (B, T)
@@ -87,17 +92,20 @@ def forward(model: nn.Module, state: PackState, input_ids: torch.Tensor, attenti
     x = hidden.reshape(rows * width, -1).index_select(0, index)  # (N, d)
     n = state.num_active()
     per_row = keep.sum(1)                                      # (B,)
-    state.set_row_counts(per_row.view(n, -1).sum(1).tolist())
-    # the heads read the first token of every row (real, since rows are right-padded): the last
-    # layer computes only those
+    tokens = per_row.view(n, -1).sum(1)                        # (n,) tokens of each run
+    state.set_row_counts(tokens.tolist())
+    # the heads read the first token of every row (real, since rows are right-padded)
     first = torch.cumsum(per_row, 0) - per_row                 # (B,) offsets of each row's first token
+    local = first.view(n, -1) - (torch.cumsum(tokens, 0) - tokens)[:, None]  # (n, b): within each run
+    subset = RowSubset(tokens.tolist(), list(local))
     layers = base.encoder.layer
     try:
         for i, layer in enumerate(layers):
-            x = _layer(layer, x, keep, index, state, first if i == len(layers) - 1 else None)
+            last = i == len(layers) - 1 and not every_token
+            x = _layer(layer, x, keep, index, state, (first, subset) if last else None)
     finally:
         state.set_row_counts(None)
-    sequence = x.unsqueeze(1)                                  # (B, 1, d)
+    sequence = (x.index_select(0, first) if every_token else x).unsqueeze(1)  # (B, 1, d)
     if model.config.model_type == "roberta":
         return model.classifier(sequence)
     pooled = base.pooler(sequence)
