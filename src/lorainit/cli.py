@@ -131,24 +131,21 @@ def _cmd_toy(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from lorainit import runner
     from lorainit.config import RunConfig
 
     given = {name: getattr(args, name) for name in RunConfig.field_names() if getattr(args, name) is not None}
     run = RunConfig.from_dict(given, where="lorainit train")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out} exists and is not a folder")
-    from lorainit.results import write_run_files
-    from lorainit.train import train_pack
+    given = {k: v for k, v in run.to_dict().items() if k in given}  # typed, as a sweep file would hold them
+    return runner.run_sweep(runner.sweep_of_one(run, given), args.out, device=args.device,
+                            show_progress=not args.quiet)
 
-    (result,) = train_pack([run], device=args.device, adapters_dir=out / "adapters", show_progress=not args.quiet)
-    write_run_files(out, [result])
-    print(f"run {run.run_id()}: {result.status}, {result.steps} steps, accuracy {result.final.get('accuracy')}, "
-          f"eval loss {result.final.get('eval_loss')} ({result.seconds:.0f} s)")
-    print(f"wrote {out / 'results.csv'}, {out / 'metrics.csv'}" + (f", {result.adapter}" if result.adapter else ""))
-    return 0
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from lorainit import runner, sweep
+
+    return runner.run_sweep(sweep.load(args.file), args.out, executor=args.executor, ray_address=args.ray_address,
+                            device=args.device, dry_run=args.dry_run, show_progress=not args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,8 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lorainit.config import RunConfig
 
+    sw = sub.add_parser("sweep", help="run or continue a sweep file (a base run and a grid) into a folder")
+    sw.add_argument("file", help="the sweep file (YAML): name, base, grid, pack_size")
+    sw.add_argument("--out", required=True,
+                    help="the sweep folder: store.sqlite, results.csv, metrics.csv, adapters/, checkpoints/")
+    sw.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                    help="print the runs, the packs and estimates of memory and time; train nothing")
+    sw.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="local: packs one after another in this process; ray: one Ray task per pack")
+    sw.add_argument("--ray-address", "--ray_address", dest="ray_address", default=None,
+                    help="auto or HOST:PORT of a running Ray cluster (default: start a local one)")
+    sw.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    sw.add_argument("--quiet", action="store_true", help="no progress display")
+    sw.set_defaults(func=_cmd_sweep)
+
     tr = sub.add_parser("train", help="train one LoRA run; every run field is an option (--lr, --init, ...)")
-    tr.add_argument("--out", required=True, help="output folder: results.csv, metrics.csv, adapters/")
+    tr.add_argument("--out", required=True, help="output folder: store.sqlite, results.csv, metrics.csv, adapters/")
     tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     defaults = RunConfig()

@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from lorainit import models, packing, unpadded
+from lorainit import checkpoint, models, packing, unpadded
 from lorainit.config import RunConfig
 from lorainit.data import DataOrder, Split, TaskData, load_task, total_steps
 from lorainit.errors import BadInput
@@ -44,6 +45,18 @@ class RunResult:
     metrics: list[dict] = field(default_factory=list)  # rows: step, name, value (probes too)
     seconds: float = 0.0
     adapter: str | None = None
+    error: str | None = None              # why a failed run failed
+
+    def to_dict(self) -> dict:
+        """Plain values (the config as a dict): for checkpoints and for results crossing processes."""
+        return {"config": self.config.to_dict(), "status": self.status, "diverged_step": self.diverged_step,
+                "steps": self.steps, "final": dict(self.final), "best": dict(self.best),
+                "metrics": [dict(m) for m in self.metrics], "seconds": self.seconds, "adapter": self.adapter,
+                "error": self.error}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunResult":
+        return cls(**(values | {"config": RunConfig.from_dict(values["config"])}))
 
 
 def _device(runs: list[RunConfig], device: str | None) -> torch.device:
@@ -112,6 +125,8 @@ class PackTrainer:
         self.first_loss: list[float | None] = [None] * self.K
         self.results = [RunResult(r) for r in runs]
         self.step = 0  # optimiser steps done
+        self.finished = False  # trained and evaluated to the end
+        self.seconds = 0.0  # time spent in run(), across resumes
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -227,35 +242,91 @@ class PackTrainer:
                         "eval_loss": min(values["eval_loss"], res.best.get("eval_loss", float("inf")))}
         return measured
 
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs: the trained tensors, the optimiser and loss-scale state,
+        the dropout streams, each run's step, status and metrics so far. Data orders are a function
+        of (seed, step), so the step is their position."""
+        streams = {str(device): [g.get_state() for g in gens]
+                   for device, gens in self.state.streams._generators.items()}
+        return {"run_ids": [r.run_id() for r in self.runs], "step": self.step, "finished": self.finished,
+                "params": {n: p.detach().clone() for n, p in self.pack.named_parameters().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "streams": streams, "alive": list(self.alive), "first_loss": list(self.first_loss),
+                "results": [r.to_dict() for r in self.results], "probes": [dict(r) for r in self.probes.rows],
+                "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s output, taken from a pack of the same runs in the same order."""
+        if state["run_ids"] != [r.run_id() for r in self.runs]:
+            raise ValueError("the checkpoint belongs to another pack (its runs differ)")
+        with torch.no_grad():
+            for name, p in self.pack.named_parameters().items():
+                p.copy_(state["params"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        for device, saved in state["streams"].items():
+            gens = self.state.streams._streams(torch.device(device))
+            for g, s in zip(gens, saved):
+                g.set_state(s)
+        self.step, self.finished, self.seconds = state["step"], state["finished"], state["seconds"]
+        self.alive, self.first_loss = list(state["alive"]), list(state["first_loss"])
+        self.results = [RunResult.from_dict(r) for r in state["results"]]
+        self.probes.rows = [dict(r) for r in state["probes"]]
+
     # -- the whole run ----------------------------------------------------------------------
 
-    def run(self, adapters_dir: str | Path | None = None) -> list[RunResult]:
-        """Train to the end, evaluating every `eval_every` steps and at the end."""
+    def run(self, adapters_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None,
+            on_step: Callable[["PackTrainer", dict[int, float], float], None] | None = None) -> list[RunResult]:
+        """Train to the end, evaluating every `eval_every` steps and at the end.
+
+        With `checkpoint_dir`, start from its newest good checkpoint, write one every
+        `checkpoint_every` steps and one when finished (so a finished pack is never trained
+        again). `on_step(trainer, losses, tokens_per_second)` is called after every step.
+        """
         from tqdm.auto import tqdm
 
         first = self.runs[0]
-        start = time.perf_counter()
-        tokens = 0
-        bar = tqdm(total=self.total, desc=f"pack of {self.K}", unit="step", disable=not self.show_progress)
-        while self.step < self.total and any(self.alive):
+        if checkpoint_dir is not None and (saved := checkpoint.load_latest(checkpoint_dir)) is not None:
+            self.load_state_dict(saved)
+        session = time.perf_counter()
+        start = session - self.seconds  # seconds count across resumes
+        tokens = 0  # real tokens trained in this session
+        bar = tqdm(total=self.total, initial=self.step, desc=f"pack of {self.K}", unit="step",
+                   disable=not self.show_progress or self.finished)
+        while not self.finished and self.step < self.total and any(self.alive):
             log = first.eval_every > 0 and (self.step + 1) % first.eval_every == 0
             # probes at the first and last step and at every evaluation
             losses, seen = self.train_step(log=log or self.step == 0 or self.step + 1 == self.total)
             tokens += seen
             if log:
                 self.evaluate()
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{sum(losses.values()) / max(1, len(losses)):.4f}",
-                            tok_s=f"{tokens / max(elapsed, 1e-9):.0f}", alive=sum(self.alive))
+            rate = tokens / max(time.perf_counter() - session, 1e-9)
+            bar.set_postfix(loss=f"{sum(losses.values()) / max(1, len(losses)):.4f}", tok_s=f"{rate:.0f}",
+                            alive=sum(self.alive))
             bar.update()
+            if on_step is not None:
+                on_step(self, losses, rate)
+            if (checkpoint_dir is not None and first.checkpoint_every > 0 and self.step < self.total
+                    and self.step % first.checkpoint_every == 0):
+                self.seconds = time.perf_counter() - start
+                checkpoint.save(checkpoint_dir, self.step, self.state_dict())
         bar.close()
-        if not (first.eval_every > 0 and self.step % first.eval_every == 0):
-            self.evaluate()
-        seconds = time.perf_counter() - start
+        if not self.finished:
+            if not (first.eval_every > 0 and self.step % first.eval_every == 0):
+                self.evaluate()
+            self.seconds = time.perf_counter() - start
+            for k, res in enumerate(self.results):
+                res.seconds = self.seconds
+                res.metrics.extend(row | {"name": f"probe/{row['layer']}/{row['name']}"}
+                                   for row in self.probes.rows if row["run"] == k)
+            self.finished = True
+            if checkpoint_dir is not None:
+                checkpoint.save(checkpoint_dir, self.step, self.state_dict())
         for k, res in enumerate(self.results):
-            res.seconds = seconds
-            res.metrics.extend(row | {"name": f"probe/{row['layer']}/{row['name']}"}
-                               for row in self.probes.rows if row["run"] == k)
             if adapters_dir is not None and res.status == "done" and self.runs[k].save_adapters:
                 folder = Path(adapters_dir) / res.config.run_id()
                 res.adapter = str(export_run(self.pack, k, folder, base_model=self.runs[k].model))

@@ -1,0 +1,297 @@
+"""The sweep driver: the store, the plan, the executor, and one progress display.
+
+`run_sweep` checks everything before writing anything, records the sweep's runs in the folder's
+store, plans the unfinished ones into packs (packs begun by an interrupted invocation keep their
+runs, so their checkpoints apply), hands the packs to an executor and records each pack's results
+as it finishes. The driver is the store's only writer. Running a finished sweep again does no work.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorainit import checkpoint, models, sweep as sweeps
+from lorainit.config import RunConfig
+from lorainit.errors import BadInput
+from lorainit.files import csv_text, write_text_atomic
+from lorainit.store import FINISHED, Store
+
+EXECUTORS = ("local", "ray")
+
+
+def pack_folder(out: Path, pack_id: str) -> Path:
+    return out / "checkpoints" / pack_id
+
+
+def train_pack(run_dicts: list[dict], out: str, device: str | None, on_step=None) -> list[dict]:
+    """Train one pack in sweep folder `out`: resume from its checkpoints, write its adapters.
+
+    Takes and returns plain values, so that it runs the same in this process or a Ray worker.
+    A pack that raises marks its runs failed with the error, and the sweep goes on.
+    """
+    from lorainit.train import PackTrainer, RunResult
+
+    runs = [RunConfig.from_dict(d) for d in run_dicts]
+    out = Path(out)
+    try:
+        trainer = PackTrainer(runs, device=device, show_progress=False)
+        results = trainer.run(adapters_dir=out / "adapters",
+                              checkpoint_dir=pack_folder(out, sweeps.Pack(runs).id), on_step=on_step)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # noqa: BLE001 - recorded on the runs, shown at the end
+        results = [RunResult(r, status="failed", error=f"{type(err).__name__}: {err}") for r in runs]
+    return [r.to_dict() for r in results]
+
+
+@dataclass
+class Progress:
+    """One display for the whole sweep: runs done, diverged and left; the current pack's step and
+    throughput; the ETA (from the steps left over all packs)."""
+
+    total_runs: int
+    done: int = 0
+    diverged: int = 0
+    failed: int = 0
+    enabled: bool = True
+    steps: dict = field(default_factory=dict)  # pack id -> (steps done, total steps)
+    bar: object = None
+
+    def start(self, packs: list[sweeps.Pack]) -> None:
+        from tqdm.auto import tqdm
+
+        from lorainit.data import total_steps
+
+        for p in packs:
+            rows = sweeps.train_rows(p.runs[0])
+            self.steps[p.id] = [0, total_steps(p.runs[0], rows) if rows else 1]
+        self.bar = tqdm(total=sum(t for _, t in self.steps.values()), unit="step", desc="sweep",
+                        disable=not self.enabled, file=sys.stderr, dynamic_ncols=True)
+        self._show("")
+
+    def _show(self, pack: str) -> None:
+        left = self.total_runs - self.done - self.diverged - self.failed
+        parts = [f"runs {self.done} done, {self.diverged} diverged"]
+        if self.failed:
+            parts.append(f"{self.failed} failed")
+        parts.append(f"{left} left")
+        self.bar.set_postfix_str(", ".join(parts) + (f" | {pack}" if pack else ""), refresh=False)
+
+    def step(self, pack_id: str, index: int, count: int, step: int, total: int, tok_s: float) -> None:
+        done, old_total = self.steps[pack_id]
+        if total != old_total:  # the estimate before the pack's data was loaded
+            self.bar.total += total - old_total
+        self.steps[pack_id] = [step, total]
+        self.bar.update(step - done)
+        self._show(f"pack {index}/{count} step {step}/{total}, {tok_s:.0f} tok/s")
+
+    def finished(self, pack_id: str, statuses: list[str]) -> None:
+        done, total = self.steps.get(pack_id, (0, 0))
+        self.bar.update(total - done)
+        self.steps[pack_id] = [total, total]
+        self.done += statuses.count("done")
+        self.diverged += statuses.count("diverged")
+        self.failed += statuses.count("failed")
+        self._show("")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_same_sweep(store: Store, sweep: sweeps.Sweep) -> None:
+    """Refuse a folder holding another sweep, or this sweep with a changed base."""
+    recorded = store.sweep()
+    if recorded is None:
+        return
+    if recorded["name"] != sweep.name:
+        raise BadInput(f"{store.folder} holds sweep {recorded['name']!r}, not {sweep.name!r}; "
+                       "use another --out folder")
+    old, new = recorded["base"], {k.replace("-", "_"): v for k, v in sweep.base.items()}
+    old = {k.replace("-", "_"): v for k, v in old.items()}
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    if changed:
+        detail = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed)
+        raise BadInput(f"{store.folder}: the sweep's base changed ({detail}); finished runs would no longer "
+                       "match it. Restore the base, or start the changed sweep in another --out folder")
+
+
+def _preflight(runs: list[RunConfig]) -> None:
+    """Fail before writing anything if a model or data file cannot be found."""
+    from lorainit.tasks import glue
+
+    for spec in sorted({r.model for r in runs}):
+        models.resolve(spec)
+    for task, data_dir in sorted({(r.task, r.data_dir) for r in runs}, key=str):
+        for split in ("train", "eval"):
+            glue.read(task, split, data_dir, max_rows=1)
+
+
+def describe_plan(sweep: sweeps.Sweep, packs: list[sweeps.Pack], pack_size: int, device: str,
+                  finished: int) -> str:
+    """The dry run's text: the runs, the packs, memory and time estimates per pack."""
+    lines = [f"sweep {sweep.name!r}: {len(sweep.runs)} runs ({finished} finished), "
+             f"{sum(len(p.runs) for p in packs)} to train in {len(packs)} packs of at most {pack_size}", ""]
+    axes = list(sweep.grid)
+    lines.append("runs:")
+    lines.append("  " + "  ".join(["run_id".ljust(12), *(a.ljust(10) for a in axes)]))
+    for run in sweep.runs:
+        lines.append("  " + "  ".join([run.run_id(), *(str(getattr(run, a.replace('-', '_'))).ljust(10)
+                                                        for a in axes)]))
+    lines += ["", "packs:"]
+    flops = sweeps.matmul_flops(device) if packs else 0.0
+    efficiency = 0.6  # the share of the matmul peak a pack reaches (measured 0.6-0.75 on CPU)
+    shapes: dict[str, sweeps.Shape | None] = {}
+    tokens: dict[tuple, float] = {}
+    for i, pack in enumerate(packs, 1):
+        run = pack.runs[0]
+        shape = shapes.setdefault(run.model, sweeps.model_shape(run.model))
+        key = (run.task, run.data_dir, run.max_seq_len)
+        if key not in tokens:
+            tokens[key] = sweeps.tokens_per_row(run)
+        memory = sweeps.memory_per_pack(run, shape, len(pack.runs)) if shape else None
+        seconds = sweeps.seconds_per_pack(pack, shape, flops * efficiency, tokens[key])
+        mem = f"{memory / 2**30:.1f} GiB" if memory else "memory unknown (model config not available offline)"
+        eta = _duration(seconds) if seconds is not None else "time unknown"
+        seeds = sorted({r.seed for r in pack.runs})
+        lines.append(f"  pack {i} ({pack.id}): {len(pack.runs)} runs, {run.model} on {run.task}, "
+                     f"seed {','.join(map(str, seeds))}: ~{mem}, ~{eta} on {device}")
+    lines.append("")
+    lines.append(f"estimates: fp32 base + per-run LoRA, AdamW state and activations at max_seq_len; time at "
+                 f"{efficiency:.0%} of this device's measured matmul rate ({flops / 1e9:.0f} GFLOP/s), "
+                 "~4 characters per token")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"device {device} asked for, but CUDA is not available here")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise BadInput(f"device must be cpu or cuda[:N], got {device!r}")
+    return device
+
+
+def run_sweep(sweep: sweeps.Sweep, out: str | Path, executor: str = "local", ray_address: str | None = None,
+              device: str | None = None, dry_run: bool = False, show_progress: bool = True) -> int:
+    """Run (or continue) `sweep` in folder `out`; return the CLI's exit code (1 if a run failed)."""
+    out = Path(out)
+    if executor not in EXECUTORS:
+        raise BadInput(f"executor {executor!r}; allowed: {', '.join(EXECUTORS)}")
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} exists and is not a folder")
+    device = _device(device)
+    existing = Store.peek(out)
+    statuses: dict[str, str] = {}
+    started: dict[str, list[str]] = {}
+    if existing is not None:
+        _check_same_sweep(existing, sweep)
+        statuses, started = existing.statuses(), existing.packs()
+        existing.close()
+    todo = [r for r in sweep.runs if statuses.get(r.run_id()) not in ("done", "diverged")]
+    first = todo[0] if todo else sweep.runs[0]
+    pack_size = sweep.pack_size or sweeps.default_pack_size(first, device, sweeps.model_shape(first.model))
+    packs = sweeps.plan(todo, pack_size, started)
+    finished = len(sweep.runs) - len(todo)
+    if dry_run:
+        print(describe_plan(sweep, packs, pack_size, device, finished))
+        return 0
+    if todo:
+        _preflight(todo)
+
+    store = Store(out)
+    try:
+        new = store.add_sweep(sweep.name, sweep.base, sweep.grid, sweep.text, sweep.runs)
+        kept = len(statuses) - len({r.run_id() for r in sweep.runs} & set(statuses))
+        retried = sum(statuses.get(r.run_id()) == "failed" for r in todo)
+        if existing is not None:
+            notes = [f"{finished} runs already finished", f"{new} new"]
+            if retried:
+                notes.append(f"{retried} failed runs tried again")
+            if kept:
+                notes.append(f"{kept} runs no longer in the file are kept")
+            print(f"continuing sweep {sweep.name!r} in {out}: " + ", ".join(notes), file=sys.stderr)
+        _clear_finished_checkpoints(store, out)
+        progress = Progress(len(todo), enabled=show_progress)
+        if packs:
+            progress.start(packs)
+        try:
+            if executor == "ray":
+                from lorainit.ray_executor import run_packs
+            else:
+                run_packs = _run_packs_here
+            run_packs(packs, out, device, store, progress, ray_address=ray_address)
+        finally:
+            progress.close()
+        store.write_results_csv()
+        write_text_atomic(out / "metrics.csv", _metrics_csv(store))
+        counts = {s: list(store.statuses().values()).count(s) for s in FINISHED}
+        print(f"sweep {sweep.name!r}: {counts['done']} done, {counts['diverged']} diverged, {counts['failed']} "
+              f"failed of {len(sweep.runs)}; wrote {out / 'results.csv'}", file=sys.stderr)
+        return 1 if counts["failed"] else 0
+    finally:
+        store.close()
+
+
+def record_pack(store: Store, out: Path, pack: sweeps.Pack, result_dicts: list[dict], progress: Progress) -> None:
+    """Store a finished pack's results (one transaction), refresh results.csv, drop its checkpoints."""
+    from lorainit.train import RunResult
+
+    results = [RunResult.from_dict(d) for d in result_dicts]
+    store.record(results)
+    store.write_results_csv()
+    checkpoint.clear(pack_folder(out, pack.id))
+    for res in results:
+        if res.status == "failed":
+            print(f"run {res.config.run_id()} failed: {res.error}", file=sys.stderr)
+    progress.finished(pack.id, [r.status for r in results])
+
+
+def _run_packs_here(packs: list[sweeps.Pack], out: Path, device: str, store: Store, progress: Progress,
+                    **_) -> None:
+    """The in-process executor: one pack after another."""
+    for i, pack in enumerate(packs, 1):
+        store.start_pack(pack.id, pack.run_ids)
+
+        def on_step(trainer, losses, tok_s, pack=pack, i=i):
+            progress.step(pack.id, i, len(packs), trainer.step, trainer.total, tok_s)
+
+        record_pack(store, out, pack, train_pack([r.to_dict() for r in pack.runs], str(out), device, on_step),
+                    progress)
+
+
+def _clear_finished_checkpoints(store: Store, out: Path) -> None:
+    """Checkpoint folders of packs whose runs are all recorded (a kill between the two steps)."""
+    statuses = store.statuses()
+    for pack_id, run_ids in store.packs().items():
+        if all(statuses.get(r) in FINISHED for r in run_ids) and pack_folder(out, pack_id).is_dir():
+            shutil.rmtree(pack_folder(out, pack_id), ignore_errors=True)
+
+
+def _metrics_csv(store: Store) -> str:
+    rows = [{"run_id": r, "step": s, "name": n, "value": v}
+            for r, s, n, v in store.db.execute("SELECT run_id, step, name, value FROM metrics "
+                                               "ORDER BY run_id, step, name")]
+    return csv_text(rows, ("run_id", "step", "name", "value"))
+
+
+def sweep_of_one(run: RunConfig, given: dict) -> sweeps.Sweep:
+    """`lorainit train`: a sweep of one run, its fields as the base."""
+    import yaml
+
+    text = yaml.safe_dump({"name": "train", "base": given, "grid": {}}, sort_keys=True)
+    return sweeps.Sweep("train", dict(given), {}, 1, [run], text)

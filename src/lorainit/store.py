@@ -1,0 +1,189 @@
+"""The run store of one sweep folder: SQLite (`store.sqlite`, WAL mode) and `results.csv`.
+
+One process writes it: the sweep's driver. Workers (Ray tasks, the in-process loop) hand their
+results back, and the driver records a pack's runs in one transaction, so a kill leaves either
+all of a pack's results or none of them.
+
+Tables:
+  sweeps     name, the base run and grid as given, the file's text, created/updated times
+  runs       run_id (hash of the resolved config), its config, status (pending, running, done,
+             diverged, failed), pack, diverged_step, steps, seconds, final and best metrics, error
+  metrics    (run_id, step, name) -> value: evaluations, training losses and probe rows
+             (`probe/<layer>/<z_a_rms|lora_out_rms|a_norm|b_norm>`)
+  artifacts  (run_id, kind) -> path, e.g. the PEFT adapter folder
+  packs      pack_id -> the ordered run ids trained together (a resumed pack keeps its runs)
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+from lorainit.config import RunConfig
+from lorainit.errors import BadInput
+from lorainit.files import csv_text, write_text_atomic
+
+FINISHED = ("done", "diverged", "failed")
+STATUSES = ("pending", "running", *FINISHED)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sweeps (
+    name TEXT PRIMARY KEY, base TEXT NOT NULL, grid TEXT NOT NULL, file TEXT NOT NULL,
+    created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, sweep TEXT NOT NULL, position INTEGER NOT NULL, config TEXT NOT NULL,
+    status TEXT NOT NULL, pack TEXT, diverged_step INTEGER, steps INTEGER, seconds REAL,
+    final TEXT, best TEXT, error TEXT, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL, step INTEGER NOT NULL, name TEXT NOT NULL, value REAL,
+    PRIMARY KEY (run_id, step, name));
+CREATE TABLE IF NOT EXISTS artifacts (
+    run_id TEXT NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL, PRIMARY KEY (run_id, kind));
+CREATE TABLE IF NOT EXISTS packs (
+    pack_id TEXT PRIMARY KEY, run_ids TEXT NOT NULL);
+"""
+
+
+class Store:
+    """The sweep folder's `store.sqlite`; `open()` creates it, `existing()` only reads one."""
+
+    FILE = "store.sqlite"
+
+    def __init__(self, folder: str | Path, create: bool = True):
+        self.folder = Path(folder)
+        self.path = self.folder / self.FILE
+        if not create and not self.path.is_file():
+            raise BadInput(f"{self.folder}: no sweep store here ({self.FILE} not found)")
+        if create:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise BadInput(f"{self.path}: not a usable sweep store ({err})") from None
+
+    @classmethod
+    def peek(cls, folder: str | Path) -> "Store | None":
+        """The folder's store if it has one, else None; creates nothing."""
+        return cls(folder, create=False) if (Path(folder) / cls.FILE).is_file() else None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self):
+        return _Transaction(self.db)
+
+    # -- the sweep ------------------------------------------------------------------------------
+
+    def sweep(self) -> dict | None:
+        """The recorded sweep (name, base, grid, file), or None in a fresh store."""
+        row = self.db.execute("SELECT name, base, grid, file FROM sweeps").fetchone()
+        if row is None:
+            return None
+        return {"name": row[0], "base": json.loads(row[1]), "grid": json.loads(row[2]), "file": row[3]}
+
+    def add_sweep(self, name: str, base: dict, grid: dict, text: str, runs: list[RunConfig]) -> int:
+        """Record the sweep (or its new grid) and add its runs not yet here; return how many were new."""
+        now = time.time()
+        with self._tx():
+            self.db.execute("INSERT INTO sweeps VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                            "grid = excluded.grid, file = excluded.file, updated = excluded.updated",
+                            (name, json.dumps(base, sort_keys=True), json.dumps(grid), text, now, now))
+            known = {r for (r,) in self.db.execute("SELECT run_id FROM runs")}
+            position = self.db.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM runs").fetchone()[0]
+            new = 0
+            for run in runs:
+                if run.run_id() in known:
+                    continue
+                self.db.execute("INSERT INTO runs (run_id, sweep, position, config, status, updated) "
+                                "VALUES (?, ?, ?, ?, 'pending', ?)",
+                                (run.run_id(), name, position, json.dumps(run.to_dict()), now))
+                known.add(run.run_id())
+                position += 1
+                new += 1
+        return new
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    def statuses(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT run_id, status FROM runs"))
+
+    def runs(self, status: tuple[str, ...] | None = None) -> list[RunConfig]:
+        """Runs in the order they were added, optionally only those with one of `status`."""
+        rows = self.db.execute("SELECT config, status FROM runs ORDER BY position").fetchall()
+        return [RunConfig.from_dict(json.loads(c)) for c, s in rows if status is None or s in status]
+
+    def packs(self) -> dict[str, list[str]]:
+        """Packs already started: pack_id -> its run ids, in stacking order."""
+        return {p: json.loads(ids) for p, ids in self.db.execute("SELECT pack_id, run_ids FROM packs")}
+
+    def start_pack(self, pack_id: str, run_ids: list[str]) -> None:
+        """Mark a pack's runs running; remember the pack so that a resume trains them together again."""
+        with self._tx():
+            self.db.execute("INSERT OR IGNORE INTO packs VALUES (?, ?)", (pack_id, json.dumps(run_ids)))
+            self.db.executemany("UPDATE runs SET status = 'running', pack = ?, updated = ? WHERE run_id = ?",
+                                [(pack_id, time.time(), r) for r in run_ids])
+
+    def record(self, results: list) -> None:
+        """Store finished runs (`train.RunResult`s): status, metrics, artifacts. Replaces, never duplicates."""
+        now = time.time()
+        with self._tx():
+            for res in results:
+                run_id = res.config.run_id()
+                self.db.execute(
+                    "UPDATE runs SET status = ?, diverged_step = ?, steps = ?, seconds = ?, final = ?, best = ?, "
+                    "error = ?, updated = ? WHERE run_id = ?",
+                    (res.status, res.diverged_step, res.steps, res.seconds, json.dumps(res.final),
+                     json.dumps(res.best), res.error, now, run_id))
+                self.db.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
+                self.db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)",
+                                    [(run_id, m["step"], m["name"], m["value"]) for m in res.metrics])
+                if res.adapter:
+                    self.db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, 'adapter', ?)",
+                                    (run_id, res.adapter))
+
+    def metrics(self, run_id: str) -> list[tuple[int, str, float]]:
+        return self.db.execute("SELECT step, name, value FROM metrics WHERE run_id = ? ORDER BY step, name",
+                               (run_id,)).fetchall()
+
+    # -- results.csv ----------------------------------------------------------------------------
+
+    def result_rows(self, metric: str = "accuracy") -> list[dict]:
+        """One row per finished run, in the order runs were added: DESIGN.md's results.csv columns."""
+        rows = []
+        query = ("SELECT run_id, config, status, diverged_step, final, best, steps, seconds FROM runs "
+                 f"WHERE status IN ({', '.join('?' * len(FINISHED))}) ORDER BY position")
+        for run_id, config, status, diverged_step, final, best, steps, seconds in self.db.execute(query, FINISHED):
+            final, best = json.loads(final or "{}"), json.loads(best or "{}")
+            row = {"run_id": run_id}
+            for name, value in json.loads(config).items():
+                row[name] = ",".join(value) if isinstance(value, list) else value
+            row |= {"status": status, "diverged_step": diverged_step, f"final_{metric}": final.get(metric),
+                    f"best_{metric}": best.get(metric), "final_eval_loss": final.get("eval_loss"),
+                    "steps": steps, "seconds": round(seconds or 0.0, 2)}
+            rows.append(row)
+        return rows
+
+    def write_results_csv(self, metric: str = "accuracy") -> Path:
+        columns = ["run_id", *RunConfig.field_names(), "status", "diverged_step", f"final_{metric}",
+                   f"best_{metric}", "final_eval_loss", "steps", "seconds"]
+        return write_text_atomic(self.folder / "results.csv", csv_text(self.result_rows(metric), columns))
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on an exception: all of a change or none of it."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind, value, tb):
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        return False
