@@ -73,9 +73,10 @@ def load_latest(folder: str | Path) -> dict | None:
 
 
 def clear(folder: str | Path) -> None:
-    """Remove a finished pack's checkpoints (and the folder, if that leaves it empty)."""
+    """Remove a finished pack's checkpoints, and the folders this leaves empty."""
     folder = Path(folder)
     for _, path in _files(folder):
         path.unlink(missing_ok=True)
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
+    for empty in (folder, folder.parent):  # the pack's folder, then checkpoints/ if it was the last
+        if empty.is_dir() and not any(empty.iterdir()):
+            empty.rmdir()

@@ -66,8 +66,8 @@ class Progress:
         from lorainit.data import total_steps
 
         for p in packs:
-            rows = sweeps.train_rows(p.runs[0])
-            self.steps[p.id] = [0, total_steps(p.runs[0], rows) if rows else 1]
+            sample = sweeps.data_sample(p.runs[0], "train")  # corrected once the pack has loaded its data
+            self.steps[p.id] = [0, total_steps(p.runs[0], sample[0]) if sample else 1]
         self.bar = tqdm(total=sum(t for _, t in self.steps.values()), unit="step", desc="sweep",
                         disable=not self.enabled, file=sys.stderr, dynamic_ncols=True)
         self._show("")
@@ -134,7 +134,8 @@ def describe_plan(sweep: sweeps.Sweep, packs: list[sweeps.Pack], pack_size: int,
                   finished: int) -> str:
     """The dry run's text: the runs, the packs, memory and time estimates per pack."""
     lines = [f"sweep {sweep.name!r}: {len(sweep.runs)} runs ({finished} finished), "
-             f"{sum(len(p.runs) for p in packs)} to train in {len(packs)} packs of at most {pack_size}", ""]
+             f"{sum(len(p.runs) for p in packs)} to train in {len(packs)} pack{'s' if len(packs) != 1 else ''} "
+             f"of at most {pack_size}", ""]
     axes = list(sweep.grid)
     lines.append("runs:")
     lines.append("  " + "  ".join(["run_id".ljust(12), *(a.ljust(10) for a in axes)]))
@@ -145,23 +146,19 @@ def describe_plan(sweep: sweeps.Sweep, packs: list[sweeps.Pack], pack_size: int,
     flops = sweeps.matmul_flops(device) if packs else 0.0
     efficiency = 0.6  # the share of the matmul peak a pack reaches (measured 0.6-0.75 on CPU)
     shapes: dict[str, sweeps.Shape | None] = {}
-    tokens: dict[tuple, float] = {}
     for i, pack in enumerate(packs, 1):
         run = pack.runs[0]
         shape = shapes.setdefault(run.model, sweeps.model_shape(run.model))
-        key = (run.task, run.data_dir, run.max_seq_len)
-        if key not in tokens:
-            tokens[key] = sweeps.tokens_per_row(run)
         memory = sweeps.memory_per_pack(run, shape, len(pack.runs)) if shape else None
-        seconds = sweeps.seconds_per_pack(pack, shape, flops * efficiency, tokens[key])
-        mem = f"{memory / 2**30:.1f} GiB" if memory else "memory unknown (model config not available offline)"
-        eta = _duration(seconds) if seconds is not None else "time unknown"
+        seconds = sweeps.seconds_per_pack(pack, shape, flops * efficiency)
+        mem = f"{memory / 2**30:.1f} GiB" if memory else "memory unknown (no model config offline)"
+        eta = _duration(seconds) if seconds is not None else "time unknown (no local data)"
         seeds = sorted({r.seed for r in pack.runs})
-        lines.append(f"  pack {i} ({pack.id}): {len(pack.runs)} runs, {run.model} on {run.task}, "
+        lines.append(f"  pack {i} ({pack.id}): {len(pack.runs)} run{'s' if len(pack.runs) > 1 else ''}, {run.model} on {run.task}, "
                      f"seed {','.join(map(str, seeds))}: ~{mem}, ~{eta} on {device}")
     lines.append("")
     lines.append(f"estimates: fp32 base + per-run LoRA, AdamW state and activations at max_seq_len; time at "
-                 f"{efficiency:.0%} of this device's measured matmul rate ({flops / 1e9:.0f} GFLOP/s), "
+                 f"{efficiency:.0%} of this device's measured fp32 matmul rate ({flops / 1e9:.0f} GFLOP/s), "
                  "~4 characters per token")
     return "\n".join(lines)
 

@@ -160,18 +160,19 @@ def plan(runs: list[RunConfig], pack_size: int, started: dict[str, list[str]] | 
 # -- estimates for --dry-run and for the default pack size -----------------------------------
 
 # Shapes of common models, for estimates when their config cannot be read offline:
-# (parameters, hidden size, layers, attention heads)
+# (parameters, parameters in the layers' matmuls, hidden size, layers, attention heads)
 KNOWN_SHAPES = {
-    "roberta-large": (355_000_000, 1024, 24, 16),
-    "FacebookAI/roberta-large": (355_000_000, 1024, 24, 16),
-    "roberta-base": (125_000_000, 768, 12, 12),
-    "FacebookAI/roberta-base": (125_000_000, 768, 12, 12),
+    "roberta-large": (355_000_000, 302_000_000, 1024, 24, 16),
+    "FacebookAI/roberta-large": (355_000_000, 302_000_000, 1024, 24, 16),
+    "roberta-base": (125_000_000, 85_000_000, 768, 12, 12),
+    "FacebookAI/roberta-base": (125_000_000, 85_000_000, 768, 12, 12),
 }
 
 
 @dataclass
 class Shape:
-    params: int
+    params: int         # all of them: the memory of the base model
+    matmul_params: int  # the layers' weights, whose matmuls are the work per token
     hidden: int
     layers: int
     heads: int
@@ -194,8 +195,8 @@ def model_shape(spec: str) -> Shape | None:
     hidden, layers = config.hidden_size, config.num_hidden_layers
     inner = getattr(config, "intermediate_size", 4 * hidden)
     vocab = getattr(config, "vocab_size", 0)
-    params = layers * (4 * hidden * hidden + 2 * hidden * inner) + vocab * hidden
-    return Shape(params, hidden, layers, config.num_attention_heads)
+    matmul = layers * (4 * hidden * hidden + 2 * hidden * inner)
+    return Shape(matmul + vocab * hidden, matmul, hidden, layers, config.num_attention_heads)
 
 
 def available_memory(device: str) -> int:
@@ -234,49 +235,41 @@ def default_pack_size(run: RunConfig, device: str, shape: Shape | None) -> int:
     return max(1, min(MAX_PACK, int((budget - 4 * shape.params) // max(one, 1))))
 
 
-def train_rows(run: RunConfig) -> int | None:
-    """Rows the run trains on: the data file's row count (or max_train_samples); None if unknown."""
+def data_sample(run: RunConfig, split: str, sample: int = 200) -> tuple[int, float] | None:
+    """(rows, mean tokens per row) of a split in a local data folder, the tokens guessed from the
+    first rows' characters (about 4 per token, plus 2 special tokens); None without local files."""
     from lorainit.tasks import glue
 
     root = glue.glue_root(run.data_dir)
-    if root is None:
-        return run.max_train_samples
-    path = root / glue.TASKS[run.task].folder / "train.tsv"
-    if not path.is_file():
-        return run.max_train_samples
-    with open(path, "rb") as f:
-        rows = sum(1 for _ in f) - 1
-    return min(rows, run.max_train_samples or rows)
-
-
-def tokens_per_row(run: RunConfig, sample: int = 200) -> float:
-    """Mean tokens per training row, guessed from the first rows' characters (about 4 per
-    token, plus 2 special tokens); 32 when the data cannot be read."""
-    from lorainit.tasks import glue
-
+    if root is None:  # the hub: a dry run downloads nothing
+        return None
+    spec = glue.TASKS[run.task]
+    path = root / spec.folder / f"{'train' if split == 'train' else spec.eval_split}.tsv"
     try:
-        texts = glue.read(run.task, "train", run.data_dir, max_rows=sample).texts
-    except BadInput:
-        return 32.0
-    return min(run.max_seq_len, sum(len(" ".join(t)) for t in texts) / len(texts) / 4 + 2)
+        texts = glue.read(run.task, split, run.data_dir, max_rows=sample).texts
+        with open(path, "rb") as f:
+            rows = sum(1 for _ in f) - 1
+    except (BadInput, OSError):
+        return None
+    limit = run.max_train_samples if split == "train" else run.max_eval_samples
+    tokens = min(run.max_seq_len, sum(len(" ".join(t)) for t in texts) / len(texts) / 4 + 2)
+    return min(rows, limit or rows), tokens
 
 
-def seconds_per_pack(pack: Pack, shape: Shape | None, flops_per_s: float, tokens_per_row: float = 32.0,
-                     eval_rows: int = 872) -> float | None:
-    """A rough time: frozen matmul work (6 x params x tokens training, 2 x params x tokens per
-    evaluation) at `flops_per_s`. The real figure depends on lengths and the device."""
+def seconds_per_pack(pack: Pack, shape: Shape | None, flops_per_s: float) -> float | None:
+    """A rough time: the layers' matmul work (6 x params x tokens in training, 2 x params x
+    tokens per evaluation) at `flops_per_s`; None without the model's shape or local data."""
     from lorainit.data import total_steps
 
     run = pack.runs[0]
-    rows = train_rows(run)
-    if shape is None or rows is None:
+    train, evaluation = data_sample(run, "train"), data_sample(run, "eval")
+    if shape is None or train is None or evaluation is None:
         return None
-    steps = total_steps(run, rows)
+    steps = total_steps(run, train[0])
     evals = 1 + (steps // run.eval_every if run.eval_every else 0)
-    tokens = min(tokens_per_row, run.max_seq_len)
-    train = 6 * shape.params * tokens * run.batch_size * steps * len(pack.runs)
-    evaluation = 2 * shape.params * tokens * min(eval_rows, run.max_eval_samples or eval_rows) * evals * len(pack.runs)
-    return (train + evaluation) / flops_per_s
+    work = 6 * shape.matmul_params * train[1] * run.batch_size * steps
+    work += 2 * shape.matmul_params * evaluation[1] * evaluation[0] * evals
+    return work * len(pack.runs) / flops_per_s
 
 
 def matmul_flops(device: str, n: int = 1024) -> float:

@@ -1,0 +1,272 @@
+"""Sweeps: files are checked before anything is written; a killed sweep resumes to the same numbers."""
+
+import csv
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lorainit import cli, sweep
+from lorainit.store import Store
+
+TINY = """\
+name: tiny
+base:
+  model: minilm
+  task: sst2
+  max_steps: 12
+  max_train_samples: 64
+  max_eval_samples: 32
+  eval_every: 6
+  checkpoint_every: 2
+  batch_size: 4
+grid:
+  init: [a, b]
+  lr: [1.0e-4, 2.0e-3]
+pack_size: 3
+"""
+
+
+def _sweep_file(folder: Path, text: str = TINY, name: str = "tiny.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def _command(file: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "lorainit.cli", "sweep", str(file), "--out", str(out), "--quiet"]
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _metrics(out: Path) -> list[tuple]:
+    db = sqlite3.connect(out / "store.sqlite")
+    try:
+        return db.execute("SELECT run_id, step, name, value FROM metrics ORDER BY run_id, step, name").fetchall()
+    finally:
+        db.close()
+
+
+def _without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The tiny sweep run through without interruption, in a subprocess like the killed ones."""
+    folder = tmp_path_factory.mktemp("reference")
+    file = _sweep_file(folder)
+    subprocess.run(_command(file, folder / "out"), check=True, capture_output=True)
+    return folder / "out"
+
+
+def _run_until_checkpoint(file: Path, out: Path, count: int, timeout: float = 300) -> None:
+    """Start the sweep, and SIGKILL it once `count` checkpoint files have been written so far."""
+    proc = subprocess.Popen(_command(file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            folder = out / "checkpoints"
+            if folder.is_dir():
+                seen |= {p.name + str(p.parent) for p in folder.glob("*/step-*.ckpt")}
+            if len(seen) >= count:
+                break
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def test_the_plan_keeps_same_seed_runs_together_and_respects_pack_size(tmp_path):
+    text = TINY.replace("lr: [1.0e-4, 2.0e-3]", "lr: [1.0e-4, 2.0e-3]\n  seed: [0, 1]")
+    runs = sweep.parse(text).runs
+    assert len(runs) == 8 and len({r.run_id() for r in runs}) == 8
+    packs = sweep.plan(runs, 3)
+    assert [len(p.runs) for p in packs] == [3, 3, 2]
+    assert [r.seed for p in packs for r in p.runs] == [0, 0, 0, 0, 1, 1, 1, 1]
+    # a pack begun earlier keeps its runs, whatever the pack size is now
+    begun = {packs[1].id: packs[1].run_ids}
+    again = sweep.plan(runs, 8, begun)
+    assert again[0].run_ids == packs[1].run_ids and sum(len(p.runs) for p in again) == 8
+    # runs that cannot share a model copy never share a pack
+    mixed = sweep.parse(TINY.replace("lr: [1.0e-4, 2.0e-3]", "rank: [4, 8]")).runs
+    assert all(len({r.rank for r in p.runs}) == 1 for p in sweep.plan(mixed, 8))
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    file = _sweep_file(tmp_path)
+    assert cli.main(["sweep", str(file), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "4 runs (0 finished), 4 to train in 2 packs of at most 3" in text
+    assert "pack 1" in text and "pack 2" in text and "GiB" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_paper_config_dry_run_lists_66_runs_in_packs(capsys):
+    root = Path(__file__).resolve().parents[1]
+    assert cli.main(["sweep", str(root / "configs/paper/glue-sst2-roberta-large.yaml"), "--out",
+                     "/nonexistent/never-written", "--dry-run", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "66 runs (0 finished), 66 to train in 3 packs" in text
+    assert text.count("seed 0:") == 1 and text.count("seed 2:") == 1
+
+
+def test_kill_at_any_moment_and_resume_gives_identical_results(tmp_path, reference):
+    """SIGKILL twice mid-sweep (in the first pack, then in the second), resume each time."""
+    file = _sweep_file(tmp_path)
+    out = tmp_path / "out"
+    _run_until_checkpoint(file, out, count=2)  # first pack, after its second checkpoint
+    assert (out / "store.sqlite").exists() and not _rows_or_empty(out)
+    _run_until_checkpoint(file, out, count=8)  # resumed; killed again further on
+    subprocess.run(_command(file, out), check=True, capture_output=True)
+    assert _without_seconds(_rows(out)) == _without_seconds(_rows(reference))
+    assert _metrics(out) == _metrics(reference)  # every loss, evaluation and probe value, bit for bit
+    assert not (out / "checkpoints").exists()
+
+
+def _rows_or_empty(out: Path) -> list[dict]:
+    return _rows(out) if (out / "results.csv").exists() else []
+
+
+def test_corrupt_checkpoint_falls_back_with_a_warning(tmp_path, reference):
+    file = _sweep_file(tmp_path)
+    out = tmp_path / "out"
+    _run_until_checkpoint(file, out, count=3)
+    files = sorted((out / "checkpoints").glob("*/step-*.ckpt"))
+    assert len(files) == 2  # the newest two are kept
+    newest = files[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
+    done = subprocess.run(_command(file, out), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"checkpoint {newest} is unusable (checksum mismatch" in done.stderr
+    assert "using step" in done.stderr
+    assert _without_seconds(_rows(out)) == _without_seconds(_rows(reference))
+    assert _metrics(out) == _metrics(reference)
+
+    # every checkpoint corrupt: the pack starts over, with the same result
+    out2 = tmp_path / "out2"
+    _run_until_checkpoint(file, out2, count=3)
+    for path in (out2 / "checkpoints").glob("*/step-*.ckpt"):
+        path.write_bytes(b"garbage")
+    done = subprocess.run(_command(file, out2), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "starting the pack over" in done.stderr
+    assert _metrics(out2) == _metrics(reference)
+
+
+def test_running_twice_repeats_no_work_and_adds_new_grid_points(tmp_path, reference):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("store.sqlite", "results.csv"):
+        (out / name).write_bytes((reference / name).read_bytes())
+    file = _sweep_file(tmp_path)
+    before = _metrics(out)
+    assert cli.main(["sweep", str(file), "--out", str(out), "--quiet"]) == 0
+    assert _metrics(out) == before and len(_rows(out)) == 4  # nothing trained, nothing doubled
+    # a new learning rate adds two runs; the four finished ones are not trained again
+    bigger = _sweep_file(tmp_path, TINY.replace("lr: [1.0e-4, 2.0e-3]", "lr: [1.0e-4, 2.0e-3, 5.0e-4]"))
+    seconds = {r["run_id"]: r["seconds"] for r in _rows(out)}
+    assert cli.main(["sweep", str(bigger), "--out", str(out), "--quiet"]) == 0
+    rows = _rows(out)
+    assert len(rows) == 6 and len({r["run_id"] for r in rows}) == 6
+    assert all(r["seconds"] == seconds[r["run_id"]] for r in rows if r["run_id"] in seconds)
+    assert {r["lr"] for r in rows} == {"0.0001", "0.002", "0.0005"}
+
+
+BAD_FILES = {
+    "not yaml": ("base: [unclosed", r"not valid YAML at line 1"),
+    "not a mapping": ("- 1\n- 2\n", r"a sweep file is a mapping"),
+    "unknown top-level key": (TINY + "epochs: 3\n", r"unknown key 'epochs'; a sweep file has keys name, base, grid"),
+    "unknown run field": (TINY.replace("  task: sst2", "  task: sst2\n  learning_rate: 0.1"),
+                          r"base: unknown key 'learning_rate'; run fields are: model, task"),
+    "wrong type": (TINY.replace("max_steps: 12", "max_steps: twelve"), r"max_steps"),
+    "empty grid": (TINY.split("grid:")[0] + "grid: {}\n", r"grid is empty"),
+    "empty grid axis": (TINY.replace("init: [a, b]", "init: []"), r"grid: init must be a non-empty list"),
+    "unknown grid axis": (TINY.replace("init: [a, b]", "inits: [a, b]"), r"grid: unknown run field 'inits'"),
+    "unknown task": (TINY.replace("task: sst2", "task: cola"), r"task is 'cola'; allowed: sst2, qnli, mnli"),
+    "unknown model": (TINY.replace("model: minilm", "model: ./no/such/model"),
+                      r"model './no/such/model' is not an alias \(minilm, smollm2-135m\)"),
+    "unknown init": (TINY.replace("init: [a, b]", "init: [a, c]"), r"init is 'c'; allowed: a, b"),
+    "impossible value": (TINY.replace("batch_size: 4", "batch_size: 4\n  dropout: 1.5"),
+                         r"dropout must be in \[0, 1\), got 1.5"),
+    "negative learning rate": (TINY.replace("lr: [1.0e-4, 2.0e-3]", "lr: [1.0e-4, -1.0]"),
+                               r"lr must be a positive number, got -1.0"),
+    "repeated grid value": (TINY.replace("lr: [1.0e-4, 2.0e-3]", "lr: [1.0e-4, 1.0e-4]"),
+                            r"grid: lr lists 0.0001 more than once"),
+    "bad pack size": (TINY.replace("pack_size: 3", "pack_size: 0"), r"pack_size must be a whole number >= 1"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_bad_sweep_files_exit_2_and_leave_the_store_untouched(kind, tmp_path, reference, capsys):
+    import re
+
+    text, message = BAD_FILES[kind]
+    file = _sweep_file(tmp_path, text)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("store.sqlite", "results.csv"):
+        (out / name).write_bytes((reference / name).read_bytes())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert cli.main(["sweep", str(file), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lorainit: error: ") and "\n" not in err and "Traceback" not in err
+    assert re.search(message, err), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # into a fresh folder, nothing is created
+    assert cli.main(["sweep", str(file), "--out", str(tmp_path / "fresh"), "--quiet"]) == 2
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_changed_base_is_refused_and_another_sweep_name_too(tmp_path, reference, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "store.sqlite").write_bytes((reference / "store.sqlite").read_bytes())
+    before = (out / "store.sqlite").read_bytes()
+    changed = _sweep_file(tmp_path, TINY.replace("max_steps: 12", "max_steps: 20"))
+    assert cli.main(["sweep", str(changed), "--out", str(out), "--quiet"]) == 2
+    assert "the sweep's base changed (max_steps: 12 -> 20)" in capsys.readouterr().err
+    renamed = _sweep_file(tmp_path, TINY.replace("name: tiny", "name: other"))
+    assert cli.main(["sweep", str(renamed), "--out", str(out), "--quiet"]) == 2
+    assert "holds sweep 'tiny', not 'other'" in capsys.readouterr().err
+    assert (out / "store.sqlite").read_bytes() == before
+
+
+def test_results_csv_has_one_row_per_run_and_the_store_its_tables(reference):
+    rows = _rows(reference)
+    assert len(rows) == 4 and len({r["run_id"] for r in rows}) == 4
+    assert {r["status"] for r in rows} == {"done"}
+    for r in rows:
+        assert 0.0 <= float(r["final_accuracy"]) <= 1.0 and r["steps"] == "12"
+        assert (reference / "adapters" / r["run_id"] / "adapter_config.json").exists()
+    store = Store(reference, create=False)
+    try:
+        names = {n for _, n, _ in store.metrics(rows[0]["run_id"])}
+        assert {"train_loss", "accuracy", "eval_loss"} <= names
+        assert any(n.startswith("probe/") and n.endswith("/z_a_rms") for n in names)
+        tables = {t for (t,) in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"sweeps", "runs", "metrics", "artifacts", "packs"} <= tables
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.db.execute("SELECT COUNT(*) FROM artifacts").fetchone()[0] == 4
+    finally:
+        store.close()
+
+
+def test_train_is_a_sweep_of_one_run(tmp_path):
+    out = tmp_path / "one"
+    args = ["train", "--out", str(out), "--max_steps", "3", "--max-train-samples", "16",
+            "--max_eval_samples", "8", "--init", "b", "--quiet"]
+    assert cli.main(args) == 0
+    rows = _rows(out)
+    assert len(rows) == 1 and rows[0]["init"] == "b" and rows[0]["status"] == "done"
+    assert (out / "store.sqlite").exists() and (out / "adapters" / rows[0]["run_id"]).is_dir()
+    assert cli.main(args) == 0 and len(_rows(out)) == 1  # again: nothing new
+    assert cli.main([*args[:-1], "--lr", "3e-4", "--quiet"]) == 2  # other fields, same folder: refused
