@@ -32,7 +32,8 @@ def run_packs(packs, out: Path, device: str, store: Store, progress, ray_address
         return
     started_here = not ray.is_initialized()
     if started_here:
-        options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # workers' stderr reaches the driver's: resumes and failures are reported there
+        options = dict(include_dashboard=False, log_to_driver=True)
         try:
             if ray_address:
                 ray.init(address=ray_address, **options)

@@ -36,10 +36,13 @@ def train_pack(run_dicts: list[dict], out: str, device: str | None, on_step=None
 
     runs = [RunConfig.from_dict(d) for d in run_dicts]
     out = Path(out)
+    pack_id = sweeps.Pack(runs).id
     try:
         trainer = PackTrainer(runs, device=device, show_progress=False)
-        results = trainer.run(adapters_dir=out / "adapters",
-                              checkpoint_dir=pack_folder(out, sweeps.Pack(runs).id), on_step=on_step)
+        results = trainer.run(adapters_dir=out / "adapters", checkpoint_dir=pack_folder(out, pack_id),
+                              on_step=on_step)
+        if trainer.resumed_at is not None:
+            print(f"pack {pack_id} resumed from its checkpoint at step {trainer.resumed_at}", file=sys.stderr)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # noqa: BLE001 - recorded on the runs, shown at the end

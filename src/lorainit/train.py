@@ -127,6 +127,7 @@ class PackTrainer:
         self.step = 0  # optimiser steps done
         self.finished = False  # trained and evaluated to the end
         self.seconds = 0.0  # time spent in run(), across resumes
+        self.resumed_at: int | None = None  # the step run() resumed from, if it found a checkpoint
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -292,6 +293,7 @@ class PackTrainer:
         first = self.runs[0]
         if checkpoint_dir is not None and (saved := checkpoint.load_latest(checkpoint_dir)) is not None:
             self.load_state_dict(saved)
+            self.resumed_at = self.step
         session = time.perf_counter()
         start = session - self.seconds  # seconds count across resumes
         tokens = 0  # real tokens trained in this session
