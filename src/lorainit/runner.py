@@ -26,7 +26,7 @@ def pack_folder(out: Path, pack_id: str) -> Path:
     return out / "checkpoints" / pack_id
 
 
-def train_pack(run_dicts: list[dict], out: str, device: str | None, on_step=None) -> list[dict]:
+def train_pack(run_dicts: list[dict], out: str, device: str | None, on_step=None, on_eval=None) -> list[dict]:
     """Train one pack in sweep folder `out`: resume from its checkpoints, write its adapters.
 
     Takes and returns plain values, so that it runs the same in this process or a Ray worker.
@@ -40,7 +40,7 @@ def train_pack(run_dicts: list[dict], out: str, device: str | None, on_step=None
     try:
         trainer = PackTrainer(runs, device=device, show_progress=False)
         results = trainer.run(adapters_dir=out / "adapters", checkpoint_dir=pack_folder(out, pack_id),
-                              on_step=on_step)
+                              on_step=on_step, on_eval=on_eval)
         if trainer.resumed_at is not None:
             print(f"pack {pack_id} resumed from its checkpoint at step {trainer.resumed_at}", file=sys.stderr)
     except (KeyboardInterrupt, SystemExit):
@@ -88,17 +88,21 @@ class Progress:
         if total != old_total:  # the estimate before the pack's data was loaded
             self.bar.total += total - old_total
         self.steps[pack_id] = [step, total]
-        self.bar.update(step - done)
         self._show(f"pack {index}/{count} step {step}/{total}, {tok_s:.0f} tok/s")
+        self.bar.update(step - done)
+
+    def evaluating(self, index: int, count: int, runs: int, rows: int) -> None:
+        self._show(f"pack {index}/{count} evaluating {runs} runs on {rows} rows")
+        self.bar.refresh()
 
     def finished(self, pack_id: str, statuses: list[str]) -> None:
         done, total = self.steps.get(pack_id, (0, 0))
-        self.bar.update(total - done)
         self.steps[pack_id] = [total, total]
         self.done += statuses.count("done")
         self.diverged += statuses.count("diverged")
         self.failed += statuses.count("failed")
         self._show("")
+        self.bar.update(total - done)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -270,8 +274,11 @@ def _run_packs_here(packs: list[sweeps.Pack], out: Path, device: str, store: Sto
         def on_step(trainer, losses, tok_s, pack=pack, i=i):
             progress.step(pack.id, i, len(packs), trainer.step, trainer.total, tok_s)
 
-        record_pack(store, out, pack, train_pack([r.to_dict() for r in pack.runs], str(out), device, on_step),
-                    progress)
+        def on_eval(trainer, i=i):
+            progress.evaluating(i, len(packs), sum(trainer.alive), len(trainer.data.eval))
+
+        results = train_pack([r.to_dict() for r in pack.runs], str(out), device, on_step, on_eval)
+        record_pack(store, out, pack, results, progress)
 
 
 def _clear_finished_checkpoints(store: Store, out: Path) -> None:

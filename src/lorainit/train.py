@@ -281,12 +281,14 @@ class PackTrainer:
     # -- the whole run ----------------------------------------------------------------------
 
     def run(self, adapters_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None,
-            on_step: Callable[["PackTrainer", dict[int, float], float], None] | None = None) -> list[RunResult]:
+            on_step: Callable[["PackTrainer", dict[int, float], float], None] | None = None,
+            on_eval: Callable[["PackTrainer"], None] | None = None) -> list[RunResult]:
         """Train to the end, evaluating every `eval_every` steps and at the end.
 
         With `checkpoint_dir`, start from its newest good checkpoint, write one every
         `checkpoint_every` steps and one when finished (so a finished pack is never trained
-        again). `on_step(trainer, losses, tokens_per_second)` is called after every step.
+        again). `on_step(trainer, losses, tokens_per_second)` is called after every step, and
+        `on_eval(trainer)` before every evaluation.
         """
         from tqdm.auto import tqdm
 
@@ -305,6 +307,8 @@ class PackTrainer:
             losses, seen = self.train_step(log=log or self.step == 0 or self.step + 1 == self.total)
             tokens += seen
             if log:
+                if on_eval is not None:
+                    on_eval(self)
                 self.evaluate()
             rate = tokens / max(time.perf_counter() - session, 1e-9)
             bar.set_postfix(loss=f"{sum(losses.values()) / max(1, len(losses)):.4f}", tok_s=f"{rate:.0f}",
@@ -319,6 +323,8 @@ class PackTrainer:
         bar.close()
         if not self.finished:
             if not (first.eval_every > 0 and self.step % first.eval_every == 0):
+                if on_eval is not None:
+                    on_eval(self)
                 self.evaluate()
             self.seconds = time.perf_counter() - start
             for k, res in enumerate(self.results):
