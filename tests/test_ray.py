@@ -80,11 +80,12 @@ def test_ray_sweep_survives_a_killed_worker(tmp_path, netns):
     try:
         deadline = time.monotonic() + 300
         while killed is None and time.monotonic() < deadline and proc.poll() is None:
-            if list((out / "checkpoints").glob("*/step-*.ckpt")) if (out / "checkpoints").is_dir() else []:
-                pids = subprocess.run(["pgrep", "-f", "ray::_train"], capture_output=True, text=True).stdout.split()
-                if pids:
-                    killed = int(pids[0])
-                    os.kill(killed, signal.SIGKILL)
+            # once both packs (two tasks, on two workers) have a checkpoint, kill one of the workers
+            packs = {p.parent for p in out.glob("checkpoints/*/step-*.ckpt")}
+            pids = subprocess.run(["pgrep", "-f", "ray::_train"], capture_output=True, text=True).stdout.split()
+            if len(packs) == 2 and len(pids) == 2:
+                killed = int(pids[0])
+                os.kill(killed, signal.SIGKILL)
             time.sleep(0.05)
         stdout, stderr = proc.communicate(timeout=600)
     finally:
@@ -93,7 +94,9 @@ def test_ray_sweep_survives_a_killed_worker(tmp_path, netns):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert killed is not None, "no Ray worker was caught running a pack"
     assert proc.returncode == 0, stderr[-3000:]
-    assert "resumed from its checkpoint at step" in stderr  # the retried task picked up the pack
+    assert "A worker died or was killed while executing a task" in stdout + stderr
+    # the retried task picked its pack up from the checkpoint (workers' output reaches the driver's)
+    assert "resumed from its checkpoint at step" in stdout + stderr
     rows = _rows(out)
     assert len(rows) == 4 and {r["status"] for r in rows} == {"done"} and {r["steps"] for r in rows} == {"16"}
     assert len({r["run_id"] for r in rows}) == 4
