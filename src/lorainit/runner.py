@@ -203,9 +203,11 @@ def run_sweep(sweep: sweeps.Sweep, out: str | Path, executor: str = "local", ray
     statuses: dict[str, str] = {}
     started: dict[str, list[str]] = {}
     if existing is not None:
-        _check_same_sweep(existing, sweep)
-        statuses, started = existing.statuses(), existing.packs()
-        existing.close()
+        try:
+            _check_same_sweep(existing, sweep)
+            statuses, started = existing.statuses(), existing.packs()
+        finally:
+            existing.close()
     todo = [r for r in sweep.runs if statuses.get(r.run_id()) not in ("done", "diverged")]
     first = todo[0] if todo else sweep.runs[0]
     pack_size = sweep.pack_size or sweeps.default_pack_size(first, device, sweeps.model_shape(first.model))
