@@ -100,3 +100,36 @@ def test_last_layer_on_first_tokens_equals_every_token_with_dropout_on(sst2_rows
     assert (outs[0] - undropped).abs().max().item() > 1e-2  # the dropouts were on
     for g_all, g_first in zip(*grads):
         assert (g_all - g_first).abs().max().item() <= 1e-5 * max(1.0, g_all.abs().max().item())
+
+
+def test_shared_rows_compute_the_first_layer_once_with_the_same_numbers(sst2_rows):
+    """Runs of one seed hold the same rows: the embeddings and the first layer's frozen
+    projections run once, and the logits and gradients (every dropout on) are unchanged."""
+    from lorainit import models
+
+    model, tokenizer = models.load("minilm", "classification", num_labels=2)  # dropout 0.1 everywhere
+    pack = LoRAPack(model, LoRAConfig(targets=("query", "key", "value", "dense"), dropout=0.1), num_runs=4)
+    for k in range(4):
+        pack.init_run(k, "ab"[k % 2], seed=0)
+    with torch.no_grad():
+        for p in pack.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    ids, type_ids = glue.encode(sst2_rows, tokenizer, 128)
+    batch = stack_runs(glue.collate(ids, tokenizer.pad_token_id, type_ids), 4)
+    state = packing.install(pack, [0, 0, 0, 0])
+    model.train()
+    outs, grads = [], []
+    for shared in (False, True):
+        state.streams._generators.clear()
+        state.set_batch(None, [batch["input_ids"].shape[1]] * 4)
+        pack.model.zero_grad()
+        out = unpadded.forward(model, state, **batch, shared=shared)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in pack.parameters()])
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
+    assert (outs[0][:8] - outs[0][8:16]).abs().max().item() > 1e-3  # the runs differ (inits)
+    # fp32 rounding: Z_A of all runs comes from one matmul instead of one per run; the first
+    # layer's B gradients sum ~100 such products with cancellation (1.4e-5 of scale seen here)
+    for g_full, g_shared in zip(*grads):
+        assert (g_full - g_shared).abs().max().item() <= 1e-4 * max(1.0, g_full.abs().max().item())

@@ -178,6 +178,26 @@ class PackedLoRALinear(nn.Module):
         d = torch.bmm(z, B.transpose(1, 2).to(z.dtype))    # (n, rows, out)
         return y + self.scaling * d.reshape(*y.shape[:-1], d.shape[-1]).to(y.dtype)
 
+    def forward_shared(self, x0: torch.Tensor, n: int) -> torch.Tensor:
+        """The layer on rows x0 (N0, in) that all n active runs hold alike, under one dropout stream:
+        the frozen matmul runs once, each adapter on x0 -> (n * N0, out), run-major. Equal to
+        `forward(x0.repeat(n, 1))` with the same row counts."""
+        y0 = self.base(x0)                                     # (N0, out)
+        A, B = self.lora_A, self.lora_B
+        if self.active is not None:
+            A, B = A[self.active], B[self.active]
+        if A.shape[0] != n:
+            raise ValueError(f"{n} runs share the rows but {A.shape[0]} adapters are active")
+        if self.training and self.dropout > 0:
+            first = self.active[:1] if self.active is not None else torch.zeros(1, dtype=torch.long)
+            if self.streams is not None:  # the runs' one mask, drawn as `forward` draws it
+                x0 = self.streams.drop_ragged(x0, self.dropout, [x0.shape[0]], first)
+            else:
+                raise ValueError("shared rows need the pack's dropout streams")
+        z = (x0 @ A.reshape(-1, A.shape[-1]).T.to(x0.dtype)).view(x0.shape[0], n, -1).transpose(0, 1)  # (n, N0, r)
+        d = torch.bmm(z, B.transpose(1, 2).to(z.dtype))       # (n, N0, out)
+        return (y0.unsqueeze(0) + self.scaling * d.to(y0.dtype)).reshape(-1, y0.shape[-1])
+
     def _ragged(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """The LoRA path for rows laid run after run in unequal numbers: (sum of counts, out)."""
         counts = self.row_counts

@@ -131,9 +131,9 @@ class PackTrainer:
 
     # -- one step ---------------------------------------------------------------------------
 
-    def _logits(self, batch: dict[str, torch.Tensor], every_token: bool = False) -> torch.Tensor:
+    def _logits(self, batch: dict[str, torch.Tensor], every_token: bool = False, shared: bool = False) -> torch.Tensor:
         if self.unpadded:
-            return unpadded.forward(self.model, self.state, **batch, every_token=every_token)
+            return unpadded.forward(self.model, self.state, **batch, every_token=every_token, shared=shared)
         return self.model(**batch).logits
 
     def _batch(self, active: list[int]) -> tuple[dict, torch.Tensor, list[int]]:
@@ -159,7 +159,9 @@ class PackTrainer:
         probe = (self.probes.capture(self.step + 1, active, batch["attention_mask"].bool())
                  if log else contextlib.nullcontext())
         with probe, _autocast(self.runs[0].precision, self.device):
-            logits = self._logits(batch, every_token=log)  # probes read every token's features
+            # probes read every token's features, and every layer's adapters through their forward
+            one_seed = len({self.runs[k].seed for k in active}) == 1  # then every run has these rows
+            logits = self._logits(batch, every_token=log, shared=one_seed and not log)
         per_run = F.cross_entropy(logits.float(), labels, reduction="none").view(len(active), -1).mean(1)  # (n,)
         values = per_run.detach().cpu().tolist()
         ok = torch.ones(len(active), dtype=torch.bool)
@@ -226,7 +228,7 @@ class PackTrainer:
             batch = split.batch(rows, self.tokenizer.pad_token_id)
             stacked = {key: v.repeat(len(active), 1).to(self.device) for key, v in batch.items()}
             with _autocast(self.runs[0].precision, self.device):
-                logits = self._logits(stacked).float().view(len(active), len(rows), -1)  # (n, b, C)
+                logits = self._logits(stacked, shared=True).float().view(len(active), len(rows), -1)  # (n, b, C)
             y = split.labels[rows].to(self.device)
             correct += (logits.argmax(-1) == y).sum(1).float().cpu()
             loss_sum += F.cross_entropy(logits.transpose(1, 2), y.expand(len(active), -1),

@@ -16,10 +16,12 @@ block, whose size each LoRA layer and dropout learns through `PackState.set_row_
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
-from lorainit.lora import RowSubset
+from lorainit.lora import PackedLoRALinear, RowSubset
 from lorainit.packing import PackState, attend
 
 SUPPORTED = ("bert", "roberta")
@@ -33,8 +35,9 @@ def supports(model: nn.Module) -> bool:
             and not getattr(config, "is_decoder", False))
 
 
-def _layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor, index: torch.Tensor,
-           state: PackState, first: tuple[torch.Tensor, RowSubset] | None = None) -> torch.Tensor:
+def _layer(layer: nn.Module, x: torch.Tensor | None, keep: torch.Tensor, index: torch.Tensor,
+           state: PackState, first: tuple[torch.Tensor, RowSubset] | None = None,
+           shared: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """One encoder layer on real tokens x (N, d); keep (B, T) marks them, index their flat slots.
 
     With `first` = (positions (B,) in x of each row's first token, the same as a RowSubset), only
@@ -51,9 +54,16 @@ def _layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor, index: torch.T
         out = t.new_zeros(rows * width, t.shape[-1]).index_copy(0, index, t)
         return out.view(rows, width, heads, size).transpose(1, 2)
 
-    k, v = padded(attn.key(x)), padded(attn.value(x))
+    if shared is not None:
+        x0, n = shared
+        # in the order the unshared path draws their dropout masks: key, value, query
+        k, v, q = (padded(_projection(m, x0, n)) for m in (attn.key, attn.value, attn.query))
+        x = x0.repeat(n, 1)
+    else:
+        k, v = padded(attn.key(x)), padded(attn.value(x))
     if first is None:
-        q = padded(attn.query(x))
+        if shared is None:
+            q = padded(attn.query(x))
     else:
         positions, subset = first
         x = x.index_select(0, positions)  # (B, d): from here on, one token per row
@@ -76,21 +86,56 @@ def _layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor, index: torch.T
     return ff.LayerNorm(ff.dropout(ff.dense(layer.intermediate(a))) + a)
 
 
+def _projection(module: nn.Module, x0: torch.Tensor, n: int) -> torch.Tensor:
+    """module applied to x0 repeated for n runs, its frozen matmul done once: (n * N0, out)."""
+    if isinstance(module, PackedLoRALinear):
+        return module.forward_shared(x0, n)
+    return module(x0).repeat(n, 1)
+
+
+@contextmanager
+def _first_run_only(state: PackState):
+    """Let the packed dropout see one run (the first active one) while shared rows are computed."""
+    active = state.active
+    state.active = active[:1] if active is not None else torch.zeros(1, dtype=torch.long)
+    try:
+        yield
+    finally:
+        state.active = active
+
+
 def forward(model: nn.Module, state: PackState, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            token_type_ids: torch.Tensor | None = None, every_token: bool = False) -> torch.Tensor:
+            token_type_ids: torch.Tensor | None = None, every_token: bool = False,
+            shared: bool = False) -> torch.Tensor:
     """Logits (rows, labels) of a BERT/RoBERTa classifier, computing token-wise work on real tokens.
 
     Rows are right-padded (real tokens first), stacked adapter-major over the active runs. The
     last layer computes only each row's first token, unless `every_token` (for probes, which
     read every token's features); the logits are the same either way.
+
+    `shared` says every active run holds the same rows under the same dropout stream (an
+    evaluation, or a pack of one seed): the embeddings and the first layer's frozen projections
+    are then computed once, not once per run. The caller keeps it off while probes record, as
+    the first layer's adapters then run outside their modules' forward.
     """
     base = model.base_model
     keep = attention_mask.bool()                               # (B, T)
     rows, width = keep.shape
-    hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # (B, T, d)
-    index = keep.flatten().nonzero().squeeze(1)                # (N,) flat slots of real tokens
-    x = hidden.reshape(rows * width, -1).index_select(0, index)  # (N, d)
     n = state.num_active()
+    x0 = None
+    if shared and n > 1 and len(base.encoder.layer) > 1:
+        one = rows // n                                        # run 0's rows: every run's
+        with _first_run_only(state):
+            hidden = base.embeddings(input_ids=input_ids[:one],
+                                     token_type_ids=None if token_type_ids is None else token_type_ids[:one])
+        index0 = keep[:one].flatten().nonzero().squeeze(1)
+        x0 = hidden.reshape(one * width, -1).index_select(0, index0)  # (N / n, d)
+        x = None
+    else:
+        hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # (B, T, d)
+    index = keep.flatten().nonzero().squeeze(1)                # (N,) flat slots of real tokens
+    if x0 is None:
+        x = hidden.reshape(rows * width, -1).index_select(0, index)  # (N, d)
     per_row = keep.sum(1)                                      # (B,)
     tokens = per_row.view(n, -1).sum(1)                        # (n,) tokens of each run
     state.set_row_counts(tokens.tolist())
@@ -102,7 +147,8 @@ def forward(model: nn.Module, state: PackState, input_ids: torch.Tensor, attenti
     try:
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1 and not every_token
-            x = _layer(layer, x, keep, index, state, (first, subset) if last else None)
+            x = _layer(layer, x, keep, index, state, (first, subset) if last else None,
+                       shared=(x0, n) if i == 0 and x0 is not None else None)
     finally:
         state.set_row_counts(None)
     sequence = (x.index_select(0, first) if every_token else x).unsqueeze(1)  # (B, 1, d)
