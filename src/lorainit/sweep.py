@@ -257,8 +257,9 @@ def data_sample(run: RunConfig, split: str, sample: int = 200) -> tuple[int, flo
 
 
 def seconds_per_pack(pack: Pack, shape: Shape | None, flops_per_s: float) -> float | None:
-    """A rough time: the layers' matmul work (6 x params x tokens in training, 2 x params x
-    tokens per evaluation) at `flops_per_s`; None without the model's shape or local data."""
+    """A rough time: the layers' matmul work (4 x params x tokens in training: the frozen weights
+    need no gradient of their own; 2 x params x tokens per evaluation) at `flops_per_s`; None
+    without the model's shape or local data."""
     from lorainit.data import total_steps
 
     run = pack.runs[0]
@@ -266,21 +267,22 @@ def seconds_per_pack(pack: Pack, shape: Shape | None, flops_per_s: float) -> flo
     if shape is None or train is None or evaluation is None:
         return None
     steps = total_steps(run, train[0])
-    evals = 1 + (steps // run.eval_every if run.eval_every else 0)
-    work = 6 * shape.matmul_params * train[1] * run.batch_size * steps
+    evals = steps // run.eval_every + (steps % run.eval_every > 0) if run.eval_every else 1
+    work = 4 * shape.matmul_params * train[1] * run.batch_size * steps
     work += 2 * shape.matmul_params * evaluation[1] * evaluation[0] * evals
     return work * len(pack.runs) / flops_per_s
 
 
 def matmul_flops(device: str, n: int = 1024) -> float:
-    """This device's fp32 matmul rate, measured briefly (best of three)."""
+    """This device's fp32 matmul rate, measured briefly (best of five, after a warm-up)."""
     import time
 
     import torch
 
     a = torch.randn(n, n, device=device)
+    a @ a  # warm-up: thread pools, kernels
     best = math.inf
-    for _ in range(3):
+    for _ in range(5):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
