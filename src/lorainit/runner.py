@@ -8,6 +8,7 @@ as it finishes. The driver is the store's only writer. Running a finished sweep 
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -52,8 +53,8 @@ def train_pack(run_dicts: list[dict], out: str, device: str | None, on_step=None
 
 @dataclass
 class Progress:
-    """One display for the whole sweep: runs done, diverged and left; the current pack's step and
-    throughput; the ETA (from the steps left over all packs)."""
+    """One display for the whole sweep: runs done, diverged and left; the current pack's step,
+    mean loss and throughput; the ETA (from the steps left over all packs)."""
 
     total_runs: int
     done: int = 0
@@ -83,12 +84,14 @@ class Progress:
         parts.append(f"{left} left")
         self.bar.set_postfix_str(", ".join(parts) + (f" | {pack}" if pack else ""), refresh=False)
 
-    def step(self, pack_id: str, index: int, count: int, step: int, total: int, tok_s: float) -> None:
+    def step(self, pack_id: str, index: int, count: int, step: int, total: int, tok_s: float,
+             loss: float | None = None) -> None:
         done, old_total = self.steps[pack_id]
         if total != old_total:  # the estimate before the pack's data was loaded
             self.bar.total += total - old_total
         self.steps[pack_id] = [step, total]
-        self._show(f"pack {index}/{count} step {step}/{total}, {tok_s:.0f} tok/s")
+        mean = f", loss {loss:.4f}" if loss is not None else ""
+        self._show(f"pack {index}/{count} step {step}/{total}{mean}, {tok_s:.0f} tok/s")
         self.bar.update(step - done)
 
     def evaluating(self, index: int, count: int, runs: int, rows: int) -> None:
@@ -274,7 +277,9 @@ def _run_packs_here(packs: list[sweeps.Pack], out: Path, device: str, store: Sto
         store.start_pack(pack.id, pack.run_ids)
 
         def on_step(trainer, losses, tok_s, pack=pack, i=i):
-            progress.step(pack.id, i, len(packs), trainer.step, trainer.total, tok_s)
+            finite = [v for v in losses.values() if math.isfinite(v)]  # the live runs' mean loss
+            progress.step(pack.id, i, len(packs), trainer.step, trainer.total, tok_s,
+                          sum(finite) / len(finite) if finite else None)
 
         def on_eval(trainer, i=i):
             progress.evaluating(i, len(packs), sum(trainer.alive), len(trainer.data.eval))
