@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -73,10 +74,9 @@ def load_latest(folder: str | Path) -> dict | None:
 
 
 def clear(folder: str | Path) -> None:
-    """Remove a finished pack's checkpoints, and the folders this leaves empty."""
+    """Remove a finished pack's checkpoint folder (with any temporary file a kill left mid-write),
+    and the checkpoints folder above it if that leaves it empty."""
     folder = Path(folder)
-    for _, path in _files(folder):
-        path.unlink(missing_ok=True)
-    for empty in (folder, folder.parent):  # the pack's folder, then checkpoints/ if it was the last
-        if empty.is_dir() and not any(empty.iterdir()):
-            empty.rmdir()
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.parent.is_dir() and not any(folder.parent.iterdir()):
+        folder.parent.rmdir()
