@@ -67,22 +67,27 @@ def reference(tmp_path_factory):
     return folder / "out"
 
 
-def _run_until_checkpoint(file: Path, out: Path, count: int, timeout: float = 300) -> None:
-    """Start the sweep, and SIGKILL it once `count` checkpoint files have been written so far."""
+def _run_until(file: Path, out: Path, ready, timeout: float = 300) -> None:
+    """Start the sweep, and SIGKILL it as soon as `ready()` holds."""
     proc = subprocess.Popen(_command(file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    seen: set[str] = set()
     deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            folder = out / "checkpoints"
-            if folder.is_dir():
-                seen |= {p.name + str(p.parent) for p in folder.glob("*/step-*.ckpt")}
-            if len(seen) >= count:
-                break
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
             time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def _run_until_checkpoint(file: Path, out: Path, count: int, timeout: float = 300) -> None:
+    """Start the sweep, and SIGKILL it once `count` checkpoint files have been written so far."""
+    seen: set[str] = set()
+
+    def ready() -> bool:
+        seen.update(str(p) for p in out.glob("checkpoints/*/step-*.ckpt"))
+        return len(seen) >= count
+
+    _run_until(file, out, ready, timeout)
 
 
 def test_the_plan_keeps_same_seed_runs_together_and_respects_pack_size(tmp_path):
@@ -120,9 +125,10 @@ def test_paper_config_dry_run_lists_66_runs_in_packs(capsys):
 
 
 def test_kill_at_any_moment_and_resume_gives_identical_results(tmp_path, reference):
-    """SIGKILL twice mid-sweep (in the first pack, then in the second), resume each time."""
+    """SIGKILL three times (as the store appears, in the first pack, in the second), resume each time."""
     file = _sweep_file(tmp_path)
     out = tmp_path / "out"
+    _run_until(file, out, lambda: (out / "store.sqlite").exists())  # the store made, no step trained
     _run_until_checkpoint(file, out, count=2)  # first pack, after its second checkpoint
     assert (out / "store.sqlite").exists() and not _rows_or_empty(out)
     _run_until_checkpoint(file, out, count=8)  # resumed; killed again further on
