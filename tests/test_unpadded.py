@@ -62,6 +62,16 @@ def test_unequal_token_counts_per_run(minilm, sst2_rows):
     assert (out - ref).abs().max().item() <= 1e-5
 
 
+def _forward_backward(pack, state, batch, lengths, **options):
+    """Logits and parameter gradients of one unpadded forward, drawn from fresh dropout streams."""
+    state.streams._generators.clear()
+    state.set_batch(None, lengths)
+    pack.model.zero_grad()
+    out = unpadded.forward(pack.model, state, **batch, **options)
+    out.square().sum().backward()
+    return out.detach(), [p.grad.clone() for p in pack.parameters()]
+
+
 def test_last_layer_on_first_tokens_equals_every_token_with_dropout_on(sst2_rows):
     """The last layer computes one token per row; with every dropout on (hidden, attention,
     LoRA), its masks are the full layer's masks at those rows, so the logits and gradients match."""
@@ -84,15 +94,9 @@ def test_last_layer_on_first_tokens_equals_every_token_with_dropout_on(sst2_rows
     batch = {k: torch.cat([pad(batches[0][k])] * 2 + [pad(batches[1][k])] * 2) for k in batches[0]}
     state = packing.install(pack, [0, 0, 1, 1])
     model.train()
-    outs, grads = [], []
-    for every_token in (True, False):
-        state.streams._generators.clear()  # both forwards draw from fresh dropout streams
-        state.set_batch(None, [b["input_ids"].shape[1] for b in batches for _ in range(2)])
-        pack.model.zero_grad()
-        out = unpadded.forward(model, state, **batch, every_token=every_token)
-        out.square().sum().backward()
-        outs.append(out.detach())
-        grads.append([p.grad.clone() for p in pack.parameters()])
+    lengths = [b["input_ids"].shape[1] for b in batches for _ in range(2)]
+    outs, grads = zip(*(_forward_backward(pack, state, batch, lengths, every_token=every_token)
+                        for every_token in (True, False)))
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
     model.eval()
     with torch.no_grad():
@@ -118,15 +122,8 @@ def test_shared_rows_compute_the_first_layer_once_with_the_same_numbers(sst2_row
     batch = stack_runs(glue.collate(ids, tokenizer.pad_token_id, type_ids), 4)
     state = packing.install(pack, [0, 0, 0, 0])
     model.train()
-    outs, grads = [], []
-    for shared in (False, True):
-        state.streams._generators.clear()
-        state.set_batch(None, [batch["input_ids"].shape[1]] * 4)
-        pack.model.zero_grad()
-        out = unpadded.forward(model, state, **batch, shared=shared)
-        out.square().sum().backward()
-        outs.append(out.detach())
-        grads.append([p.grad.clone() for p in pack.parameters()])
+    lengths = [batch["input_ids"].shape[1]] * 4
+    outs, grads = zip(*(_forward_backward(pack, state, batch, lengths, shared=shared) for shared in (False, True)))
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
     assert (outs[0][:8] - outs[0][8:16]).abs().max().item() > 1e-3  # the runs differ (inits)
     # fp32 rounding: Z_A of all runs comes from one matmul instead of one per run; the first
