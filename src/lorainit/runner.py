@@ -246,8 +246,7 @@ def run_sweep(sweep: sweeps.Sweep, out: str | Path, executor: str = "local", ray
             run_packs(packs, out, device, store, progress, ray_address=ray_address)
         finally:
             progress.close()
-        store.write_results_csv()
-        write_text_atomic(out / "metrics.csv", _metrics_csv(store))
+        _write_tables(store, out)
         counts = {s: list(store.statuses().values()).count(s) for s in FINISHED}
         print(f"sweep {sweep.name!r}: {counts['done']} done, {counts['diverged']} diverged, {counts['failed']} "
               f"failed of {len(sweep.runs)}; wrote {out / 'results.csv'}", file=sys.stderr)
@@ -257,12 +256,13 @@ def run_sweep(sweep: sweeps.Sweep, out: str | Path, executor: str = "local", ray
 
 
 def record_pack(store: Store, out: Path, pack: sweeps.Pack, result_dicts: list[dict], progress: Progress) -> None:
-    """Store a finished pack's results (one transaction), refresh results.csv, drop its checkpoints."""
+    """Store a finished pack's results (one transaction), refresh results.csv and metrics.csv, drop
+    its checkpoints."""
     from lorainit.train import RunResult
 
     results = [RunResult.from_dict(d) for d in result_dicts]
     store.record(results)
-    store.write_results_csv()
+    _write_tables(store, out)
     checkpoint.clear(pack_folder(out, pack.id))
     for res in results:
         if res.status == "failed":
@@ -294,6 +294,12 @@ def _clear_finished_checkpoints(store: Store, out: Path) -> None:
     for pack_id, run_ids in store.packs().items():
         if all(statuses.get(r) in FINISHED for r in run_ids) and pack_folder(out, pack_id).is_dir():
             shutil.rmtree(pack_folder(out, pack_id), ignore_errors=True)
+
+
+def _write_tables(store: Store, out: Path) -> None:
+    """results.csv and metrics.csv from the store, each written atomically."""
+    store.write_results_csv()
+    write_text_atomic(out / "metrics.csv", _metrics_csv(store))
 
 
 def _metrics_csv(store: Store) -> str:
