@@ -120,8 +120,7 @@ def _check_same_sweep(store: Store, sweep: sweeps.Sweep) -> None:
     if recorded["name"] != sweep.name:
         raise BadInput(f"{store.folder} holds sweep {recorded['name']!r}, not {sweep.name!r}; "
                        "use another --out folder")
-    old, new = recorded["base"], {k.replace("-", "_"): v for k, v in sweep.base.items()}
-    old = {k.replace("-", "_"): v for k, v in old.items()}
+    old, new = ({k.replace("-", "_"): v for k, v in base.items()} for base in (recorded["base"], sweep.base))
     changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
     if changed:
         detail = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed)

@@ -16,6 +16,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import yaml
@@ -44,11 +45,11 @@ class Sweep:
 class Pack:
     runs: list[RunConfig]
 
-    @property
+    @cached_property
     def run_ids(self) -> list[str]:
         return [r.run_id() for r in self.runs]
 
-    @property
+    @cached_property
     def id(self) -> str:
         """A hash of the ordered run ids: the pack's checkpoint folder name."""
         return hashlib.sha256(",".join(self.run_ids).encode()).hexdigest()[:12]
