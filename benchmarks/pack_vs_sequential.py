@@ -42,7 +42,7 @@ import torch
 from _common import (TokenCounter, clock, cuda_matmul_tf32, frozen_flop_params, matmul_peak_flops, peak_cuda_mib,
                      peak_rss_mib, set_environment)
 
-LR_EXPONENTS = 11          # lr = 2^k x 1e-5 for k = 0..10 (DESIGN.md, the paper's GLUE setting)
+LR_EXPONENTS = 11          # lr = 2^k x 1e-5 for k = 0..10 (the paper's GLUE setting)
 INITS = ("a", "b")         # Init[A]: A random, B = 0; Init[B]: B random, A = 0
 SEED = 0
 BATCH_SIZE = 4
@@ -105,7 +105,7 @@ def bench_pack(args: argparse.Namespace) -> dict:
                 tokens_fed=positions.fed, frozen_params=frozen_flop_params(trainer.model),
                 accuracies=[r.final.get("accuracy") for r in trainer.results],
                 diverged=sum(r.status == "diverged" for r in trainer.results),
-                unpadded_body=bool(getattr(trainer, "unpadded", False)))
+                unpadded_body=bool(getattr(trainer.task, "unpadded", False)))
 
 
 class _PackPositions:
@@ -113,16 +113,17 @@ class _PackPositions:
 
     def __init__(self, trainer):
         self.fed = 0
-        self._trainer, self._logits = trainer, trainer._logits
-        trainer._logits = self._count
+        self._trainer, self._task = trainer, trainer.task
+        self._logits = trainer.task.logits
+        trainer.task.logits = self._count
 
-    def _count(self, batch, *args, **kwargs):
+    def _count(self, state, batch, *args, **kwargs):
         if self._trainer.model.training:
             self.fed += batch["input_ids"].numel()
-        return self._logits(batch, *args, **kwargs)
+        return self._logits(state, batch, *args, **kwargs)
 
     def remove(self) -> None:
-        self._trainer._logits = self._logits
+        del self._task.logits  # the instance attribute; the class's method shows through again
 
 
 def _peft_model(model, init: str):
@@ -232,7 +233,7 @@ def bench_trainer(args: argparse.Namespace) -> dict:
 @torch.no_grad()
 def _evaluate(model, rows: _Rows, pad_id: int, device: str) -> float:
     """Accuracy on the dev rows, EVAL_BATCH rows per forward in file order, on `device`."""
-    from lorainit.tasks import glue
+    from lorainit.tasks.classification import collate
 
     model.eval()
     ids, type_ids = rows.dev
@@ -240,7 +241,7 @@ def _evaluate(model, rows: _Rows, pad_id: int, device: str) -> float:
     correct = 0
     for lo in range(0, len(ids), EVAL_BATCH):
         hi = lo + EVAL_BATCH
-        batch = glue.collate(ids[lo:hi], pad_id, type_ids[lo:hi] if type_ids is not None else None)
+        batch = collate(ids[lo:hi], pad_id, type_ids[lo:hi] if type_ids is not None else None)
         batch = {key: v.to(device) for key, v in batch.items()}
         correct += int((model(**batch).logits.argmax(-1).cpu() == labels[lo:hi]).sum())
     return correct / len(ids)
@@ -251,8 +252,8 @@ def bench_loop(args: argparse.Namespace) -> dict:
     from transformers import get_linear_schedule_with_warmup
 
     from lorainit import models
-    from lorainit.data import DataOrder
-    from lorainit.tasks import glue
+    from lorainit.engine.order import DataOrder
+    from lorainit.tasks.classification import collate
 
     start = clock(args.device)
     rows = _Rows(args)
@@ -276,7 +277,7 @@ def bench_loop(args: argparse.Namespace) -> dict:
         t = clock(args.device)
         for step in range(args.steps):
             idx = order.rows_at(step)
-            batch = glue.collate([ids[i] for i in idx], tokenizer.pad_token_id,
+            batch = collate([ids[i] for i in idx], tokenizer.pad_token_id,
                                  [type_ids[i] for i in idx] if type_ids is not None else None)
             batch = {key: v.to(args.device) for key, v in batch.items()}
             loss = model(**batch, labels=train_labels[idx].to(args.device)).loss

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from lorainit import toy, toy_report
+from lorainit.theory import toy, toy_report
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from lorainit import models  # noqa: E402
 from lorainit.tasks import glue  # noqa: E402
+from lorainit.tasks.classification import collate  # noqa: E402
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
@@ -43,4 +44,4 @@ def sst2_batch(minilm, sst2_rows):
     """Those rows tokenised and padded: (batch dict, labels tensor)."""
     _, tokenizer = minilm
     ids, type_ids = glue.encode(sst2_rows, tokenizer, 128)
-    return glue.collate(ids, tokenizer.pad_token_id, type_ids), torch.tensor(sst2_rows.labels)
+    return collate(ids, tokenizer.pad_token_id, type_ids), torch.tensor(sst2_rows.labels)

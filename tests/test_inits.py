@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from lorainit import rng
-from lorainit.inits import get_init, init_a
-from lorainit.lora import LoRAConfig, LoRAPack, stack_runs
+from lorainit.engine import rng
+from lorainit.engine.inits import get_init, init_a
+from lorainit.engine.lora import LoRAConfig, LoRAPack, stack_runs
 
 CASES = [(init, variance) for init in ("a", "b") for variance in ("kaiming", "gaussian")]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorainit import models
-from lorainit.lora import LoRAConfig, LoRAPack, stack_runs
+from lorainit.engine.lora import LoRAConfig, LoRAPack, stack_runs
 
 
 def test_minilm_alias_is_the_packaged_model():
@@ -56,7 +56,7 @@ def test_smollm2_converts_once_without_importing_its_package(tmp_path):
 import os, sys, time, torch
 os.environ["LORAINIT_CACHE"] = {str(tmp_path)!r}
 from lorainit import models
-from lorainit.lora import LoRAConfig, LoRAPack, stack_runs
+from lorainit.engine.lora import LoRAConfig, LoRAPack, stack_runs
 t = time.time(); first = models.resolve("smollm2-135m"); t_first = time.time() - t
 t = time.time(); again = models.resolve("smollm2-135m"); t_again = time.time() - t
 assert first.path == again.path and first.path.startswith({str(tmp_path)!r}), first.path

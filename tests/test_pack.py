@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lorainit.lora import DropoutStreams, LoRAConfig, LoRAPack, PackedLoRALinear, stack_runs
+from lorainit.engine.lora import DropoutStreams, LoRAConfig, LoRAPack, PackedLoRALinear, stack_runs
 
 
 def _perturb(pack, seed=0, scale=0.05):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorainit.lora import LoRAConfig, LoRAPack, stack_runs
-from lorainit.peft_io import AdapterError, export_run, import_run
+from lorainit.engine.lora import LoRAConfig, LoRAPack, stack_runs
+from lorainit.engine.peft_io import AdapterError, export_run, import_run
 
 
 def _trained_pack(model, config, K=3):

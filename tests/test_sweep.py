@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lorainit import cli, sweep
-from lorainit.store import Store
+from lorainit import cli
+from lorainit.sweeps import file, plan
+from lorainit.sweeps.store import Store
 
 TINY = """\
 name: tiny
@@ -92,18 +93,18 @@ def _run_until_checkpoint(file: Path, out: Path, count: int, timeout: float = 30
 
 def test_the_plan_keeps_same_seed_runs_together_and_respects_pack_size(tmp_path):
     text = TINY.replace("lr: [1.0e-4, 2.0e-3]", "lr: [1.0e-4, 2.0e-3]\n  seed: [0, 1]")
-    runs = sweep.parse(text).runs
+    runs = file.parse(text).runs
     assert len(runs) == 8 and len({r.run_id() for r in runs}) == 8
-    packs = sweep.plan(runs, 3)
+    packs = plan.plan(runs, 3)
     assert [len(p.runs) for p in packs] == [3, 3, 2]
     assert [r.seed for p in packs for r in p.runs] == [0, 0, 0, 0, 1, 1, 1, 1]
     # a pack begun earlier keeps its runs, whatever the pack size is now
     begun = {packs[1].id: packs[1].run_ids}
-    again = sweep.plan(runs, 8, begun)
+    again = plan.plan(runs, 8, begun)
     assert again[0].run_ids == packs[1].run_ids and sum(len(p.runs) for p in again) == 8
     # runs that cannot share a model copy never share a pack
-    mixed = sweep.parse(TINY.replace("lr: [1.0e-4, 2.0e-3]", "rank: [4, 8]")).runs
-    assert all(len({r.rank for r in p.runs}) == 1 for p in sweep.plan(mixed, 8))
+    mixed = file.parse(TINY.replace("lr: [1.0e-4, 2.0e-3]", "rank: [4, 8]")).runs
+    assert all(len({r.rank for r in p.runs}) == 1 for p in plan.plan(mixed, 8))
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):

@@ -6,7 +6,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from lorainit import rng, theory
+from lorainit.engine import rng
+from lorainit.theory import calculus
 from lorainit.errors import BadInput
 
 QUANTITIES = ("Z_A", "Z_B", "delta1", "delta2", "delta3")
@@ -19,61 +20,61 @@ def _gammas(row):
 
 
 def test_init_a_at_half_is_efficient_but_internally_unstable():
-    e = theory.exponents("a", 0.5)
+    e = calculus.exponents("a", 0.5)
     assert _gammas(e) == {"Z_A": 0.5, "Z_B": 0.0, "delta1": 0.0, "delta2": 0.0, "delta3": 0.0}
     assert (e["output_stable"], e["internally_stable"], e["efficient"]) == (True, False, True)
     assert e["lr_exponent"] == -0.5
 
 
 def test_init_a_at_one_is_stable_but_not_efficient():
-    e = theory.exponents("a", 1)
+    e = calculus.exponents("a", 1)
     assert _gammas(e) == {"Z_A": 0.0, "Z_B": -1.0, "delta1": -1.0, "delta2": -1.0, "delta3": -1.0}
     assert (e["output_stable"], e["internally_stable"], e["efficient"]) == (True, True, False)
 
 
 def test_init_b_at_half_blows_up_the_output():
-    e = theory.exponents("b", 0.5)
+    e = calculus.exponents("b", 0.5)
     assert _gammas(e) == {"Z_A": 0.5, "Z_B": 0.5, "delta1": 0.5, "delta2": 0.0, "delta3": 0.0}
     assert (e["output_stable"], e["internally_stable"], e["efficient"]) == (False, False, False)
 
 
 def test_init_b_at_one_is_stable_but_b_is_undertrained():
-    e = theory.exponents("b", 1)
+    e = calculus.exponents("b", 1)
     assert _gammas(e) == {"Z_A": 0.0, "Z_B": 0.0, "delta1": 0.0, "delta2": -1.0, "delta3": -1.0}
     assert (e["output_stable"], e["internally_stable"], e["efficient"]) == (True, True, False)
 
 
 def test_max_stable_c_is_the_smallest_output_stable_c():
-    assert theory.max_stable_c("a") == Fraction(1, 2)
-    assert theory.max_stable_c("b") == Fraction(1)
+    assert calculus.max_stable_c("a") == Fraction(1, 2)
+    assert calculus.max_stable_c("b") == Fraction(1)
     for init in ("a", "b"):
-        c_star = theory.max_stable_c(init)
-        assert theory.exponents(init, c_star)["output_stable"]
+        c_star = calculus.max_stable_c(init)
+        assert calculus.exponents(init, c_star)["output_stable"]
         # any larger rate, however slightly, is unstable: γ[Z_B] > 0 just below c*
-        assert not theory.exponents(init, c_star - Fraction(1, 1000))["output_stable"]
+        assert not calculus.exponents(init, c_star - Fraction(1, 1000))["output_stable"]
     # the rates the task names: Init[B] at n^-0.75 and Init[A] at n^-0.25 are above their maxima
-    assert not theory.exponents("b", 0.75)["output_stable"]
-    assert not theory.exponents("a", 0.25)["output_stable"]
+    assert not calculus.exponents("b", 0.75)["output_stable"]
+    assert not calculus.exponents("a", 0.25)["output_stable"]
 
 
 def test_zero_factor_absorbs_in_products():
     # an exactly-zero quantity times anything is exactly zero: γ = -inf, never a finite number
-    assert (theory.ZERO + theory.ETA).at(Fraction(1, 2)) == float("-inf")
-    assert (theory.ZERO | theory.ETA).at(Fraction(1, 2)) == Fraction(-1, 2)
+    assert (calculus.ZERO + calculus.ETA).at(Fraction(1, 2)) == float("-inf")
+    assert (calculus.ZERO | calculus.ETA).at(Fraction(1, 2)) == Fraction(-1, 2)
 
 
 def test_to_json_holds_the_maximal_rates_and_is_strict_json():
-    out = theory.to_json()
+    out = calculus.to_json()
     assert out["a"]["max_stable_lr_exponent"] == -0.5
     assert out["b"]["max_stable_lr_exponent"] == -1.0
     assert out["a"]["at_max_stable"]["efficient"] is True
     assert out["b"]["at_max_stable"]["delta2"] == -1.0
-    assert [row["c"] for row in out["b"]["table"]] == list(map(float, theory.GRID))
+    assert [row["c"] for row in out["b"]["table"]] == list(map(float, calculus.GRID))
     json.dumps(out, allow_nan=False)  # raises on a bare -inf
 
 
 def test_format_table_rows_read_back():
-    text = theory.format_table(theory.table(("a", "b"), (0.5, 1)))
+    text = calculus.format_table(calculus.table(("a", "b"), (0.5, 1)))
     rows = [line.split() for line in text.splitlines()[1:]]
     assert rows == [
         ["a", "0.5", "-0.5", "0.5", "0", "0", "0", "0", "yes", "no", "yes"],
@@ -93,7 +94,7 @@ def test_format_table_rows_read_back():
 ])
 def test_bad_input_names_the_value(init, c, named):
     with pytest.raises(BadInput) as err:
-        theory.exponents(init, c)
+        calculus.exponents(init, c)
     message = str(err.value)
     assert named in message
     assert ("a, b" in message) if init not in ("a", "b") else ("finite number" in message)
@@ -101,11 +102,11 @@ def test_bad_input_names_the_value(init, c, named):
 
 def test_bad_check_arguments_name_the_value():
     with pytest.raises(BadInput, match="'sgd'.*adam, signsgd"):
-        theory.check("sgd")
+        calculus.check("sgd")
     with pytest.raises(BadInput, match="widths"):
-        theory.check("adam", widths=(256,))
+        calculus.check("adam", widths=(256,))
     with pytest.raises(BadInput, match="steps must be an integer >= 2; got 1"):
-        theory.check("adam", steps=1)
+        calculus.check("adam", steps=1)
     assert issubclass(BadInput, ValueError)
 
 
@@ -113,7 +114,7 @@ def test_signsgd_first_step_moves_z_a_by_exactly_eta_times_l1_norm():
     # Init[B], step 1: A = 0, so ∇A = (Bᵀg) zᵀ and SignSGD moves every entry of row k by
     # ±η with the sign of z_j: Z_A,k = ±η ||z||_1 for every k, the aligned sum of §3.
     n = 256
-    result = theory.check("signsgd", widths=(n, 2 * n), steps=2, seeds=1)
+    result = calculus.check("signsgd", widths=(n, 2 * n), steps=2, seeds=1)
     z = torch.empty(n, 1, dtype=torch.float64).normal_(generator=rng.generator(0, "data"))
     expected = z.abs().sum().item() / n  # η = n^-1 at Init[B]'s maximal rate
     row = {(r["init"], r["width"], r["step"], r["quantity"]): r["value"] for r in result["rows"]}
@@ -126,7 +127,7 @@ def test_signsgd_first_step_moves_z_a_by_exactly_eta_times_l1_norm():
 
 @pytest.fixture(scope="module", params=["adam", "signsgd"])
 def sweep(request):
-    return theory.check(request.param, widths=TEST_WIDTHS, steps=10, seeds=2)
+    return calculus.check(request.param, widths=TEST_WIDTHS, steps=10, seeds=2)
 
 
 def test_measured_slopes_match_the_calculus(sweep):
@@ -136,14 +137,14 @@ def test_measured_slopes_match_the_calculus(sweep):
     for init in ("a", "b"):
         for q in ("Z_A", "Z_B", "delta2"):
             r = slopes[(init, q)]
-            assert abs(r["measured"] - r["predicted"]) <= theory.TOLERANCE, (init, q, r)
+            assert abs(r["measured"] - r["predicted"]) <= calculus.TOLERANCE, (init, q, r)
 
 
 def test_format_check_shows_both_slopes_and_flags_a_mismatch(sweep):
-    text = theory.format_check(sweep)
+    text = calculus.format_check(sweep)
     r = next(r for r in sweep["slopes"] if (r["init"], r["quantity"]) == ("b", "delta2"))
     line = next(line for line in text.splitlines() if line.split()[:3] == ["b", "-1", "delta2"])
     assert line.split()[3:5] == ["-1", f"{r['measured']:.3f}"]
     bad = {"settings": sweep["settings"], "slopes": [dict(r, measured=-0.8, diff=0.2)]}
-    assert "off by > 0.1" in theory.format_check(bad)
+    assert "off by > 0.1" in calculus.format_check(bad)
     assert "off by" not in line

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from lorainit import toy
+from lorainit.theory import toy
 
 
 @pytest.mark.parametrize("batch_size", [1000, 50])

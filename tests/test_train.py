@@ -11,8 +11,9 @@ from torch.nn import functional as F
 
 from lorainit import models
 from lorainit.config import RunConfig
-from lorainit.data import DataOrder, load_task
-from lorainit.lora import LoRAConfig, LoRAPack
+from lorainit.engine.order import DataOrder
+from lorainit.engine.lora import LoRAConfig, LoRAPack
+from lorainit.tasks.classification import Classification
 from lorainit.train import train_pack
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -58,7 +59,7 @@ def test_single_run_matches_peft_and_torch_adamw():
     run = _run(init="a", lr=1e-3, dropout=0.0, warmup_ratio=0.1, max_grad_norm=0.5)
     (ours,) = train_pack([run], show_progress=False, model_overrides=NO_DROPOUT)
 
-    base, tokenizer = models.load("minilm", "classification", num_labels=2, **NO_DROPOUT)
+    base, _ = models.load("minilm", "classification", num_labels=2, **NO_DROPOUT)
     donor = LoRAPack(copy.deepcopy(base), LoRAConfig(rank=run.rank, alpha=run.alpha, targets=run.targets), 1)
     donor.init_run(0, run.init, run.init_variance, run.seed)
     peft_model = get_peft_model(base, LoraConfig(r=run.rank, lora_alpha=run.alpha, lora_dropout=0.0,
@@ -73,14 +74,15 @@ def test_single_run_matches_peft_and_torch_adamw():
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=run.lr, weight_decay=run.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, 2, run.max_steps)  # ceil(0.1 * 20) warmup steps
-    data = load_task(run, tokenizer)
-    order = DataOrder(run.seed, len(data.train), run.batch_size)
+    task = Classification(run)  # the same rows the trainer reads
+    order = DataOrder(run.seed, task.train_size, run.batch_size)
     peft_model.train()
     reference = []
     for step in range(run.max_steps):
         rows = order.rows_at(step)
-        loss = F.cross_entropy(peft_model(**data.train.batch(rows, tokenizer.pad_token_id)).logits,
-                               data.train.labels[rows])
+        batch = task.batch(rows)
+        labels = batch.pop("labels")
+        loss = F.cross_entropy(peft_model(**batch).logits, labels)
         reference.append(loss.item())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, run.max_grad_norm)

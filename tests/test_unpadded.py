@@ -4,9 +4,10 @@ import copy
 
 import torch
 
-from lorainit import packing, unpadded
-from lorainit.lora import LoRAConfig, LoRAPack, stack_runs
+from lorainit.engine import packing, unpadded
+from lorainit.engine.lora import LoRAConfig, LoRAPack, stack_runs
 from lorainit.tasks import glue
+from lorainit.tasks.classification import collate
 
 
 def _packed(model, K=3):
@@ -25,7 +26,7 @@ def test_unpadded_equals_padded_forward_and_gradients(minilm, sst2_rows):
     assert unpadded.supports(model)
     pack, state = _packed(model)
     ids, type_ids = glue.encode(sst2_rows, tokenizer, 128)
-    batch = stack_runs(glue.collate(ids, tokenizer.pad_token_id, type_ids), 3)
+    batch = stack_runs(collate(ids, tokenizer.pad_token_id, type_ids), 3)
     assert batch["attention_mask"].float().mean() < 0.9  # there is padding to skip
     state.set_batch(None, None)
     model.eval()  # dropout off on both sides; gradients still flow
@@ -48,8 +49,8 @@ def test_unequal_token_counts_per_run(minilm, sst2_rows):
     model, tokenizer = minilm
     pack, state = _packed(copy.deepcopy(model), K=2)
     ids, type_ids = glue.encode(sst2_rows, tokenizer, 128)
-    first = glue.collate(ids[:4], tokenizer.pad_token_id, type_ids[:4])
-    second = glue.collate(ids[4:], tokenizer.pad_token_id, type_ids[4:])
+    first = collate(ids[:4], tokenizer.pad_token_id, type_ids[:4])
+    second = collate(ids[4:], tokenizer.pad_token_id, type_ids[4:])
     width = max(first["input_ids"].shape[1], second["input_ids"].shape[1])
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
     batch = {k: torch.cat([pad(first[k]), pad(second[k])]) for k in first}
@@ -87,7 +88,7 @@ def test_last_layer_on_first_tokens_equals_every_token_with_dropout_on(sst2_rows
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     ids, type_ids = glue.encode(sst2_rows, tokenizer, 128)
     half = len(ids) // 2
-    batches = [glue.collate(ids[s], tokenizer.pad_token_id, type_ids[s]) for s in (slice(0, half), slice(half, 2 * half))]
+    batches = [collate(ids[s], tokenizer.pad_token_id, type_ids[s]) for s in (slice(0, half), slice(half, 2 * half))]
     width = max(b["input_ids"].shape[1] for b in batches)
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
     # runs 0, 1 (seed 0) see the first rows, runs 2, 3 (seed 1) the others: unequal token counts
@@ -119,7 +120,7 @@ def test_shared_rows_compute_the_first_layer_once_with_the_same_numbers(sst2_row
         for p in pack.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
     ids, type_ids = glue.encode(sst2_rows, tokenizer, 128)
-    batch = stack_runs(glue.collate(ids, tokenizer.pad_token_id, type_ids), 4)
+    batch = stack_runs(collate(ids, tokenizer.pad_token_id, type_ids), 4)
     state = packing.install(pack, [0, 0, 0, 0])
     model.train()
     lengths = [batch["input_ids"].shape[1]] * 4

@@ -24,7 +24,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_model(args: argparse.Namespace) -> int:
     from lorainit import models
-    from lorainit.lora import LoRAConfig, LoRAPack, linear_names
+    from lorainit.engine.lora import LoRAConfig, LoRAPack, linear_names
 
     resolved = models.resolve(args.spec)
     model, _ = models.load(args.spec, args.kind, num_labels=args.num_labels)
@@ -43,7 +43,7 @@ def _cmd_model(args: argparse.Namespace) -> int:
 def _cmd_theory(args: argparse.Namespace) -> int:
     import json
 
-    from lorainit import theory
+    from lorainit.theory import calculus as theory
 
     if args.json:
         print(json.dumps(theory.to_json(), indent=2))
@@ -92,7 +92,7 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from lorainit import toy, toy_report
+    from lorainit.theory import toy, toy_report
 
     fields = dict(toy.PRESETS[args.preset])
     if args.widths is not None:
@@ -131,20 +131,20 @@ def _cmd_toy(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lorainit import runner
     from lorainit.config import RunConfig
+    from lorainit.sweeps import driver
 
     given = {name: getattr(args, name) for name in RunConfig.field_names() if getattr(args, name) is not None}
     run = RunConfig.from_dict(given, where="lorainit train")
     given = {k: v for k, v in run.to_dict().items() if k in given}  # typed, as a sweep file would hold them
-    return runner.run_sweep(runner.sweep_of_one(run, given), args.out, device=args.device,
+    return driver.run_sweep(driver.sweep_of_one(run, given), args.out, device=args.device,
                             show_progress=not args.quiet)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from lorainit import runner, sweep
+    from lorainit.sweeps import driver, file
 
-    return runner.run_sweep(sweep.load(args.file), args.out, executor=args.executor, ray_address=args.ray_address,
+    return driver.run_sweep(file.load(args.file), args.out, executor=args.executor, ray_address=args.ray_address,
                             device=args.device, dry_run=args.dry_run, show_progress=not args.quiet)
 
 

@@ -1,8 +1,13 @@
 """A run's configuration: every field a sweep file or the command line may set, typed and checked.
 
-The names are the interface (DESIGN.md, "Run fields"): sweep files use them as written, the command
-line as `--max_steps` or `--max-steps`. `RunConfig.from_dict` refuses unknown keys and bad values
-with a message that names the key and what is allowed.
+The field names are an interface: sweep files use them as written, the command line as
+`--max_steps` or `--max-steps`, and `results.csv` has a column for each. `RunConfig.from_dict`
+refuses unknown keys and bad values with a message that names the key and what is allowed.
+
+A run's identity (`run_id`) is a hash of its resolved fields. It is stable across versions: the
+fields of id schema 1 (`ID_FIELDS`) are always hashed; a field added later joins the hash only
+when its value differs from its default, so adding a field never changes the id of a run that
+leaves it at its default, and a sweep folder made before the field existed resumes as it was.
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ import json
 import math
 from dataclasses import dataclass
 
+from lorainit import tasks
 from lorainit.errors import BadInput
 
-TASKS = ("sst2", "qnli", "mnli", "gsm8k", "wikitext2")
 INITS = ("a", "b")
 VARIANCES = ("kaiming", "gaussian")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -26,7 +31,7 @@ class RunConfig:
     """One LoRA finetuning run. Fields that must agree for runs to share a pack are marked (pack)."""
 
     model: str = "minilm"                 # (pack) model spec: alias, local folder or hub id
-    task: str = "sst2"                    # (pack) sst2 | qnli | mnli | gsm8k | wikitext2
+    task: str = "sst2"                    # (pack) a registered task: sst2 | qnli | mnli
     data_dir: str | None = None           # (pack) the task's data folder; default $LORAINIT_DATA or hub
     init: str = "a"                       # a: A random, B = 0 (Init[A]); b: B random, A = 0 (Init[B])
     init_variance: str = "kaiming"        # kaiming (PEFT's) | gaussian (the theory's)
@@ -77,7 +82,7 @@ class RunConfig:
 
     def validate(self, where: str = "run") -> None:
         """Raise BadInput naming the first impossible value."""
-        choices = {"task": TASKS, "init": INITS, "init_variance": VARIANCES, "precision": PRECISIONS}
+        choices = {"task": tasks.names(), "init": INITS, "init_variance": VARIANCES, "precision": PRECISIONS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise BadInput(f"{where}: {key} is {getattr(self, key)!r}; allowed: {', '.join(allowed)}")
@@ -106,16 +111,36 @@ class RunConfig:
             raise BadInput(f"{where}: targets is empty; name at least one module, e.g. query")
 
     def to_dict(self) -> dict:
-        return {f: (list(v) if isinstance(v, tuple) else v) for f, v in dataclasses.asdict(self).items()}
+        return {f: _plain(v) for f, v in dataclasses.asdict(self).items()}
 
     def run_id(self) -> str:
-        """A short hash of the resolved config: the run's identity in a store."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """A short hash of the resolved config: the run's identity in a store (see the module's doc)."""
+        values = self.to_dict()
+        keyed = {name: values[name] for name in ID_FIELDS}
+        for f in dataclasses.fields(self):
+            if f.name not in ID_FIELDS and values[f.name] != _plain(f.default):
+                keyed[f.name] = values[f.name]
+        if ID_SCHEMA != 1:  # schema 1's blob carries no version, so that its ids stay as they were
+            keyed["__id_schema__"] = ID_SCHEMA
+        blob = json.dumps(keyed, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def pack_key(self) -> tuple:
         """Runs with equal keys can train in one pack."""
         return tuple((name, json.dumps(getattr(self, name))) for name in self.PACK_FIELDS)
+
+
+# Run ids: change ID_SCHEMA only on purpose (it changes every id); never edit ID_FIELDS.
+ID_SCHEMA = 1
+ID_FIELDS = ("model", "task", "data_dir", "init", "init_variance", "lr", "lr_b_ratio", "seed", "rank", "alpha",
+             "rslora", "dropout", "targets", "batch_size", "epochs", "max_steps", "warmup_ratio", "weight_decay",
+             "max_grad_norm", "max_seq_len", "max_train_samples", "max_eval_samples", "eval_every", "precision",
+             "divergence_factor", "checkpoint_every", "save_adapters")
+
+
+def _plain(value):
+    """A field value as `to_dict` writes it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _to_bool(value) -> bool:

@@ -58,11 +58,13 @@ def _peft_reload_check(trainer: PackTrainer, folders: list[str]) -> list[float]:
     """Reload each run's adapter with PEFT on a fresh base; max |logit diff| against the pack, per run."""
     from peft import PeftModel
 
-    rows = list(range(min(32, len(trainer.data.eval))))
-    batch = trainer.data.eval.batch(rows, trainer.tokenizer.pad_token_id)
+    task = trainer.task  # the classification family: its eval rows and its packed logits
+    rows = list(range(min(32, task.eval_size)))
+    batch = task.rows_batch(task.eval, rows)
+    batch.pop("labels")
     trainer.model.eval()
     trainer.state.set_batch(None, None)
-    packed = trainer._logits({k: v.repeat(trainer.K, 1) for k, v in batch.items()}).view(trainer.K, len(rows), -1)
+    packed = task.logits(trainer.state, {k: v.repeat(trainer.K, 1) for k, v in batch.items()}).view(trainer.K, len(rows), -1)
     diffs = []
     for k, folder in enumerate(folders):
         base, _ = models.load("minilm", "classification", num_labels=2)

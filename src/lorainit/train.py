@@ -1,11 +1,14 @@
-"""The loop of one pack: K runs on one frozen model, each exactly as if it ran alone.
+"""The pack trainer: K runs on one frozen model, each exactly as if it ran alone, for any task.
 
 Every step stacks the active runs' micro-batches adapter-major (runs sharing a seed share their
-batch and draw it once), computes each run's mean loss, and backpropagates their sum, so that
-run k's gradient is its own loss's gradient. `PackedAdamW` then clips and steps each run with its
-own hyperparameters. A run whose loss turns non-finite or exceeds `divergence_factor` x its first
-loss is marked diverged at that step, gets no update from it on, and its rows leave the batch.
-The trainer knows nothing of sweeps: it takes runs and returns their results.
+batch and draw it once); the pack's task family (`lorainit.tasks`, found by the runs' `task`)
+gives each run's loss as a sum with its count, and the trainer backpropagates the sum of the
+runs' means, so that run k's gradient is its own mean loss's gradient. `PackedAdamW` then clips
+and steps each run with its own hyperparameters. A run whose loss turns non-finite or exceeds
+`divergence_factor` x its first loss is marked diverged at that step, gets no update from it on,
+and its rows leave the batch. Evaluations record every metric the task reports, keeping each
+one's best by its direction. The trainer knows nothing of sweeps nor of any one task: it takes
+runs and returns their results.
 """
 
 from __future__ import annotations
@@ -18,20 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
-from lorainit import checkpoint, models, packing, unpadded
+from lorainit import tasks
 from lorainit.config import RunConfig
-from lorainit.data import DataOrder, Split, TaskData, load_task, total_steps
+from lorainit.engine import checkpoint, packing
+from lorainit.engine.lora import LoRAConfig, LoRAPack
+from lorainit.engine.optim import PackedAdamW, PackedGradScaler
+from lorainit.engine.order import DataOrder, total_steps
+from lorainit.engine.peft_io import export_run
+from lorainit.engine.probes import Probes
 from lorainit.errors import BadInput
-from lorainit.lora import LoRAConfig, LoRAPack
-from lorainit.optim import PackedAdamW, PackedGradScaler
-from lorainit.peft_io import export_run
-from lorainit.probes import Probes
-
-# Evaluation forwards hold about this many tokens over all active runs (rows sorted by length, so
-# little padding): large enough for efficient matmuls, small enough to stay in cache and memory.
-EVAL_TOKENS = 4096
+from lorainit.tasks.base import Forward, Task
 
 
 @dataclass
@@ -74,17 +74,8 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _stack(batches: list[dict[str, torch.Tensor]], device) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """Right-pad each run's batch to the longest and stack them; also return each one's own length."""
-    lengths = [b["input_ids"].shape[1] for b in batches]
-    width = max(lengths)
-    out = {key: torch.cat([F.pad(b[key], (0, width - b[key].shape[1])) for b in batches]).to(device)
-           for key in batches[0]}
-    return out, lengths
-
-
 class PackTrainer:
-    """Holds one pack's model, data, optimiser and state; `run()` trains it to the end."""
+    """Holds one pack's model, task, optimiser and state; `run()` trains it to the end."""
 
     def __init__(self, runs: list[RunConfig], device: str | None = None, show_progress: bool = True,
                  model_overrides: dict | None = None):
@@ -98,29 +89,25 @@ class PackTrainer:
         self.device = _device(runs, device)
         self.show_progress = show_progress
         first = runs[0]
-        overrides = model_overrides or {}  # base-model config fields, e.g. hidden_dropout_prob=0.0
-        model, self.tokenizer = models.load(first.model, "classification", num_labels=2, **overrides)
-        self.data: TaskData = load_task(first, self.tokenizer)
-        if self.data.num_labels != model.config.num_labels:
-            model, self.tokenizer = models.load(first.model, "classification", num_labels=self.data.num_labels,
-                                                **overrides)
-        self.model = model.to(self.device)
-        self.pack = LoRAPack(model, LoRAConfig(rank=first.rank, alpha=first.alpha, dropout=first.dropout,
-                                               rslora=first.rslora, targets=first.targets), self.K)
+        # the task family loads its model and rows; model_overrides set base-model config fields,
+        # e.g. hidden_dropout_prob=0.0
+        self.task: Task = tasks.family(first.task)(first, model_overrides)
+        self.metrics = {m.name: m for m in self.task.metrics}
+        self.model = self.task.model.to(self.device)
+        self.pack = LoRAPack(self.model, LoRAConfig(rank=first.rank, alpha=first.alpha, dropout=first.dropout,
+                                                    rslora=first.rslora, targets=first.targets), self.K)
         for k, run in enumerate(runs):
             self.pack.init_run(k, run.init, run.init_variance, run.seed)
         self.state = packing.install(self.pack, [r.seed for r in runs])
-        # BERT-family classifiers skip padding in every token-wise op (see unpadded.py)
-        self.unpadded = unpadded.supports(self.model)
         self.probes = Probes(self.pack)
-        self.total = total_steps(first, len(self.data.train))
+        self.total = total_steps(self.task.train_size, first.batch_size, first.epochs, first.max_steps)
         self.optimizer = PackedAdamW(
             self.pack.named_parameters(), lr=[r.lr for r in runs], lr_b_ratio=[r.lr_b_ratio for r in runs],
             weight_decay=[r.weight_decay for r in runs], max_grad_norm=[r.max_grad_norm for r in runs],
             warmup_ratio=[r.warmup_ratio for r in runs], total_steps=self.total)
         self.scaler = PackedGradScaler(self.K, self.device) if first.precision == "fp16" else None
         # one order per seed: runs sharing a seed share their batches
-        self.orders = {r.seed: DataOrder(r.seed, len(self.data.train), first.batch_size) for r in runs}
+        self.orders = {r.seed: DataOrder(r.seed, self.task.train_size, first.batch_size) for r in runs}
         self.alive = [True] * self.K
         self.first_loss: list[float | None] = [None] * self.K
         self.results = [RunResult(r) for r in runs]
@@ -131,38 +118,29 @@ class PackTrainer:
 
     # -- one step ---------------------------------------------------------------------------
 
-    def _logits(self, batch: dict[str, torch.Tensor], every_token: bool = False, shared: bool = False) -> torch.Tensor:
-        if self.unpadded:
-            return unpadded.forward(self.model, self.state, **batch, every_token=every_token, shared=shared)
-        return self.model(**batch).logits
-
-    def _batch(self, active: list[int]) -> tuple[dict, torch.Tensor, list[int]]:
-        """The stacked batch of the active runs (same-seed runs draw theirs once), labels, lengths."""
-        drawn: dict[int, tuple[dict, torch.Tensor]] = {}
-        batches, labels = [], []
+    def _batch(self, active: list[int]) -> tuple[dict, list[int]]:
+        """The stacked batch of the active runs (same-seed runs draw theirs once) and each one's length."""
+        drawn: dict[int, dict] = {}
+        batches = []
         for k in active:
             seed = self.runs[k].seed
             if seed not in drawn:
-                rows = self.orders[seed].rows_at(self.step)
-                drawn[seed] = (self.data.train.batch(rows, self.tokenizer.pad_token_id), self.data.train.labels[rows])
-            batches.append(drawn[seed][0])
-            labels.append(drawn[seed][1])
-        stacked, lengths = _stack(batches, self.device)
-        return stacked, torch.cat(labels).to(self.device), lengths
+                drawn[seed] = self.task.batch(self.orders[seed].rows_at(self.step))
+            batches.append(drawn[seed])
+        return self.task.stack(batches, self.device)
 
     def train_step(self, log: bool) -> tuple[dict[int, float], int]:
         """One optimiser step of every active run; returns their losses and the real tokens seen."""
         active = [k for k in range(self.K) if self.alive[k]]
-        batch, labels, lengths = self._batch(active)
+        batch, lengths = self._batch(active)
         self.state.set_batch(active, lengths)
         self.model.train()
-        probe = (self.probes.capture(self.step + 1, active, batch["attention_mask"].bool())
-                 if log else contextlib.nullcontext())
+        tokens = self.task.token_mask(batch)
+        probe = self.probes.capture(self.step + 1, active, tokens) if log else contextlib.nullcontext()
+        one_seed = len({self.runs[k].seed for k in active}) == 1  # then every run has these rows
         with probe, _autocast(self.runs[0].precision, self.device):
-            # probes read every token's features, and every layer's adapters through their forward
-            one_seed = len({self.runs[k].seed for k in active}) == 1  # then every run has these rows
-            logits = self._logits(batch, every_token=log, shared=one_seed and not log)
-        per_run = F.cross_entropy(logits.float(), labels, reduction="none").view(len(active), -1).mean(1)  # (n,)
+            losses = self.task.loss(self.state, batch, Forward(active, probing=log, shared_rows=one_seed and not log))
+        per_run = losses.means()  # (n,) each run's mean over its own counted rows or tokens
         values = per_run.detach().cpu().tolist()
         ok = torch.ones(len(active), dtype=torch.bool)
         for j, k in enumerate(active):
@@ -183,9 +161,9 @@ class PackTrainer:
                 self.optimizer.step(mask)
             else:
                 # each run's loss times its own scale: one run's overflow never skips another's step
-                losses = torch.zeros(self.K, device=kept.device).index_copy(
+                scaled = torch.zeros(self.K, device=kept.device).index_copy(
                     0, torch.tensor(stepping, device=kept.device), kept)
-                self.scaler.scale_losses(losses).sum().backward()
+                self.scaler.scale_losses(scaled).sum().backward()
                 found_inf = self.scaler.unscale_(self.pack.named_parameters())
                 self.optimizer.step(mask & ~found_inf)
                 self.scaler.update(found_inf, mask)
@@ -194,55 +172,34 @@ class PackTrainer:
             if ok[j]:
                 self.results[k].steps = self.step
                 self.results[k].metrics.append({"step": self.step, "name": "train_loss", "value": values[j]})
-        return {k: values[j] for j, k in enumerate(active)}, int(batch["attention_mask"].sum())
+        return {k: values[j] for j, k in enumerate(active)}, int(tokens.sum())
 
     # -- evaluation -------------------------------------------------------------------------
 
-    def _eval_chunks(self, order: list[int], runs: int) -> list[list[int]]:
-        """Consecutive rows of `order` grouped so that runs x rows x longest stays near EVAL_TOKENS."""
-        chunks, current = [], []
-        for i in order:
-            longest = len(self.data.eval.ids[i])  # rows are sorted by length: the last is the longest
-            if current and runs * (len(current) + 1) * longest > EVAL_TOKENS:
-                chunks.append(current)
-                current = []
-            current.append(i)
-        return chunks + ([current] if current else [])
-
     @torch.inference_mode()
     def evaluate(self, record: bool = True) -> dict[int, dict[str, float]]:
-        """Accuracy and loss of every active run on the evaluation rows, by run.
+        """Every metric of the task for every active run on the evaluation rows, by run.
 
-        With `record`, they join each run's metrics and update its final and best values.
+        With `record`, they join each run's metrics and update its final and best values (best by
+        each metric's direction).
         """
         active = [k for k in range(self.K) if self.alive[k]]
         if not active:
             return {}
-        split: Split = self.data.eval
         self.state.set_batch(active, None)
         self.model.eval()
-        order = sorted(range(len(split)), key=lambda i: len(split.ids[i]))
-        correct = torch.zeros(len(active))
-        loss_sum = torch.zeros(len(active))
-        for rows in self._eval_chunks(order, len(active)):
-            batch = split.batch(rows, self.tokenizer.pad_token_id)
-            stacked = {key: v.repeat(len(active), 1).to(self.device) for key, v in batch.items()}
+        try:
             with _autocast(self.runs[0].precision, self.device):
-                logits = self._logits(stacked, shared=True).float().view(len(active), len(rows), -1)  # (n, b, C)
-            y = split.labels[rows].to(self.device)
-            correct += (logits.argmax(-1) == y).sum(1).float().cpu()
-            loss_sum += F.cross_entropy(logits.transpose(1, 2), y.expand(len(active), -1),
-                                        reduction="none").sum(1).cpu()
-        self.state.set_batch(None, None)
-        measured = {k: {"accuracy": float(correct[j] / len(split)), "eval_loss": float(loss_sum[j] / len(split))}
-                    for j, k in enumerate(active)}
+                measured = dict(zip(active, self.task.evaluate(self.state, active)))
+        finally:
+            self.state.set_batch(None, None)
         for k, values in measured.items() if record else ():
             res = self.results[k]
             for name, value in values.items():
                 res.metrics.append({"step": self.step, "name": name, "value": value})
+                if self.metrics[name].better(value, res.best.get(name)):
+                    res.best[name] = value
             res.final = dict(values)
-            res.best = {"accuracy": max(values["accuracy"], res.best.get("accuracy", float("-inf"))),
-                        "eval_loss": min(values["eval_loss"], res.best.get("eval_loss", float("inf")))}
         return measured
 
     # -- checkpoints ------------------------------------------------------------------------

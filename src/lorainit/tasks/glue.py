@@ -16,8 +16,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from lorainit.errors import BadInput
 
 
@@ -162,20 +160,3 @@ def encode(examples: Examples, tokenizer, max_seq_len: int) -> tuple[list[list[i
     else:
         enc = tokenizer([t[0] for t in examples.texts], truncation=True, max_length=max_seq_len)
     return enc["input_ids"], enc.get("token_type_ids")
-
-
-def collate(ids: list[list[int]], pad_id: int, type_ids: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its own longest row: input_ids, attention_mask (and token_type_ids)."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, :len(x)] = torch.tensor(x)
-        mask[i, :len(x)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask}
-    if type_ids is not None:
-        tt = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(type_ids):
-            tt[i, :len(x)] = torch.tensor(x)
-        batch["token_type_ids"] = tt
-    return batch

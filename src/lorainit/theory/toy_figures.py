@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorainit.toy import ToyConfig, WidthResult
+from lorainit.theory.toy import ToyConfig, WidthResult
 
 
 def _plt():

@@ -4,7 +4,8 @@
 Ray instance is started (and stopped at the end). A task whose worker dies is retried by Ray, and
 the retry resumes the pack from its last checkpoint. Workers write checkpoints and adapters into
 the sweep folder, which every node must see (a shared filesystem); they hand their results back,
-and the driver alone writes the store.
+and the driver alone writes the store (through `record`). A task's entry point is
+`sweeps.worker.train_pack`, which imports nothing of the driver.
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lorainit import runner
 from lorainit.errors import BadInput
-from lorainit.store import Store
+from lorainit.sweeps import worker
+from lorainit.sweeps.store import Store
 
 RETRIES = 3  # attempts after a worker dies, each resuming from the pack's checkpoint
 
 
-def _train(run_dicts: list[dict], out: str, device: str) -> list[dict]:
-    return runner.train_pack(run_dicts, out, device)
+def _train(run_dicts: list[dict], out: str, device: str) -> dict:
+    return worker.train_pack(run_dicts, out, device)
 
 
-def run_packs(packs, out: Path, device: str, store: Store, progress, ray_address: str | None = None) -> None:
+def run_packs(packs, out: Path, device: str, store: Store, progress, record, ray_address: str | None = None) -> None:
+    """Train `packs` as Ray tasks; `record(pack, outcome)` is called in the driver as each one ends."""
     try:
         import ray
     except ImportError:
@@ -54,13 +56,13 @@ def run_packs(packs, out: Path, device: str, store: Store, progress, ray_address
             for ref in ready:
                 pack = pending.pop(ref)
                 try:
-                    results = ray.get(ref)
+                    outcome = ray.get(ref)
                 except ray.exceptions.RayError as err:  # the worker died more often than RETRIES
                     from lorainit.train import RunResult
 
                     reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                    results = [RunResult(r, status="failed", error=reason).to_dict() for r in pack.runs]
-                runner.record_pack(store, out, pack, results, progress)
+                    outcome = {"results": [RunResult(r, status="failed", error=reason).to_dict() for r in pack.runs]}
+                record(pack, outcome)
     finally:
         if started_here:
             ray.shutdown()

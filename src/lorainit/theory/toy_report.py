@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lorainit import theory
 from lorainit.files import csv_text, write_text_atomic
-from lorainit.toy import ToyConfig, WidthResult
+from lorainit.theory import calculus
+from lorainit.theory.toy import ToyConfig, WidthResult
 
 RESULT_COLUMNS = ("init", "width", "lr", "seed", "train_loss", "test_loss", "diverged", "diverged_step",
                   "stable", "z_a_rms", "z_b_rms", "z_b_peak")
@@ -132,8 +132,8 @@ def summarize(results: list[WidthResult], cfg: ToyConfig, bootstrap: int = 1000,
                 boot[init][key].append(b[init][key])
     slopes = {}
     for init in cfg.inits:
-        c_star = float(theory.max_stable_c(init))
-        predicted = {"largest_stable_lr": -c_star, "z_a_at_optimum": theory.exponents(init, c_star)["Z_A"]}
+        c_star = float(calculus.max_stable_c(init))
+        predicted = {"largest_stable_lr": -c_star, "z_a_at_optimum": calculus.exponents(init, c_star)["Z_A"]}
         slopes[init] = {}
         for key in SLOPE_KEYS:
             values = np.array(boot[init][key], dtype=float)
@@ -165,7 +165,7 @@ def write_outputs(results: list[WidthResult], cfg: ToyConfig, summary: dict, out
         "definitions": __doc__.split("Definitions (stated once, used everywhere):")[1].strip(),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
     }, indent=2) + "\n")
-    from lorainit.toy_figures import draw_all
+    from lorainit.theory.toy_figures import draw_all
 
     return draw_all(results, cfg, summary, out)
 

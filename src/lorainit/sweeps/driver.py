@@ -11,108 +11,23 @@ from __future__ import annotations
 import math
 import shutil
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorainit import checkpoint, models, sweep as sweeps
+from lorainit import models, tasks
 from lorainit.config import RunConfig
+from lorainit.engine import checkpoint
 from lorainit.errors import BadInput
 from lorainit.files import csv_text, write_text_atomic
-from lorainit.store import FINISHED, Store
+from lorainit.sweeps import estimates, folder, worker
+from lorainit.sweeps.file import Sweep
+from lorainit.sweeps.plan import Pack, plan
+from lorainit.sweeps.progress import Progress
+from lorainit.sweeps.store import FINISHED, Store
 
 EXECUTORS = ("local", "ray")
 
 
-def pack_folder(out: Path, pack_id: str) -> Path:
-    return out / "checkpoints" / pack_id
-
-
-def train_pack(run_dicts: list[dict], out: str, device: str | None, on_step=None, on_eval=None) -> list[dict]:
-    """Train one pack in sweep folder `out`: resume from its checkpoints, write its adapters.
-
-    Takes and returns plain values, so that it runs the same in this process or a Ray worker.
-    A pack that raises marks its runs failed with the error, and the sweep goes on.
-    """
-    from lorainit.train import PackTrainer, RunResult
-
-    runs = [RunConfig.from_dict(d) for d in run_dicts]
-    out = Path(out)
-    pack_id = sweeps.Pack(runs).id
-    try:
-        trainer = PackTrainer(runs, device=device, show_progress=False)
-        results = trainer.run(adapters_dir=out / "adapters", checkpoint_dir=pack_folder(out, pack_id),
-                              on_step=on_step, on_eval=on_eval)
-        if trainer.resumed_at is not None:
-            print(f"pack {pack_id} resumed from its checkpoint at step {trainer.resumed_at}", file=sys.stderr)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as err:  # noqa: BLE001 - recorded on the runs, shown at the end
-        results = [RunResult(r, status="failed", error=f"{type(err).__name__}: {err}") for r in runs]
-    return [r.to_dict() for r in results]
-
-
-@dataclass
-class Progress:
-    """One display for the whole sweep: runs done, diverged and left; the current pack's step,
-    mean loss and throughput; the ETA (from the steps left over all packs)."""
-
-    total_runs: int
-    done: int = 0
-    diverged: int = 0
-    failed: int = 0
-    enabled: bool = True
-    steps: dict = field(default_factory=dict)  # pack id -> (steps done, total steps)
-    bar: object = None
-
-    def start(self, packs: list[sweeps.Pack]) -> None:
-        from tqdm.auto import tqdm
-
-        from lorainit.data import total_steps
-
-        for p in packs:
-            sample = sweeps.data_sample(p.runs[0], "train")  # corrected once the pack has loaded its data
-            self.steps[p.id] = [0, total_steps(p.runs[0], sample[0]) if sample else 1]
-        self.bar = tqdm(total=sum(t for _, t in self.steps.values()), unit="step", desc="sweep",
-                        disable=not self.enabled, file=sys.stderr, dynamic_ncols=True)
-        self._show("")
-
-    def _show(self, pack: str) -> None:
-        left = self.total_runs - self.done - self.diverged - self.failed
-        parts = [f"runs {self.done} done, {self.diverged} diverged"]
-        if self.failed:
-            parts.append(f"{self.failed} failed")
-        parts.append(f"{left} left")
-        self.bar.set_postfix_str(", ".join(parts) + (f" | {pack}" if pack else ""), refresh=False)
-
-    def step(self, pack_id: str, index: int, count: int, step: int, total: int, tok_s: float,
-             loss: float | None = None) -> None:
-        done, old_total = self.steps[pack_id]
-        if total != old_total:  # the estimate before the pack's data was loaded
-            self.bar.total += total - old_total
-        self.steps[pack_id] = [step, total]
-        mean = f", loss {loss:.4f}" if loss is not None else ""
-        self._show(f"pack {index}/{count} step {step}/{total}{mean}, {tok_s:.0f} tok/s")
-        self.bar.update(step - done)
-
-    def evaluating(self, index: int, count: int, runs: int, rows: int) -> None:
-        self._show(f"pack {index}/{count} evaluating {runs} runs on {rows} rows")
-        self.bar.refresh()
-
-    def finished(self, pack_id: str, statuses: list[str]) -> None:
-        done, total = self.steps.get(pack_id, (0, 0))
-        self.steps[pack_id] = [total, total]
-        self.done += statuses.count("done")
-        self.diverged += statuses.count("diverged")
-        self.failed += statuses.count("failed")
-        self._show("")
-        self.bar.update(total - done)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _check_same_sweep(store: Store, sweep: sweeps.Sweep) -> None:
+def _check_same_sweep(store: Store, sweep: Sweep) -> None:
     """Refuse a folder holding another sweep, or this sweep with a changed base."""
     recorded = store.sweep()
     if recorded is None:
@@ -129,17 +44,17 @@ def _check_same_sweep(store: Store, sweep: sweeps.Sweep) -> None:
 
 
 def _preflight(runs: list[RunConfig]) -> None:
-    """Fail before writing anything if a model or data file cannot be found."""
-    from lorainit.tasks import glue
-
+    """Fail before writing anything if a model or a task's data cannot be found."""
     for spec in sorted({r.model for r in runs}):
         models.resolve(spec)
-    for task, data_dir in sorted({(r.task, r.data_dir) for r in runs}, key=str):
-        for split in ("train", "eval"):
-            glue.read(task, split, data_dir, max_rows=1)
+    checked = set()
+    for run in runs:
+        if (run.task, run.data_dir) not in checked:
+            checked.add((run.task, run.data_dir))
+            tasks.family(run.task).check_data(run)
 
 
-def describe_plan(sweep: sweeps.Sweep, packs: list[sweeps.Pack], pack_size: int, device: str,
+def describe_plan(sweep: Sweep, packs: list[Pack], pack_size: int, device: str,
                   finished: int) -> str:
     """The dry run's text: the runs, the packs, memory and time estimates per pack."""
     lines = [f"sweep {sweep.name!r}: {len(sweep.runs)} runs ({finished} finished), "
@@ -152,14 +67,14 @@ def describe_plan(sweep: sweeps.Sweep, packs: list[sweeps.Pack], pack_size: int,
         lines.append("  " + "  ".join([run.run_id(), *(str(getattr(run, a.replace('-', '_'))).ljust(10)
                                                         for a in axes)]))
     lines += ["", "packs:"]
-    flops = sweeps.matmul_flops(device) if packs else 0.0
+    flops = estimates.matmul_flops(device) if packs else 0.0
     efficiency = 0.6  # the share of the matmul peak a pack reaches (measured 0.6-0.75 on CPU)
-    shapes: dict[str, sweeps.Shape | None] = {}
+    shapes: dict[str, estimates.Shape | None] = {}
     for i, pack in enumerate(packs, 1):
         run = pack.runs[0]
-        shape = shapes.setdefault(run.model, sweeps.model_shape(run.model))
-        memory = sweeps.memory_per_pack(run, shape, len(pack.runs)) if shape else None
-        seconds = sweeps.seconds_per_pack(pack, shape, flops * efficiency)
+        shape = shapes.setdefault(run.model, estimates.model_shape(run.model))
+        memory = estimates.memory_per_pack(run, shape, len(pack.runs)) if shape else None
+        seconds = estimates.seconds_per_pack(pack, shape, flops * efficiency)
         mem = f"{memory / 2**30:.1f} GiB" if memory else "memory unknown (no model config offline)"
         eta = _duration(seconds) if seconds is not None else "time unknown (no local data)"
         seeds = sorted({r.seed for r in pack.runs})
@@ -192,7 +107,7 @@ def _device(device: str | None) -> str:
     return device
 
 
-def run_sweep(sweep: sweeps.Sweep, out: str | Path, executor: str = "local", ray_address: str | None = None,
+def run_sweep(sweep: Sweep, out: str | Path, executor: str = "local", ray_address: str | None = None,
               device: str | None = None, dry_run: bool = False, show_progress: bool = True) -> int:
     """Run (or continue) `sweep` in folder `out`; return the CLI's exit code (1 if a run failed)."""
     out = Path(out)
@@ -212,8 +127,8 @@ def run_sweep(sweep: sweeps.Sweep, out: str | Path, executor: str = "local", ray
             existing.close()
     todo = [r for r in sweep.runs if statuses.get(r.run_id()) not in ("done", "diverged")]
     first = todo[0] if todo else sweep.runs[0]
-    pack_size = sweep.pack_size or sweeps.default_pack_size(first, device, sweeps.model_shape(first.model))
-    packs = sweeps.plan(todo, pack_size, started)
+    pack_size = sweep.pack_size or estimates.default_pack_size(first, device, estimates.model_shape(first.model))
+    packs = plan(todo, pack_size, started)
     finished = len(sweep.runs) - len(todo)
     if dry_run:
         print(describe_plan(sweep, packs, pack_size, device, finished))
@@ -238,11 +153,14 @@ def run_sweep(sweep: sweeps.Sweep, out: str | Path, executor: str = "local", ray
         if packs:
             progress.start(packs)
         try:
+            def record(pack: Pack, outcome: dict) -> None:
+                record_pack(store, out, pack, outcome, progress)
+
             if executor == "ray":
-                from lorainit.ray_executor import run_packs
+                from lorainit.sweeps.ray_executor import run_packs
             else:
                 run_packs = _run_packs_here
-            run_packs(packs, out, device, store, progress, ray_address=ray_address)
+            run_packs(packs, out, device, store, progress, record, ray_address=ray_address)
         finally:
             progress.close()
         _write_tables(store, out)
@@ -254,22 +172,24 @@ def run_sweep(sweep: sweeps.Sweep, out: str | Path, executor: str = "local", ray
         store.close()
 
 
-def record_pack(store: Store, out: Path, pack: sweeps.Pack, result_dicts: list[dict], progress: Progress) -> None:
+def record_pack(store: Store, out: Path, pack: Pack, outcome: dict, progress: Progress) -> None:
     """Store a finished pack's results (one transaction), refresh results.csv and metrics.csv, drop
-    its checkpoints."""
+    its checkpoints. `outcome` is what `worker.train_pack` returned."""
     from lorainit.train import RunResult
 
-    results = [RunResult.from_dict(d) for d in result_dicts]
+    results = [RunResult.from_dict(d) for d in outcome["results"]]
+    if outcome.get("resumed_at") is not None:
+        print(f"pack {pack.id} resumed from its checkpoint at step {outcome['resumed_at']}", file=sys.stderr)
     store.record(results)
     _write_tables(store, out)
-    checkpoint.clear(pack_folder(out, pack.id))
+    checkpoint.clear(folder.checkpoints(out, pack.id))
     for res in results:
         if res.status == "failed":
             print(f"run {res.config.run_id()} failed: {res.error}", file=sys.stderr)
     progress.finished(pack.id, [r.status for r in results])
 
 
-def _run_packs_here(packs: list[sweeps.Pack], out: Path, device: str, store: Store, progress: Progress,
+def _run_packs_here(packs: list[Pack], out: Path, device: str, store: Store, progress: Progress, record,
                     **_) -> None:
     """The in-process executor: one pack after another."""
     for i, pack in enumerate(packs, 1):
@@ -281,18 +201,17 @@ def _run_packs_here(packs: list[sweeps.Pack], out: Path, device: str, store: Sto
                           sum(finite) / len(finite) if finite else None)
 
         def on_eval(trainer, i=i):
-            progress.evaluating(i, len(packs), sum(trainer.alive), len(trainer.data.eval))
+            progress.evaluating(i, len(packs), sum(trainer.alive), trainer.task.eval_size)
 
-        results = train_pack([r.to_dict() for r in pack.runs], str(out), device, on_step, on_eval)
-        record_pack(store, out, pack, results, progress)
+        record(pack, worker.train_pack([r.to_dict() for r in pack.runs], str(out), device, on_step, on_eval))
 
 
 def _clear_finished_checkpoints(store: Store, out: Path) -> None:
     """Checkpoint folders of packs whose runs are all recorded (a kill between the two steps)."""
     statuses = store.statuses()
     for pack_id, run_ids in store.packs().items():
-        if all(statuses.get(r) in FINISHED for r in run_ids) and pack_folder(out, pack_id).is_dir():
-            shutil.rmtree(pack_folder(out, pack_id), ignore_errors=True)
+        if all(statuses.get(r) in FINISHED for r in run_ids) and folder.checkpoints(out, pack_id).is_dir():
+            shutil.rmtree(folder.checkpoints(out, pack_id), ignore_errors=True)
 
 
 def _write_tables(store: Store, out: Path) -> None:
@@ -308,9 +227,9 @@ def _metrics_csv(store: Store) -> str:
     return csv_text(rows, ("run_id", "step", "name", "value"))
 
 
-def sweep_of_one(run: RunConfig, given: dict) -> sweeps.Sweep:
+def sweep_of_one(run: RunConfig, given: dict) -> Sweep:
     """`lorainit train`: a sweep of one run, its fields as the base."""
     import yaml
 
     text = yaml.safe_dump({"name": "train", "base": given, "grid": {}}, sort_keys=True)
-    return sweeps.Sweep("train", dict(given), {}, 1, [run], text)
+    return Sweep("train", dict(given), {}, 1, [run], text)

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorainit import rng
+from lorainit.engine import rng
+from lorainit.engine.inits import get_init
 from lorainit.errors import BadInput
-from lorainit.inits import get_init
 
 
 PRESETS = {

@@ -19,7 +19,7 @@ from torch import nn
 
 from lorainit.errors import BadInput
 from lorainit.files import write_atomic, write_text_atomic
-from lorainit.lora import LoRAPack
+from lorainit.engine.lora import LoRAPack
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"

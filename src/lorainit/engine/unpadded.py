@@ -21,8 +21,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lorainit.lora import PackedLoRALinear, RowSubset
-from lorainit.packing import PackState, attend
+from lorainit.engine.lora import PackedLoRALinear, RowSubset
+from lorainit.engine.packing import PackState, attend
 
 SUPPORTED = ("bert", "roberta")
 

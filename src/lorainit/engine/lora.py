@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorainit import rng
+from lorainit.engine import rng
+from lorainit.engine.inits import VARIANCES, get_init
 from lorainit.errors import BadInput
-from lorainit.inits import VARIANCES, get_init
 
 # Where a Hugging Face model keeps its task head's final projection, most specific first:
 # RoBERTa's `classifier.out_proj` (its `classifier.dense` stays frozen, as in the paper's code),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorainit.lora import DropoutStreams, LoRAPack, RowSubset
+from lorainit.engine.lora import DropoutStreams, LoRAPack, RowSubset
 
 ATTENTION_NAME = "lorainit_packed"
 
@@ -111,8 +111,6 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 def install(pack: LoRAPack, seeds: list[int]) -> PackState:
     """Route every dropout of the packed model (LoRA, hidden, attention) through per-run streams."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-
     state = PackState(pack, seeds)
     model = pack.model
     for name, module in list(model.named_modules()):
@@ -123,8 +121,11 @@ def install(pack: LoRAPack, seeds: list[int]) -> PackState:
             module.lorainit_state = state
     for layer in pack.layers.values():
         layer.streams = state.streams
-    AttentionInterface.register(ATTENTION_NAME, packed_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, AttentionMaskInterface._global_mapping["sdpa"])
-    model.set_attn_implementation(ATTENTION_NAME)
+    if hasattr(model, "set_attn_implementation"):  # a transformers model: its attention calls through ours
+        from transformers import AttentionInterface, AttentionMaskInterface
+
+        AttentionInterface.register(ATTENTION_NAME, packed_attention)
+        AttentionMaskInterface.register(ATTENTION_NAME, AttentionMaskInterface._global_mapping["sdpa"])
+        model.set_attn_implementation(ATTENTION_NAME)
     model.train(model.training)
     return state

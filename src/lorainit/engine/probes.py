@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from lorainit.lora import LoRAPack
+from lorainit.engine.lora import LoRAPack
 
 NAMES = ("z_a_rms", "lora_out_rms", "a_norm", "b_norm")
 

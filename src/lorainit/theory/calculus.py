@@ -32,9 +32,9 @@ from fractions import Fraction
 
 import torch
 
-from lorainit import rng
+from lorainit.engine import rng
+from lorainit.engine.inits import get_init
 from lorainit.errors import BadInput
-from lorainit.inits import get_init
 
 NEG_INF = float("-inf")  # γ of an exactly-zero quantity
 QUANTITIES = ("Z_A", "Z_B", "delta1", "delta2", "delta3")  # the exponents every row reports

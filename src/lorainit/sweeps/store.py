@@ -21,6 +21,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from lorainit import tasks
 from lorainit.config import RunConfig
 from lorainit.errors import BadInput
 from lorainit.files import csv_text, write_text_atomic
@@ -129,7 +130,7 @@ class Store:
                                 [(pack_id, time.time(), r) for r in run_ids])
 
     def record(self, results: list) -> None:
-        """Store finished runs (`train.RunResult`s): status, metrics, artifacts. Replaces, never duplicates."""
+        """Store finished runs (`lorainit.train.RunResult`s): status, metrics, artifacts. Replaces, never duplicates."""
         now = time.time()
         with self._tx():
             for res in results:
@@ -152,26 +153,41 @@ class Store:
 
     # -- results.csv ----------------------------------------------------------------------------
 
-    def result_rows(self, metric: str = "accuracy") -> list[dict]:
-        """One row per finished run, in the order runs were added: DESIGN.md's results.csv columns."""
+    def _tasks(self) -> list[str]:
+        """The tasks of the store's runs, in the order runs were added."""
+        seen: list[str] = []
+        for (config,) in self.db.execute("SELECT config FROM runs ORDER BY position"):
+            task = json.loads(config)["task"]
+            if task not in seen:
+                seen.append(task)
+        return seen
+
+    def result_columns(self) -> list[str]:
+        """results.csv's columns: run_id, every run field, status, diverged_step, final_ and best_ of
+        each metric of the runs' tasks (from the task registry), steps, seconds."""
+        return ["run_id", *RunConfig.field_names(), "status", "diverged_step",
+                *tasks.metric_columns(self._tasks()), "steps", "seconds"]
+
+    def result_rows(self) -> list[dict]:
+        """One row per finished run, in the order runs were added (see `result_columns`)."""
         rows = []
         query = ("SELECT run_id, config, status, diverged_step, final, best, steps, seconds FROM runs "
                  f"WHERE status IN ({', '.join('?' * len(FINISHED))}) ORDER BY position")
         for run_id, config, status, diverged_step, final, best, steps, seconds in self.db.execute(query, FINISHED):
             final, best = json.loads(final or "{}"), json.loads(best or "{}")
+            config = json.loads(config)
             row = {"run_id": run_id}
-            for name, value in json.loads(config).items():
+            for name, value in config.items():
                 row[name] = ",".join(value) if isinstance(value, list) else value
-            row |= {"status": status, "diverged_step": diverged_step, f"final_{metric}": final.get(metric),
-                    f"best_{metric}": best.get(metric), "final_eval_loss": final.get("eval_loss"),
-                    "steps": steps, "seconds": round(seconds or 0.0, 2)}
+            row |= {"status": status, "diverged_step": diverged_step}
+            for metric in tasks.metrics(config["task"]) if config["task"] in tasks.names() else ():
+                row |= {f"final_{metric.name}": final.get(metric.name), f"best_{metric.name}": best.get(metric.name)}
+            row |= {"steps": steps, "seconds": round(seconds or 0.0, 2)}
             rows.append(row)
         return rows
 
-    def write_results_csv(self, metric: str = "accuracy") -> Path:
-        columns = ["run_id", *RunConfig.field_names(), "status", "diverged_step", f"final_{metric}",
-                   f"best_{metric}", "final_eval_loss", "steps", "seconds"]
-        return write_text_atomic(self.folder / "results.csv", csv_text(self.result_rows(metric), columns))
+    def write_results_csv(self) -> Path:
+        return write_text_atomic(self.folder / "results.csv", csv_text(self.result_rows(), self.result_columns()))
 
 
 class _Transaction:

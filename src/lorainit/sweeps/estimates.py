@@ -1,0 +1,129 @@
+"""Estimates for `--dry-run` and for the default pack size: a model's shape, a pack's memory and
+time, this device's matmul rate. Rough by design; nothing here loads weights or downloads data."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorainit import models, tasks
+from lorainit.config import RunConfig
+from lorainit.engine.order import total_steps
+from lorainit.sweeps.plan import Pack
+
+MAX_PACK = 64  # the planner's ceiling on a default pack size
+
+# Shapes of common models, for estimates when their config cannot be read offline:
+# (parameters, parameters in the layers' matmuls, hidden size, layers, attention heads)
+KNOWN_SHAPES = {
+    "roberta-large": (355_000_000, 302_000_000, 1024, 24, 16),
+    "FacebookAI/roberta-large": (355_000_000, 302_000_000, 1024, 24, 16),
+    "roberta-base": (125_000_000, 85_000_000, 768, 12, 12),
+    "FacebookAI/roberta-base": (125_000_000, 85_000_000, 768, 12, 12),
+}
+
+
+@dataclass
+class Shape:
+    params: int         # all of them: the memory of the base model
+    matmul_params: int  # the layers' weights, whose matmuls are the work per token
+    hidden: int
+    layers: int
+    heads: int
+
+
+def model_shape(spec: str) -> Shape | None:
+    """The model's size from its config, read without loading weights; None if unavailable."""
+    if spec in KNOWN_SHAPES:
+        return Shape(*KNOWN_SHAPES[spec])
+    try:
+        from transformers import AutoConfig
+
+        if spec in models.ALIASES or Path(spec).expanduser().is_dir():
+            folder = models.resolve(spec).path
+        else:
+            folder = spec
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception:  # offline and not cached, or not a transformers model: no estimate
+        return None
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    inner = getattr(config, "intermediate_size", 4 * hidden)
+    vocab = getattr(config, "vocab_size", 0)
+    matmul = layers * (4 * hidden * hidden + 2 * hidden * inner)
+    return Shape(matmul + vocab * hidden, matmul, hidden, layers, config.num_attention_heads)
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for a pack: free GPU memory on CUDA, else MemAvailable from /proc/meminfo."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    meminfo = Path("/proc/meminfo")
+    for line in meminfo.read_text().splitlines() if meminfo.is_file() else ():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))  # free pages, without /proc
+
+
+def memory_per_pack(run: RunConfig, shape: Shape, runs: int) -> int:
+    """Estimated peak bytes of a pack of `runs` runs like `run`: the base model in fp32, each
+    run's LoRA factors with gradients and AdamW moments, and each run's activations (about
+    34 h + 5 heads T bytes per token per layer at 16 bits, twice that in fp32)."""
+    width = 4 if run.precision == "fp32" else 2
+    base = 4 * shape.params
+    lora = 4 * 4 * run.rank * 2 * shape.hidden * shape.layers * len(run.targets)  # A and B, x4 states
+    tokens = run.batch_size * run.max_seq_len
+    activations = tokens * shape.layers * (34 * shape.hidden + 5 * shape.heads * run.max_seq_len) * width // 2
+    return base + runs * (lora + activations)
+
+
+def default_pack_size(run: RunConfig, device: str, shape: Shape | None) -> int:
+    """The most runs that fit in 60% of the available memory, at most MAX_PACK (8 when unknown)."""
+    if shape is None:
+        return 8
+    budget = 0.6 * available_memory(device)
+    one = memory_per_pack(run, shape, 1) - 4 * shape.params
+    return max(1, min(MAX_PACK, int((budget - 4 * shape.params) // max(one, 1))))
+
+
+def data_sample(run: RunConfig, split: str) -> tuple[int, float] | None:
+    """(rows, mean tokens per row) of 'train' or 'eval', from the run's task family; None if unknown."""
+    return tasks.family(run.task).data_size(run, split)
+
+
+def seconds_per_pack(pack: Pack, shape: Shape | None, flops_per_s: float) -> float | None:
+    """A rough time: the layers' matmul work (4 x params x tokens in training: the frozen weights
+    need no gradient of their own; 2 x params x tokens per evaluation) at `flops_per_s`; None
+    without the model's shape or local data."""
+    run = pack.runs[0]
+    train, evaluation = data_sample(run, "train"), data_sample(run, "eval")
+    if shape is None or train is None or evaluation is None:
+        return None
+    steps = total_steps(train[0], run.batch_size, run.epochs, run.max_steps)
+    evals = steps // run.eval_every + (steps % run.eval_every > 0) if run.eval_every else 1
+    work = 4 * shape.matmul_params * train[1] * run.batch_size * steps
+    work += 2 * shape.matmul_params * evaluation[1] * evaluation[0] * evals
+    return work * len(pack.runs) / flops_per_s
+
+
+def matmul_flops(device: str, n: int = 1024) -> float:
+    """This device's fp32 matmul rate, measured briefly (best of five, after a warm-up)."""
+    import time
+
+    import torch
+
+    a = torch.randn(n, n, device=device)
+    a @ a  # warm-up: thread pools, kernels
+    best = math.inf
+    for _ in range(5):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ a
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best

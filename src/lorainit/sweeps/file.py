@@ -1,0 +1,109 @@
+"""A sweep file -> runs.
+
+A sweep file (YAML) holds a base run and a grid; its runs are the grid's cross product laid over
+the base, each validated and identified by the hash of its resolved config (`RunConfig.run_id`).
+Everything is checked before anything is written: a bad file raises `BadInput` naming the key and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lorainit import models
+from lorainit.config import RunConfig
+from lorainit.errors import BadInput
+
+TOP_KEYS = ("name", "base", "grid", "pack_size")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class Sweep:
+    name: str
+    base: dict              # the base run's fields as given
+    grid: dict              # axis -> list of values, as given
+    pack_size: int | None   # None: chosen from memory
+    runs: list[RunConfig]   # the cross product, in grid order (last axis fastest)
+    text: str               # the file as read
+
+
+def check_model(spec: str, where: str) -> None:
+    """Accept an alias, an existing model folder, or a well-formed hub id; nothing is loaded."""
+    if spec in models.ALIASES:
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        raise BadInput(f"{where}: model {spec!r} is not an alias ({', '.join(models.ALIASES)}), an existing "
+                       "model folder, or a hub id such as FacebookAI/roberta-large")
+
+
+def load(path: str | Path) -> Sweep:
+    """Read and check a sweep file; every run is built and validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: sweep file not found")
+    text = path.read_text(encoding="utf-8")
+    return parse(text, str(path), default_name=path.stem)
+
+
+def parse(text: str, where: str = "sweep", default_name: str = "sweep") -> Sweep:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise BadInput(f"{where}: not valid YAML{at}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(doc, dict):
+        raise BadInput(f"{where}: a sweep file is a mapping with keys {', '.join(TOP_KEYS)}")
+    unknown = [k for k in doc if k not in TOP_KEYS]
+    if unknown:
+        raise BadInput(f"{where}: unknown key {unknown[0]!r}; a sweep file has keys {', '.join(TOP_KEYS)}")
+    name = doc.get("name", default_name)
+    if not isinstance(name, str) or not name.strip():
+        raise BadInput(f"{where}: name must be a non-empty string, got {name!r}")
+    base = doc.get("base") or {}
+    if not isinstance(base, dict):
+        raise BadInput(f"{where}: base must be a mapping of run fields, got {type(base).__name__}")
+    grid = doc.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise BadInput(f"{where}: grid is empty; give at least one axis, e.g. grid: {{lr: [1.0e-4, 4.0e-4]}}")
+    fields = RunConfig.field_names()
+    for axis, values in grid.items():
+        if str(axis).replace("-", "_") not in fields:
+            raise BadInput(f"{where}: grid: unknown run field {axis!r}; run fields are: {', '.join(fields)}")
+        if not isinstance(values, list) or not values:
+            raise BadInput(f"{where}: grid: {axis} must be a non-empty list of values, got {values!r}")
+        seen = [json.dumps(v, sort_keys=True) for v in values]
+        dup = next((v for v, s in zip(values, seen) if seen.count(s) > 1), None)
+        if dup is not None:
+            raise BadInput(f"{where}: grid: {axis} lists {dup!r} more than once")
+        if str(axis).replace("-", "_") in {k.replace("-", "_") for k in base}:
+            raise BadInput(f"{where}: {axis} is both in base and a grid axis; keep it in one place")
+    pack_size = doc.get("pack_size")
+    if pack_size is not None and (isinstance(pack_size, bool) or not isinstance(pack_size, int) or pack_size < 1):
+        raise BadInput(f"{where}: pack_size must be a whole number >= 1, got {pack_size!r}")
+    RunConfig.from_dict(_base_with_first_axis_values(base, grid), where=f"{where}: base")
+    runs = []
+    axes = list(grid)
+    for values in itertools.product(*(grid[a] for a in axes)):
+        point = dict(zip(axes, values))
+        label = ", ".join(f"{a}={v}" for a, v in point.items())
+        run = RunConfig.from_dict(base | point, where=f"{where}: grid point ({label})")
+        check_model(run.model, f"{where}: grid point ({label})" if "model" in point else f"{where}: base")
+        runs.append(run)
+    return Sweep(name.strip(), base, grid, pack_size, runs, text)
+
+
+def _base_with_first_axis_values(base: dict, grid: dict) -> dict:
+    """The base run completed by each axis's first value, so that its own fields are checked
+    (with their key named) before any grid point is."""
+    return base | {a: v[0] for a, v in grid.items()}

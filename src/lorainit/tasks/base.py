@@ -1,0 +1,125 @@
+"""What a task family gives the pack trainer.
+
+The trainer (`lorainit.train`) holds what every task shares: the pack, the active runs,
+divergence, the optimiser and loss scaling, probes, checkpoints and metric rows. A family holds
+everything that depends on the task: which model it needs, how its rows are read and encoded, how
+a run's micro-batch is built and how the runs' batches are stacked, each run's loss, and how a pack
+is evaluated. A pack's batch is stacked adapter-major: rows [k*b, (k+1)*b) belong to the k-th
+active run.
+
+The loss is returned per run as a *sum* over the rows or tokens that count, with their *count*.
+The trainer divides, so that each run's mean (and gradient) is exactly what it would be alone,
+whatever its pack-mates hold: a run's count never includes another run's rows, or its padding.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from lorainit.tasks import Metric
+
+
+@dataclass
+class Losses:
+    """One forward's loss, per active run in stacking order."""
+
+    sums: torch.Tensor    # (n,) loss summed over the rows or tokens that count
+    counts: torch.Tensor  # (n,) how many rows or tokens counted
+
+    def means(self) -> torch.Tensor:
+        return self.sums / self.counts.to(self.sums.dtype)
+
+
+@dataclass(frozen=True)
+class Forward:
+    """What the trainer tells a task about one training forward."""
+
+    runs: list[int]        # the active runs, in stacking order
+    probing: bool          # probes record at this step: every token's features must be computed
+    shared_rows: bool      # every active run holds the same rows under one dropout stream
+
+
+class Task(ABC):
+    """One task family's side of a pack. A subclass is registered in `lorainit.tasks`.
+
+    Built once per pack from the pack's shared run fields (`run`: any run of the pack), it loads
+    the model and tokenizer (`self.model`, `self.tokenizer`) and reads the rows.
+    """
+
+    metrics: tuple[Metric, ...]  # set from the registry entry of the pack's task
+
+    def __init__(self, run, model_overrides: dict | None = None):
+        from lorainit import tasks
+
+        self.run = run
+        self.metrics = tasks.metrics(run.task)
+
+    # -- data --------------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def train_size(self) -> int:
+        """Training examples: a run's data order shuffles these indices."""
+
+    @property
+    @abstractmethod
+    def eval_size(self) -> int:
+        """Evaluation examples (for progress and reports)."""
+
+    @abstractmethod
+    def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """One run's micro-batch of training rows (indices into the training examples)."""
+
+    @abstractmethod
+    def stack(self, batches: list[dict[str, torch.Tensor]], device) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """The active runs' batches stacked adapter-major on `device`, and each one's own length
+        (the padded length it would have alone, along which its dropout masks are drawn)."""
+
+    @abstractmethod
+    def token_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(rows, T) bool: the real tokens of a stacked batch (probes read them; throughput counts them)."""
+
+    # -- training and evaluation -------------------------------------------------------------
+
+    @abstractmethod
+    def loss(self, state, batch: dict[str, torch.Tensor], forward: Forward) -> Losses:
+        """Each active run's summed loss and count on a stacked batch; `state` is the pack's
+        `engine.packing.PackState` (its `.pack.model` the packed model), set to this batch."""
+
+    @abstractmethod
+    def evaluate(self, state, runs: list[int]) -> list[dict[str, float]]:
+        """Every metric of each of `runs` (stacking order) on the evaluation rows. The trainer has
+        set the model to eval mode and the pack's active runs; the task forwards as it needs."""
+
+    # -- checks before anything is written, and estimates ------------------------------------
+
+    @classmethod
+    def check_data(cls, run) -> None:
+        """Raise BadInput if the run's data cannot be read (called before a sweep writes anything)."""
+
+    @classmethod
+    def data_size(cls, run, split: str) -> tuple[int, float] | None:
+        """(rows, mean tokens per row) of 'train' or 'eval' for estimates, or None if unknown
+        without reading much (the hub, say)."""
+        return None
+
+
+def stack_padded(batches: list[dict[str, torch.Tensor]], pad_values: dict[str, int], device
+                 ) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Right-pad every (rows, T) tensor of each batch to the longest T, with `pad_values[key]`
+    (0 for keys not named), and concatenate; (rows,) tensors are concatenated as they are.
+    Returns the stacked batch and each batch's own T (its `input_ids` width)."""
+    lengths = [b["input_ids"].shape[1] for b in batches]
+    width = max(lengths)
+    out = {}
+    for key in batches[0]:
+        parts = [b[key] for b in batches]
+        if parts[0].dim() >= 2:
+            value = pad_values.get(key, 0)
+            parts = [F.pad(p, (0, width - p.shape[1]), value=value) for p in parts]
+        out[key] = torch.cat(parts).to(device)
+    return out, lengths

@@ -1,0 +1,164 @@
+"""Sequence classification (the GLUE tasks): a classifier head on an encoder, one label per row.
+
+Each run's loss is the cross-entropy summed over its rows, counted in rows. Evaluation reports
+`accuracy` and `eval_loss` (the mean cross-entropy) on the validation rows. BERT and RoBERTa
+classifiers run their token-wise work on real tokens only (`engine.unpadded`); other models run
+their own padded forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from lorainit import models
+from lorainit.engine import unpadded
+from lorainit.errors import BadInput
+from lorainit.tasks import glue
+from lorainit.tasks.base import Forward, Losses, Task, stack_padded
+
+# Evaluation forwards hold about this many tokens over all active runs (rows sorted by length, so
+# little padding): large enough for efficient matmuls, small enough to stay in cache and memory.
+EVAL_TOKENS = 4096
+
+
+@dataclass
+class Split:
+    ids: list[list[int]]                 # token ids per row
+    type_ids: list[list[int]] | None     # token type ids per row (BERT pairs), or None
+    labels: torch.Tensor                 # (rows,)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def collate(ids: list[list[int]], pad_id: int, type_ids: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its own longest row: input_ids, attention_mask (and token_type_ids)."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if type_ids is not None:
+        tt = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(type_ids):
+            tt[i, :len(x)] = torch.tensor(x)
+        batch["token_type_ids"] = tt
+    return batch
+
+
+def read_split(run, split: str, tokenizer) -> Split:
+    """The first `max_{train,eval}_samples` rows of a GLUE split, tokenised to `max_seq_len`."""
+    limit = run.max_train_samples if split == "train" else run.max_eval_samples
+    examples = glue.read(run.task, split, run.data_dir, max_rows=limit)
+    ids, type_ids = glue.encode(examples, tokenizer, run.max_seq_len)
+    return Split(ids, type_ids, torch.tensor(examples.labels))
+
+
+class Classification(Task):
+    """A sequence classifier with `len(labels)` outputs, trained on a GLUE task's rows."""
+
+    def __init__(self, run, model_overrides: dict | None = None):
+        super().__init__(run, model_overrides)
+        num_labels = len(glue.TASKS[run.task].labels)
+        self.model, self.tokenizer = models.load(run.model, "classification", num_labels=num_labels,
+                                                 **(model_overrides or {}))
+        self.pad_id = self.tokenizer.pad_token_id
+        self.train = read_split(run, "train", self.tokenizer)
+        self.eval = read_split(run, "eval", self.tokenizer)
+        # BERT-family classifiers skip padding in every token-wise op (see engine/unpadded.py)
+        self.unpadded = unpadded.supports(self.model)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
+
+    @property
+    def eval_size(self) -> int:
+        return len(self.eval)
+
+    def rows_batch(self, split: Split, rows: list[int]) -> dict[str, torch.Tensor]:
+        """Rows of `split` collated and right-padded to their own longest row, with their labels."""
+        batch = collate([split.ids[i] for i in rows], self.pad_id,
+                        [split.type_ids[i] for i in rows] if split.type_ids is not None else None)
+        batch["labels"] = split.labels[rows]
+        return batch
+
+    def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        return self.rows_batch(self.train, rows)
+
+    def stack(self, batches, device):
+        return stack_padded(batches, {"input_ids": self.pad_id}, device)
+
+    def token_mask(self, batch):
+        return batch["attention_mask"].bool()
+
+    def logits(self, state, batch: dict[str, torch.Tensor], every_token: bool = False,
+               shared: bool = False) -> torch.Tensor:
+        """(rows, labels) of a stacked batch (its labels, if any, are ignored)."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if self.unpadded:
+            return unpadded.forward(state.pack.model, state, **inputs, every_token=every_token, shared=shared)
+        return state.pack.model(**inputs).logits
+
+    def loss(self, state, batch, forward: Forward) -> Losses:
+        # probes read every token's features, and every layer's adapters through their forward
+        logits = self.logits(state, batch, every_token=forward.probing, shared=forward.shared_rows)
+        n = len(forward.runs)
+        per_row = F.cross_entropy(logits.float(), batch["labels"], reduction="none").view(n, -1)  # (n, b)
+        return Losses(per_row.sum(1), torch.full((n,), per_row.shape[1], device=per_row.device))
+
+    def _eval_chunks(self, order: list[int], runs: int) -> list[list[int]]:
+        """Consecutive rows of `order` grouped so that runs x rows x longest stays near EVAL_TOKENS."""
+        chunks, current = [], []
+        for i in order:
+            longest = len(self.eval.ids[i])  # rows are sorted by length: the last is the longest
+            if current and runs * (len(current) + 1) * longest > EVAL_TOKENS:
+                chunks.append(current)
+                current = []
+            current.append(i)
+        return chunks + ([current] if current else [])
+
+    def evaluate(self, state, runs: list[int]) -> list[dict[str, float]]:
+        n = len(runs)
+        device = state.pack.parameters()[0].device
+        order = sorted(range(len(self.eval)), key=lambda i: len(self.eval.ids[i]))
+        correct = torch.zeros(n)
+        loss_sum = torch.zeros(n)
+        for rows in self._eval_chunks(order, n):
+            batch = self.rows_batch(self.eval, rows)
+            y = batch.pop("labels").to(device)
+            stacked = {key: v.repeat(n, 1).to(device) for key, v in batch.items()}
+            logits = self.logits(state, stacked, shared=True).float().view(n, len(rows), -1)  # (n, b, C)
+            correct += (logits.argmax(-1) == y).sum(1).float().cpu()
+            loss_sum += F.cross_entropy(logits.transpose(1, 2), y.expand(n, -1), reduction="none").sum(1).cpu()
+        return [{"accuracy": float(correct[j] / len(self.eval)), "eval_loss": float(loss_sum[j] / len(self.eval))}
+                for j in range(n)]
+
+    @classmethod
+    def check_data(cls, run) -> None:
+        for split in ("train", "eval"):
+            glue.read(run.task, split, run.data_dir, max_rows=1)
+
+    @classmethod
+    def data_size(cls, run, split: str, sample: int = 200) -> tuple[int, float] | None:
+        """(rows, mean tokens per row) of a split in a local data folder, the tokens guessed from the
+        first rows' characters (about 4 per token, plus 2 special tokens); None without local files."""
+        root = glue.glue_root(run.data_dir)
+        if root is None:  # the hub: an estimate downloads nothing
+            return None
+        spec = glue.TASKS[run.task]
+        path = root / spec.folder / f"{'train' if split == 'train' else spec.eval_split}.tsv"
+        try:
+            texts = glue.read(run.task, split, run.data_dir, max_rows=sample).texts
+            with open(path, "rb") as f:
+                rows = sum(1 for _ in f) - 1
+        except (BadInput, OSError):
+            return None
+        limit = run.max_train_samples if split == "train" else run.max_eval_samples
+        tokens = min(run.max_seq_len, sum(len(" ".join(t)) for t in texts) / len(texts) / 4 + 2)
+        return min(rows, limit or rows), tokens
