@@ -37,3 +37,20 @@ def test_identity_is_a_hash_of_the_resolved_config():
     # lr and init may differ inside a pack; the rank may not
     assert a.pack_key() == RunConfig.from_dict({"max_steps": 10, "lr": 5e-3, "init": "b"}).pack_key()
     assert a.pack_key() != RunConfig.from_dict({"max_steps": 10, "rank": 4}).pack_key()
+
+
+def test_run_ids_are_stable_across_versions():
+    """Ids name the runs in every sweep folder; this one was computed when the id scheme was fixed."""
+    assert RunConfig.from_dict({"max_steps": 10}).run_id() == "405189e5610f"
+    assert RunConfig.from_dict({"max_steps": 10, "lr": 1e-3, "init": "b"}).run_id() != "405189e5610f"
+
+
+def test_a_new_field_changes_no_id_at_its_default_and_every_id_off_it():
+    import dataclasses
+
+    Extended = dataclasses.make_dataclass("RunConfig", [("new_knob", "float", dataclasses.field(default=0.5))],
+                                          bases=(RunConfig,), frozen=True)
+    for values in ({"max_steps": 10}, {"epochs": 2, "lr": 3e-4, "init": "b", "targets": "query,key"}):
+        run = RunConfig.from_dict(values)
+        assert Extended.from_dict(values).run_id() == run.run_id()
+        assert Extended.from_dict(values | {"new_knob": 0.75}).run_id() != run.run_id()

@@ -188,6 +188,41 @@ def test_running_twice_repeats_no_work_and_adds_new_grid_points(tmp_path, refere
     assert {r["lr"] for r in rows} == {"0.0001", "0.002", "0.0005"}
 
 
+def test_a_run_field_added_with_its_default_retrains_nothing(tmp_path, reference, monkeypatch, capsys):
+    """A store written with today's fields; then a field is added with a default (here, by the test):
+    the sweep resumes with every run id unchanged and nothing trained, and a grid over the new field
+    plans only the runs that move it off its default."""
+    import dataclasses
+
+    from lorainit.config import RunConfig
+    from lorainit.sweeps import worker
+
+    Extended = dataclasses.make_dataclass("RunConfig", [("new_knob", "float", dataclasses.field(default=0.5))],
+                                          bases=(RunConfig,), frozen=True)
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("lorainit") and getattr(module, "RunConfig", None) is RunConfig:
+            monkeypatch.setattr(module, "RunConfig", Extended)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(worker, "train_pack", no_training)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("store.sqlite", "results.csv"):
+        (out / name).write_bytes((reference / name).read_bytes())
+    assert cli.main(["sweep", str(_sweep_file(tmp_path)), "--out", str(out), "--quiet"]) == 0
+    assert "4 runs already finished, 0 new" in capsys.readouterr().err
+    rows = _rows(out)
+    assert [r["run_id"] for r in rows] == [r["run_id"] for r in _rows(reference)]
+    assert {r["new_knob"] for r in rows} == {"0.5"}  # the new field's column, at its default
+    assert _metrics(out) == _metrics(reference)
+    grown = _sweep_file(tmp_path, TINY.replace("lr: [1.0e-4, 2.0e-3]", "lr: [1.0e-4, 2.0e-3]\n  new_knob: [0.5, 0.75]"),
+                        "grown.yaml")
+    assert cli.main(["sweep", str(grown), "--out", str(out), "--dry-run"]) == 0
+    assert "8 runs (4 finished), 4 to train" in capsys.readouterr().out
+
+
 BAD_FILES = {
     "not yaml": ("base: [unclosed", r"not valid YAML at line 1"),
     "not a mapping": ("- 1\n- 2\n", r"a sweep file is a mapping"),

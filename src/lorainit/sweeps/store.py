@@ -175,7 +175,7 @@ class Store:
                  f"WHERE status IN ({', '.join('?' * len(FINISHED))}) ORDER BY position")
         for run_id, config, status, diverged_step, final, best, steps, seconds in self.db.execute(query, FINISHED):
             final, best = json.loads(final or "{}"), json.loads(best or "{}")
-            config = json.loads(config)
+            config = RunConfig.from_dict(json.loads(config)).to_dict()  # fields added since: their defaults
             row = {"run_id": run_id}
             for name, value in config.items():
                 row[name] = ",".join(value) if isinstance(value, list) else value
