@@ -3,8 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Tests and the demo read the real data laid beside the checkout, and never reach a hub.
-export LORAINIT_DATA ?= $(abspath ../shared/data)
+# Tests and the demo read the real data laid beside the checkout when there is one (else see
+# tests/conftest.py: $LORAINIT_DATA, or GLUE rows fetched once from the hub), and never reach a hub
+# while they run.
+export LORAINIT_DATA ?= $(wildcard $(abspath ../shared/data))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 

@@ -72,7 +72,7 @@ pack.init_run(0, "a", seed=0); pack.init_run(1, "b", seed=1)
 assert pack.head is None and len(pack.layers) == 2 * model.config.num_hidden_layers
 with torch.no_grad():
     out = model(**stack_runs(dict(batch), 2)).logits
-assert torch.equal(out, base)
+assert torch.equal(out, base)  # zero adapters add exactly 0 to the same kernels on the same shapes
 top = out[0, batch["attention_mask"][0].sum() - 1].argmax()
 print("NEXT", tok.decode(top).strip(), "FIRST", round(t_first, 1), "AGAIN", round(t_again, 2))
 """

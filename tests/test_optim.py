@@ -132,7 +132,7 @@ def test_lr_b_ratio_reaches_only_b():
     assert (params["layer.lora_B"][2] - ref.p["layer.lora_B"]).abs().max() > 1e-3
 
 
-def test_inactive_run_is_untouched_and_does_not_affect_others():
+def test_inactive_run_is_untouched_and_does_not_affect_others(measured):
     params, small = _params(), _params(runs=(0, 2))
     opt, opt_small = _pack(params), _pack(small, runs=(0, 2))
     for step in range(10):
@@ -150,8 +150,11 @@ def test_inactive_run_is_untouched_and_does_not_affect_others():
         assert torch.equal(p[1], frozen[n]), n
         for k, v in opt.state[n].items():
             assert torch.equal(v[1], frozen_state[n][k]), (n, k)
-        assert torch.equal(p[[0, 2]], small[n]), n
-        assert torch.equal(opt.state[n]["exp_avg_sq"][[0, 2]], opt_small.state[n]["exp_avg_sq"]), n
+        # runs 0 and 2 of a 3-run pack against a 2-run pack: the same per-run arithmetic on tensors
+        # of another shape, whose per-run norms (reductions) may be vectorised otherwise: ten
+        # Adam steps of fp32 rounding (eps 1.2e-7)
+        assert measured("pack_of_2_params", p[[0, 2]], small[n]) <= 1e-6, n
+        assert measured("pack_of_2_state", opt.state[n]["exp_avg_sq"][[0, 2]], opt_small.state[n]["exp_avg_sq"]) <= 1e-6, n
     assert opt.state["layer.lora_A"]["step"].tolist() == [10, 4, 10]
     assert opt.sched_step.tolist() == [10, 4, 10]
 

@@ -23,7 +23,7 @@ def _trained_pack(model, config, K=3):
 
 
 @pytest.mark.parametrize("rslora", [False, True])
-def test_export_loads_in_peft_with_equal_outputs(minilm, sst2_batch, tmp_path, rslora):
+def test_export_loads_in_peft_with_equal_outputs(minilm, sst2_batch, tmp_path, rslora, measured):
     from peft import PeftModel
 
     model, _ = minilm
@@ -43,7 +43,8 @@ def test_export_loads_in_peft_with_equal_outputs(minilm, sst2_batch, tmp_path, r
     peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
     with torch.no_grad():
         ref = peft_model(**batch).logits
-    assert (ref - packed[2]).abs().max().item() <= 1e-5
+    # PEFT's kernels against the pack's batched ones: fp32 rounding, relative to the logits' scale
+    assert measured("peft_reload", ref, packed[2]) <= 1e-5
     # and it is run 2, not another run of the pack
     assert (ref - packed[1]).abs().max().item() > 1e-3
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.usefixtures("glue_data")
 
 SWEEP = """\
 name: ray-small

@@ -36,11 +36,13 @@ def test_teacher_moves_the_output_by_rms_one():
     assert p.z.shape == (48, cfg.n_train) and p.z_test.shape == (48, cfg.n_test)
 
 
-def test_a_diverging_lr_leaves_the_others_untouched():
+def test_a_diverging_lr_leaves_the_others_untouched(measured):
     small = toy.ToyConfig(widths=(32,), lrs=(1e-3, 1e-2), seeds=2, steps=30)
     big = toy.ToyConfig(widths=(32,), lrs=(1e-3, 1e-2, 1e4), seeds=2, steps=30)
     a, b = toy.train_width(32, small), toy.train_width(32, big)
-    assert torch.equal(a.losses, b.losses[..., :2])
+    # the same configurations as slices of a stack of 2 lrs and of 3: batched matmuls over the
+    # stack, fp32 rounding per slice (eps 1.2e-7) over 30 steps
+    assert measured("toy_stack", a.losses, b.losses[..., :2]) <= 1e-5
     assert (b.diverged_step[..., 2] > 0).all() and (b.diverged_step[..., :2] == -1).all()
     assert torch.isinf(b.train_loss[..., 2]).all()
 
