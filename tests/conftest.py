@@ -28,8 +28,7 @@ from lorainit.tasks import glue  # noqa: E402
 from lorainit.tasks.classification import collate  # noqa: E402
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-HOW = ("set LORAINIT_DATA to a folder holding glue/SST-2/, glue/QNLI/ and glue/MNLI/ (GLUE's TSV files), "
-       "or run where the Hugging Face hub can be reached")
+HOW = "set LORAINIT_DATA to a folder holding glue/SST-2/, glue/QNLI/, glue/MNLI/ (GLUE TSVs), or reach the hub"
 
 
 def _fetch_from_hub() -> str | None:
@@ -45,8 +44,8 @@ def _fetch_from_hub() -> str | None:
     except subprocess.TimeoutExpired:
         return "the hub did not answer in time"
     if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        return f"the hub could not be reached ({lines[-1] if lines else 'no message'})"
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"the hub could not be reached ({last.split(':')[0].rpartition('.')[2]})"  # the error's class
     return None
 
 
