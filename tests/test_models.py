@@ -4,10 +4,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lorainit import models
-from lorainit.engine.lora import LoRAConfig, LoRAPack, stack_runs
 
 
 def test_minilm_alias_is_the_packaged_model():

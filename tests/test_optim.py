@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import TrainingArguments, get_linear_schedule_with_warmup
 
-from lorainit.errors import BadInput
 from lorainit.engine.optim import PackedAdamW, PackedGradScaler, linear_schedule, warmup_steps_for
+from lorainit.errors import BadInput
 
 # Stand-ins for a pack's trainable tensors, per run (the pack adds a leading K).
 SHAPES = {"layer.lora_A": (4, 6), "layer.lora_B": (5, 4), "classifier.weight": (3, 6), "classifier.bias": (3,)}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lorainit.engine import rng
-from lorainit.theory import calculus
 from lorainit.errors import BadInput
+from lorainit.theory import calculus
 
 QUANTITIES = ("Z_A", "Z_B", "delta1", "delta2", "delta3")
 # widths 2^8 .. 2^13 and 2 seeds keep each sweep to about a second

@@ -11,8 +11,8 @@ from torch.nn import functional as F
 
 from lorainit import models
 from lorainit.config import RunConfig
-from lorainit.engine.order import DataOrder
 from lorainit.engine.lora import LoRAConfig, LoRAPack
+from lorainit.engine.order import DataOrder
 from lorainit.tasks.classification import Classification
 from lorainit.train import train_pack
 

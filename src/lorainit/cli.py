@@ -85,7 +85,6 @@ def _numbers(text: str, kind, option: str) -> tuple:
 
 
 def _cmd_toy(args: argparse.Namespace) -> int:
-    import dataclasses
     import time
     from pathlib import Path
 

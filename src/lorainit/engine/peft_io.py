@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorainit.engine.lora import LoRAPack
 from lorainit.errors import BadInput
 from lorainit.files import write_atomic, write_text_atomic
-from lorainit.engine.lora import LoRAPack
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -122,14 +122,9 @@ def import_run(pack: LoRAPack, k: int, folder: str | os.PathLike) -> None:
         raise AdapterError(f"{config_path}: DoRA adapters are not LoRA adapters")
 
     tensors = load_file(str(weights_path))
-    wanted = {}
-    for name, layer in pack.layers.items():
-        wanted[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
-        wanted[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
-    if pack.head is not None:
-        wanted[f"{PREFIX}{pack.head_name}.weight"] = pack.head.weight
-        if pack.head.bias is not None:
-            wanted[f"{PREFIX}{pack.head_name}.bias"] = pack.head.bias
+    # the pack's `...query.lora_A` is PEFT's `base_model.model....query.lora_A.weight`; head keys match
+    wanted = {PREFIX + name + (".weight" if name.endswith((".lora_A", ".lora_B")) else ""): param
+              for name, param in pack.named_parameters().items()}
     lora_keys = [key for key in tensors if ".lora_" in key]
     unknown = [key for key in lora_keys if key not in wanted]
     if unknown:

@@ -12,7 +12,7 @@ exactly zero. One step changes Z_B by δ¹ + δ² + δ³ with
 
     δ¹ = B ΔZ_A,   δ² = ΔB Z_A,   δ³ = ΔB ΔZ_A   (each a sum over r terms only)
 
-The inits are the ones in `inits.py` with the theory's `gaussian` variances:
+The inits are the ones in `engine/inits.py` with the theory's `gaussian` variances:
 
 - Init[A] ("a"): A ~ N(0, 1/n), B = 0.
 - Init[B] ("b"): B ~ N(0, 1/r), A = 0.

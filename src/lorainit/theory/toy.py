@@ -37,7 +37,6 @@ from lorainit.engine import rng
 from lorainit.engine.inits import get_init
 from lorainit.errors import BadInput
 
-
 PRESETS = {
     # a few minutes on 2 CPU cores
     "default": {},
