@@ -31,7 +31,7 @@ class RunConfig:
     """One LoRA finetuning run. Fields that must agree for runs to share a pack are marked (pack)."""
 
     model: str = "minilm"                 # (pack) model spec: alias, local folder or hub id
-    task: str = "sst2"                    # (pack) a registered task: sst2 | qnli | mnli
+    task: str = "sst2"                    # (pack) a registered task: sst2 | qnli | mnli | gsm8k | wikitext2
     data_dir: str | None = None           # (pack) the task's data folder; default $LORAINIT_DATA or hub
     init: str = "a"                       # a: A random, B = 0 (Init[A]); b: B random, A = 0 (Init[B])
     init_variance: str = "kaiming"        # kaiming (PEFT's) | gaussian (the theory's)
@@ -42,7 +42,7 @@ class RunConfig:
     alpha: float = 16.0                   # (pack) scaling s = alpha / r (alpha / sqrt(r) with rslora)
     rslora: bool = False                  # (pack) rank-stabilised scaling
     dropout: float = 0.1                  # (pack) LoRA dropout on the LoRA input
-    targets: tuple[str, ...] = ("query", "value")  # (pack) module names to adapt
+    targets: tuple[str, ...] = ("query", "value")  # (pack) module names to adapt (gsm8k, wikitext2: q_proj,v_proj)
     batch_size: int = 4                   # (pack) rows per step for this run
     epochs: float | None = None           # (pack) passes over the training rows; or max_steps
     max_steps: int | None = None          # (pack) optimiser steps; wins over epochs when both given
@@ -57,10 +57,11 @@ class RunConfig:
     divergence_factor: float = 10.0       # diverged: loss non-finite or above this x its initial loss
     checkpoint_every: int = 0             # (pack) write a checkpoint every N steps (0: never)
     save_adapters: bool = True            # write the run's PEFT adapter when it finishes
+    max_new_tokens: int = 256             # (pack) GSM8K: greedy tokens generated per question at most
 
     PACK_FIELDS = ("model", "task", "data_dir", "rank", "alpha", "rslora", "dropout", "targets", "batch_size",
                    "epochs", "max_steps", "max_seq_len", "max_train_samples", "max_eval_samples",
-                   "eval_every", "precision", "checkpoint_every")
+                   "eval_every", "precision", "checkpoint_every", "max_new_tokens")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -71,6 +72,9 @@ class RunConfig:
         """Build and check a run from plain values (a YAML mapping, parsed options)."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
+        task = str(values.get("task", cls.task))
+        if "targets" not in values and task in tasks.names() and tasks.get(task).default_targets:
+            values = values | {"targets": tasks.get(task).default_targets}  # the task's models' names
         for key, value in values.items():
             name = key.replace("-", "_")
             if name not in known:
@@ -86,7 +90,8 @@ class RunConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise BadInput(f"{where}: {key} is {getattr(self, key)!r}; allowed: {', '.join(allowed)}")
-        positive = ("lr", "lr_b_ratio", "rank", "alpha", "batch_size", "max_seq_len", "divergence_factor")
+        positive = ("lr", "lr_b_ratio", "rank", "alpha", "batch_size", "max_seq_len", "divergence_factor",
+                    "max_new_tokens")
         for key in positive:
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):

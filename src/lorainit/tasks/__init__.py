@@ -4,7 +4,7 @@ This is the one list of task names. Run validation, the planner, the dry run's e
 store and `results.csv` all read it. A family is a `tasks.base.Task` subclass, named here by
 "module:Class" and imported only when a pack needs it, so that reading the registry stays cheap.
 
-    tasks.names()          -> ('sst2', 'qnli', 'mnli')
+    tasks.names()          -> ('sst2', 'qnli', 'mnli', 'gsm8k', 'wikitext2')
     tasks.get('sst2')      -> TaskInfo(name='sst2', family='lorainit.tasks.classification:Classification', ...)
     tasks.family('sst2')   -> the Classification class
     tasks.register(...)    -> add a task (and its family) at run time
@@ -40,6 +40,8 @@ class Metric:
 
 ACCURACY = Metric("accuracy", higher_is_better=True)
 EVAL_LOSS = Metric("eval_loss", higher_is_better=False)
+PERPLEXITY = Metric("perplexity", higher_is_better=False)
+EXACT_MATCH = Metric("exact_match", higher_is_better=True)
 
 
 @dataclass(frozen=True)
@@ -47,16 +49,18 @@ class TaskInfo:
     name: str                      # the run field `task`
     family: str | type             # its Task family: a class, or "module:Class" imported when needed
     metrics: tuple[Metric, ...]    # what its evaluation reports per run; the first is the headline
+    default_targets: tuple[str, ...] | None = None  # LoRA targets of a run that names none (None: the field's)
 
 
 _REGISTRY: dict[str, TaskInfo] = {}
 
 
-def register(name: str, family: str | type, metrics: tuple[Metric, ...]) -> TaskInfo:
+def register(name: str, family: str | type, metrics: tuple[Metric, ...],
+             default_targets: tuple[str, ...] | None = None) -> TaskInfo:
     """Add task `name`, trained by `family`, reporting `metrics`; returns its entry."""
     if not metrics:
         raise ValueError(f"task {name!r} needs at least one metric")
-    info = TaskInfo(name, family, tuple(metrics))
+    info = TaskInfo(name, family, tuple(metrics), default_targets)
     _REGISTRY[name] = info
     return info
 
@@ -105,3 +109,6 @@ def metric_columns(task_names) -> list[str]:
 # GLUE sentence(-pair) classification: accuracy on the validation split, and its loss.
 for _name in glue.TASKS:
     register(_name, "lorainit.tasks.classification:Classification", (ACCURACY, EVAL_LOSS))
+# Causal language modelling on decoder LLMs, whose attention projections are q_proj ... o_proj.
+register("gsm8k", "lorainit.tasks.causal_lm:CausalLM", (EXACT_MATCH, EVAL_LOSS), ("q_proj", "v_proj"))
+register("wikitext2", "lorainit.tasks.causal_lm:CausalLM", (PERPLEXITY, EVAL_LOSS), ("q_proj", "v_proj"))

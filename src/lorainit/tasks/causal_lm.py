@@ -1,0 +1,257 @@
+"""Causal language modelling (GSM8K, WikiText-2) on decoder LLMs: Llama, and Qwen2 or Mistral
+where the same code serves.
+
+A row is token ids and the first position whose token counts: for GSM8K, the answer after the
+prompt `Question: {question}\\nAnswer:` (the prompt does not count); for WikiText-2, every token
+of a block but its first. Each run's loss is the cross-entropy summed over its own counted tokens,
+counted in tokens. Rows are right-padded with the tokenizer's pad id and masked, so positions,
+the causal mask and every count are what the run would have alone.
+
+The output projection never sees the positions that do not count, and runs over the counted ones
+in chunks of `LOSS_CHUNK` tokens, each checkpointed: neither forward nor backward holds more than
+one chunk's logits (over a 49k vocabulary, the K runs' full logits would be the largest tensor by far).
+
+Evaluation reports `eval_loss` (the mean counted-token loss) and, for WikiText-2, `perplexity`
+(its exp); for GSM8K, `exact_match` from one batched greedy generation of every active run
+(`generate`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lorainit import models
+from lorainit.tasks import lm_data
+from lorainit.tasks.base import Forward, Losses, Task, stack_padded
+
+IGNORE = -100           # a label that does not count
+LOSS_CHUNK = 1024       # counted tokens per projection + cross-entropy chunk (49k vocab: ~200 MB in fp32)
+EVAL_TOKENS = 8192      # tokens per evaluation forward, over all active runs
+GENERATE_ROWS = 64      # rows (runs x questions) per generation batch
+STOP = "\n\nQuestion:"  # a generation that starts the next question is cut there
+
+
+@dataclass
+class Rows:
+    ids: list[list[int]]   # token ids per row
+    start: list[int]       # the first position whose token counts (it is predicted from the one before)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def tokens(self) -> int:
+        return sum(len(x) - s for x, s in zip(self.ids, self.start))
+
+
+def encode_gsm8k(rows: list[lm_data.QA], tokenizer, max_seq_len: int) -> Rows:
+    """Prompt (with the tokenizer's special tokens) then ' {answer}' and EOS (without). A prompt too
+    long is cut from the left, so that at least one answer token fits; the answer from the right."""
+    ids, start = [], []
+    for qa in rows:
+        prompt = tokenizer(lm_data.gsm8k_prompt(qa.question))["input_ids"]
+        target = tokenizer(" " + qa.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt = prompt[-(max_seq_len - 1):]
+        row = (prompt + target)[:max_seq_len]
+        ids.append(row)
+        start.append(len(prompt))
+    return Rows(ids, start)
+
+
+def encode_blocks(text: str, tokenizer, max_seq_len: int) -> Rows:
+    """The text as one token stream cut into contiguous blocks of `max_seq_len` (the last may be
+    shorter); every token of a block but its first counts."""
+    stream = tokenizer(text, add_special_tokens=False)["input_ids"]
+    blocks = [stream[i:i + max_seq_len] for i in range(0, len(stream), max_seq_len)]
+    blocks = [b for b in blocks if len(b) > 1]
+    return Rows(blocks, [1] * len(blocks))
+
+
+def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids and attention_mask, and labels: the next token where it counts, else IGNORE."""
+    width = max(len(rows.ids[i]) for i in index)
+    input_ids = torch.full((len(index), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(index), width), dtype=torch.long)
+    labels = torch.full((len(index), width), IGNORE, dtype=torch.long)
+    for j, i in enumerate(index):
+        x, s = rows.ids[i], rows.start[i]
+        input_ids[j, :len(x)] = torch.tensor(x)
+        mask[j, :len(x)] = 1
+        labels[j, s - 1:len(x) - 1] = torch.tensor(x[s:])  # position t predicts token t + 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy of one chunk: (N, d) hidden states, (V, d) projection, (N,) targets."""
+    return F.cross_entropy((hidden @ weight.T.to(hidden.dtype)).float(), targets, reduction="none")
+
+
+def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """(N,) cross-entropy of the projection `hidden @ weight.T` against `targets`, computed in
+    checkpointed chunks of `chunk` rows, so that only one chunk's logits exist at a time, in the
+    forward and in the backward (which recomputes them)."""
+    parts = []
+    for i in range(0, hidden.shape[0], chunk):
+        h, y = hidden[i:i + chunk], targets[i:i + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_chunk_losses, h, weight, y, use_reentrant=False))
+        else:
+            parts.append(_chunk_losses(h, weight, y))
+    return torch.cat(parts) if parts else hidden.new_zeros(0)
+
+
+class CausalLM(Task):
+    """A decoder LLM trained on its counted tokens: GSM8K answers or WikiText-2 blocks."""
+
+    def __init__(self, run, model_overrides: dict | None = None):
+        super().__init__(run, model_overrides)
+        self.model, self.tokenizer = models.load(run.model, "causal_lm", **(model_overrides or {}))
+        self.pad_id = self.tokenizer.pad_token_id
+        self.train = self.read(run, "train", self.tokenizer)
+        self.eval = self.read(run, "eval", self.tokenizer)
+        self.questions = (lm_data.read_gsm8k("eval", run.data_dir, max_rows=run.max_eval_samples)
+                          if run.task == "gsm8k" else None)
+
+    @staticmethod
+    def read(run, split: str, tokenizer) -> Rows:
+        limit = run.max_train_samples if split == "train" else run.max_eval_samples
+        if run.task == "gsm8k":
+            return encode_gsm8k(lm_data.read_gsm8k(split, run.data_dir, max_rows=limit), tokenizer, run.max_seq_len)
+        text, where = lm_data.wikitext_file(split, run.data_dir)
+        if split == "train" and where.endswith("valid.txt"):
+            print(f"wikitext2: no train.txt, training on {where}", file=sys.stderr)
+        rows = encode_blocks(text, tokenizer, run.max_seq_len)
+        return Rows(rows.ids[:limit], rows.start[:limit]) if limit else rows
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
+
+    @property
+    def eval_size(self) -> int:
+        return len(self.eval)
+
+    def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        return collate(self.train, rows, self.pad_id)
+
+    def stack(self, batches, device):
+        return stack_padded(batches, {"input_ids": self.pad_id, "labels": IGNORE}, device)
+
+    def token_mask(self, batch):
+        return batch["attention_mask"].bool()
+
+    def _sums(self, state, batch: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each of the n runs' summed counted-token loss and its count, on a stacked batch."""
+        model = state.pack.model
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                                  ).last_hidden_state                      # (n*b, T, d)
+        labels = batch["labels"]
+        counted = labels != IGNORE                                         # (n*b, T)
+        run_of = torch.arange(n, device=labels.device).repeat_interleave(labels.shape[0] // n)  # (n*b,)
+        run_of = run_of[:, None].expand_as(labels)[counted]                # (N,) each counted token's run
+        losses = token_losses(hidden[counted], model.get_output_embeddings().weight, labels[counted])  # (N,)
+        sums = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, run_of, losses)
+        return sums, torch.bincount(run_of, minlength=n)
+
+    def loss(self, state, batch, forward: Forward) -> Losses:
+        return Losses(*self._sums(state, batch, len(forward.runs)))
+
+    def evaluate(self, state, runs: list[int]) -> list[dict[str, float]]:
+        n = len(runs)
+        device = state.pack.parameters()[0].device
+        order = sorted(range(len(self.eval)), key=lambda i: len(self.eval.ids[i]))
+        chunks, current = [], []
+        for i in order:  # rows by length, so runs x rows x the last row's length bounds each forward
+            if current and n * (len(current) + 1) * len(self.eval.ids[i]) > EVAL_TOKENS:
+                chunks.append(current)
+                current = []
+            current.append(i)
+        sums = torch.zeros(n, dtype=torch.float64)
+        counts = torch.zeros(n, dtype=torch.float64)
+        for chunk in chunks + [current]:
+            batch = collate(self.eval, chunk, self.pad_id)
+            s, c = self._sums(state, {k: v.repeat(n, 1).to(device) for k, v in batch.items()}, n)
+            sums += s.double().cpu()
+            counts += c.double().cpu()
+        results = []
+        for j in range(n):
+            loss = float(sums[j] / counts[j])
+            metrics = {"eval_loss": loss}
+            if self.run.task == "wikitext2":
+                metrics["perplexity"] = math.exp(loss) if loss < 700 else float("inf")
+            results.append(metrics)
+        if self.questions is not None:
+            texts = self.generate(state, n, [lm_data.gsm8k_prompt(q.question) for q in self.questions],
+                                  self.run.max_new_tokens)
+            for j in range(n):
+                hits = sum(lm_data.exact_match(t, q.answer) for t, q in zip(texts[j], self.questions))
+                results[j]["exact_match"] = hits / len(self.questions)
+        return results
+
+    def generate(self, state, n: int, prompts: list[str], max_new_tokens: int) -> list[list[str]]:
+        """Greedy continuations of `prompts` by each of the n active runs: texts[run][prompt].
+
+        One batched generation per chunk of prompts, every run's copy of the rows through its own
+        adapters, left-padded (transformers derives the positions from the mask), with a KV cache;
+        a row stops at EOS, at the start of a next question, or after `max_new_tokens`."""
+        from tqdm.auto import tqdm
+
+        model = state.pack.model
+        device = state.pack.parameters()[0].device
+        encoded = [self.tokenizer(p)["input_ids"] for p in prompts]
+        per_chunk = max(1, GENERATE_ROWS // n)
+        texts: list[list[str]] = [[] for _ in range(n)]
+        chunks = range(0, len(encoded), per_chunk)
+        for lo in tqdm(chunks, desc=f"generating ({n} runs x {len(encoded)} questions)", unit="batch",
+                       disable=not sys.stderr.isatty(), leave=False):
+            part = encoded[lo:lo + per_chunk]
+            width = max(len(x) for x in part)
+            ids = torch.full((len(part), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(part), width), dtype=torch.long)
+            for i, x in enumerate(part):  # left padding: every prompt ends where generation starts
+                ids[i, width - len(x):] = torch.tensor(x)
+                mask[i, width - len(x):] = 1
+            out = model.generate(input_ids=ids.repeat(n, 1).to(device), attention_mask=mask.repeat(n, 1).to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
+                                 eos_token_id=self.tokenizer.eos_token_id, stop_strings=[STOP],
+                                 tokenizer=self.tokenizer)
+            new = out[:, width:].view(n, len(part), -1)
+            for j in range(n):
+                for row in new[j].tolist():
+                    if self.tokenizer.eos_token_id in row:
+                        row = row[:row.index(self.tokenizer.eos_token_id)]
+                    texts[j].append(self.tokenizer.decode(row, skip_special_tokens=True).split(STOP)[0])
+        return texts
+
+    @classmethod
+    def check_data(cls, run) -> None:
+        if run.task == "gsm8k":
+            for split in ("train", "eval"):
+                lm_data.read_gsm8k(split, run.data_dir, max_rows=1)
+        else:
+            for split in ("train", "eval"):
+                lm_data.wikitext_file(split, run.data_dir)
+
+    @classmethod
+    def data_size(cls, run, split: str) -> tuple[int, float] | None:
+        """(rows, tokens per row) from the local files, the tokens guessed at ~4 characters each."""
+        if lm_data.data_root(run.task, run.data_dir) is None:
+            return None
+        try:
+            if run.task == "gsm8k":
+                rows = lm_data.read_gsm8k(split, run.data_dir)
+                tokens = sum(len(r.question) + len(r.answer) + 20 for r in rows) / len(rows) / 4
+                count = len(rows)
+            else:
+                text, _ = lm_data.wikitext_file(split, run.data_dir)
+                count, tokens = max(1, len(text) // 4 // run.max_seq_len), run.max_seq_len
+        except Exception:  # noqa: BLE001 - an estimate, never an error
+            return None
+        limit = run.max_train_samples if split == "train" else run.max_eval_samples
+        return min(count, limit or count), min(run.max_seq_len, tokens)
