@@ -87,8 +87,12 @@ def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor
 
 
 def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy of one chunk: (N, d) hidden states, (V, d) projection, (N,) targets."""
-    return F.cross_entropy((hidden @ weight.T.to(hidden.dtype)).float(), targets, reduction="none")
+    """Per-token cross-entropy of one chunk: (N, d) hidden states, (V, d) projection, (N,) targets.
+    Half-precision logits are taken to fp32 first (autocast's bf16/fp16); fp32 and fp64 stay."""
+    logits = hidden @ weight.T.to(hidden.dtype)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, targets, reduction="none")
 
 
 def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

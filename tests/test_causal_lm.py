@@ -1,0 +1,268 @@
+"""Decoder LLMs in packs, on the real SmolLM2-135M weights and real GSM8K and WikiText-2 rows."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lorainit import models
+from lorainit.config import RunConfig
+from lorainit.engine.lora import LoRAConfig, LoRAPack
+from lorainit.engine.order import DataOrder
+from lorainit.tasks import causal_lm, lm_data
+from lorainit.tasks.glue import DataError
+from lorainit.train import PackTrainer, train_pack
+
+pytestmark = pytest.mark.usefixtures("lm_data_folder")
+
+BASE = dict(model="smollm2-135m", batch_size=2, max_seq_len=48, max_train_samples=24, max_eval_samples=4,
+            max_new_tokens=12, max_steps=3, lr=1e-3)
+
+
+def _run(**fields):
+    return RunConfig.from_dict(BASE | fields)
+
+
+def _losses(result):
+    return [m["value"] for m in result.metrics if m["name"] == "train_loss"]
+
+
+@pytest.fixture(scope="module")
+def lm_data_folder(glue_data):
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("LORAINIT_DATA")
+    if not root or not (Path(root) / "gsm8k").is_dir() or not (Path(root) / "wikitext-2").is_dir():
+        message = "no GSM8K / WikiText-2 rows: set LORAINIT_DATA to a folder holding gsm8k/ and wikitext-2/"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+
+
+def test_gsm8k_rows_count_the_answer_only_and_wikitext_blocks_are_contiguous():
+    _, tok = models.load("smollm2-135m", "causal_lm")
+    qa = lm_data.read_gsm8k("train", max_rows=3)
+    rows = causal_lm.encode_gsm8k(qa, tok, 512)
+    for row, start, q in zip(rows.ids, rows.start, qa):
+        assert tok.decode(row[:start]) == lm_data.gsm8k_prompt(q.question)
+        assert tok.decode(row[start:]) == " " + q.answer + tok.eos_token
+    batch = causal_lm.collate(rows, [0, 1], tok.pad_token_id)
+    counted = batch["labels"] != causal_lm.IGNORE
+    assert counted.sum(1).tolist() == [len(x) - s for x, s in zip(rows.ids[:2], rows.start[:2])]
+    text, where = lm_data.wikitext_file("train")
+    assert where.endswith("valid.txt")  # the shared copy has no train.txt
+    blocks = causal_lm.encode_blocks(text[:20000], tok, 64)
+    stream = tok(text[:20000], add_special_tokens=False)["input_ids"]
+    assert sum(blocks.ids, []) == stream and all(len(b) == 64 for b in blocks.ids[:-1])
+
+
+def test_chunked_loss_equals_the_plain_one_in_value_and_gradient(measured):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(700, 32, generator=g, requires_grad=True)
+    weight = torch.randn(500, 32, generator=g)
+    targets = torch.randint(0, 500, (700,), generator=g)
+    chunked = causal_lm.token_losses(hidden, weight, targets, chunk=128)
+    (grad_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
+    plain = F.cross_entropy(hidden @ weight.T, targets, reduction="none")
+    (grad_plain,) = torch.autograd.grad(plain.sum(), hidden)
+    # the same products in row chunks of one matmul: fp32 rounding of a 32-long dot product
+    assert measured("chunked_loss", chunked, plain) <= 1e-6
+    assert measured("chunked_grad", grad_chunked, grad_plain) <= 1e-6
+
+
+def test_a_runs_loss_is_the_mean_over_its_answer_tokens_whatever_its_pack_mates_hold(measured):
+    runs = [_run(task="gsm8k", seed=0), _run(task="gsm8k", seed=1, init="b")]
+    trainer = PackTrainer(runs, show_progress=False)
+    task = trainer.task
+    rows0 = trainer.orders[0].rows_at(0)
+    batch, lengths = trainer._batch([0, 1])
+    trainer.state.set_batch([0, 1], lengths)
+    trainer.model.eval()  # no dropout: the hand computation below has none either
+    with torch.no_grad():
+        from lorainit.tasks.base import Forward
+
+        losses = task.loss(trainer.state, batch, Forward([0, 1], False, False))
+        # by hand: run 0's own rows alone, full logits, the answer tokens only
+        alone = task.batch(rows0)
+        trainer.state.set_batch([0], None)
+        logits = trainer.model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits
+        tokens = [(r, t) for r, (x, s) in enumerate(zip((task.train.ids[i] for i in rows0),
+                                                        (task.train.start[i] for i in rows0)))
+                  for t in range(s - 1, len(x) - 1)]
+        by_hand = torch.stack([F.cross_entropy(logits[r, t], alone["input_ids"][r, t + 1]) for r, t in tokens]).mean()
+        assert int(losses.counts[0]) == len(tokens)
+        # the same model, unchunked and unpacked: fp32 rounding of a 576-long projection
+        assert measured("hand_mean", losses.means()[0], by_hand) <= 1e-5
+        # another pack-mate's rows (longer padding, other tokens) change nothing for run 0
+        other = task.batch(trainer.orders[1].rows_at(5))
+        stacked, lengths = task.stack([alone, other], trainer.device)
+        trainer.state.set_batch([0, 1], lengths)
+        again = task.loss(trainer.state, stacked, Forward([0, 1], False, False))
+        assert measured("pack_mate_rows", again.means()[0], losses.means()[0]) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_single_run_matches_peft_and_torch_adamw(measured, dtype):
+    """K = 1 SmolLM2 against PEFT (CAUSAL_LM) and torch.optim.AdamW: losses and A, B gradients over
+    3 steps. In fp64 the two are the same arithmetic to 1e-9; in fp32 they differ by rounding."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_linear_schedule_with_warmup
+
+    run = _run(task="gsm8k", dropout=0.0, warmup_ratio=0.0, max_grad_norm=0.0, rank=4, lr=2e-3)
+    trainer = PackTrainer([run], show_progress=False, model_overrides={"dtype": dtype})
+    ours_losses, ours_grads = [], []
+    for _ in range(run.max_steps):
+        losses, _ = trainer.train_step(log=False)
+        ours_losses.append(losses[0])
+        ours_grads.append({(n, f): getattr(layer, f"lora_{f}").grad[0].clone()
+                           for n, layer in trainer.pack.layers.items() for f in "AB"})
+
+    base, _ = models.load(run.model, "causal_lm", dtype=dtype)
+    donor = LoRAPack(copy.deepcopy(base), LoRAConfig(rank=run.rank, alpha=run.alpha, targets=run.targets), 1)
+    donor.init_run(0, run.init, run.init_variance, run.seed)
+    peft_model = get_peft_model(base, LoraConfig(r=run.rank, lora_alpha=run.alpha, lora_dropout=0.0,
+                                                 target_modules=list(run.targets), task_type="CAUSAL_LM"))
+    peft_model.to(dtype)
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, layer in donor.layers.items():
+            params[f"base_model.model.{name}.lora_A.default.weight"].copy_(layer.lora_A[0])
+            params[f"base_model.model.{name}.lora_B.default.weight"].copy_(layer.lora_B[0])
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=run.lr, weight_decay=0.0)
+    sched = get_linear_schedule_with_warmup(opt, 0, run.max_steps)
+    order = DataOrder(run.seed, trainer.task.train_size, run.batch_size)
+    peft_model.train()
+    for step in range(run.max_steps):
+        batch = trainer.task.batch(order.rows_at(step))
+        logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        counted = batch["labels"] != causal_lm.IGNORE
+        loss = F.cross_entropy(logits[counted], batch["labels"][counted])
+        loss.backward()
+        if dtype == torch.float64:  # the same arithmetic: only fp64 rounding (eps 2.2e-16) apart
+            assert measured("peft64_loss", ours_losses[step], loss.item()) <= 1e-9
+            for (name, f), ours in ours_grads[step].items():
+                theirs = params[f"base_model.model.{name}.lora_{f}.default.weight"].grad
+                assert measured(f"peft64_grad_{f}", ours, theirs) <= 1e-9, (step, name, f)
+        else:
+            # fp32: the 49k-long softmax sums and 30 layers in other kernels; Adam then turns the
+            # rounding of near-zero gradient entries into whole steps, so only the losses compare
+            assert measured("peft32_loss", ours_losses[step], loss.item()) <= 1e-4
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert ours_losses[-1] != ours_losses[0]
+
+
+@pytest.fixture(scope="module")
+def lm_pack():
+    """4 runs (2 inits x 2 lrs; seeds 0 and 1, so rows of different lengths share a step), packed
+    and alone, on each task."""
+    out = {}
+    for task in ("gsm8k", "wikitext2"):
+        runs = [_run(task=task, init=i, lr=lr, seed=s) for i, lr, s in
+                (("a", 1e-3, 0), ("b", 1e-3, 1), ("a", 3e-3, 1), ("b", 3e-3, 0))]
+        out[task] = (runs, train_pack(runs, show_progress=False), [train_pack([r], show_progress=False)[0] for r in runs])
+    return out
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "wikitext2"])
+def test_pack_equals_runs_alone(lm_pack, task, measured):
+    runs, packed, alone = lm_pack[task]
+    for res, ref in zip(packed, alone):
+        assert res.status == ref.status == "done" and res.steps == 3
+        # slots of a 4-run batch against a batch of one, 3 steps: fp32 rounding Adam carries on
+        assert measured("pack_vs_alone_loss", _losses(res), _losses(ref)) <= 1e-4
+        for name in ("eval_loss", "perplexity") if task == "wikitext2" else ("eval_loss",):
+            assert measured(f"pack_vs_alone_{name}", res.final[name], ref.final[name]) <= 1e-4
+    assert len({round(_losses(r)[-1], 5) for r in packed}) == 4  # the runs differ
+
+
+def test_packed_generation_equals_each_run_alone():
+    runs = [_run(task="gsm8k", init=i, lr=lr, seed=s, max_steps=2) for i, lr, s in
+            (("a", 1e-3, 0), ("b", 1e-3, 1), ("a", 3e-3, 1), ("b", 3e-3, 0))]
+    prompts = [lm_data.gsm8k_prompt(q.question) for q in lm_data.read_gsm8k("eval", max_rows=2)]
+
+    def decode(trainer, active):
+        for _ in range(2):
+            trainer.train_step(log=False)
+        trainer.state.set_batch(active, None)
+        trainer.model.eval()
+        with torch.inference_mode():
+            return trainer.task.generate(trainer.state, len(active), prompts, 8)
+
+    packed = decode(PackTrainer(runs, show_progress=False), [0, 1, 2, 3])
+    for k, run in enumerate(runs):
+        (alone,) = decode(PackTrainer([run], show_progress=False), [0])
+        assert packed[k] == alone, k
+    assert all(len(t) > 0 for texts in packed for t in texts)
+
+
+def test_gsm8k_adapter_reloads_in_peft_to_the_same_eval_loss(tmp_path, measured):
+    from peft import PeftModel
+
+    run = _run(task="gsm8k", max_steps=2)
+    trainer = PackTrainer([run], show_progress=False)
+    (res,) = trainer.run(adapters_dir=tmp_path)
+    import json
+
+    config = json.loads((tmp_path / run.run_id() / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    base, _ = models.load(run.model, "causal_lm")
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / run.run_id())).eval()
+    sums = counts = 0.0
+    with torch.no_grad():
+        for i in range(trainer.task.eval_size):
+            batch = causal_lm.collate(trainer.task.eval, [i], trainer.task.pad_id)
+            logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            counted = batch["labels"] != causal_lm.IGNORE
+            sums += F.cross_entropy(logits[counted], batch["labels"][counted], reduction="sum").item()
+            counts += counted.sum().item()
+    # PEFT's kernels and one row at a time against the pack's chunked evaluation: fp32 rounding
+    assert measured("peft_reload_eval_loss", res.final["eval_loss"], sums / counts) <= 1e-4
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("She pays 3 + 4 = 7.\n#### 7", "7"),
+    ("#### 1,234", "1234"),
+    ("so the total is\n#### $18.00 dollars", "18"),
+    ("#### -5", "-5"),
+    ("#### 2.50", "2.5"),
+    ("#### 12 apples\n\nQuestion: next", "12"),
+    ("first #### 3 then #### 4", "3"),
+    ("the answer is 42", None),
+    ("####", None),
+    ("#### none", None),
+])
+def test_final_answer_normalises_the_number_after_the_first_marker(text, expected):
+    assert lm_data.final_answer(text) == expected
+
+
+def test_exact_match_on_real_answers():
+    rows = lm_data.read_gsm8k("eval", max_rows=20)
+    assert all(lm_data.exact_match(r.answer, r.answer) for r in rows)  # every real answer has a number
+    assert not lm_data.exact_match("no marker at all", rows[0].answer)  # scores 0, counted as wrong
+    wrong = str(int(lm_data.final_answer(rows[0].answer).replace("-", "")) + 1)
+    assert not lm_data.exact_match(f"#### {wrong}", rows[0].answer)
+
+
+def test_bad_rows_are_named_with_file_and_line(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"question": "q", "answer": "a\\n#### 1"}\n{"question": "q", "answer": "7"}\n')
+    with pytest.raises(DataError, match=r"train.jsonl: line 2: the answer has no '#### N'"):
+        lm_data.read_gsm8k("train", str(tmp_path))
+    (tmp_path / "train.jsonl").write_text('{"question": "q"\n')
+    with pytest.raises(DataError, match=r"train.jsonl: line 1 is not JSON"):
+        lm_data.read_gsm8k("train", str(tmp_path))
+    with pytest.raises(DataError, match=r"test.jsonl: file not found"):
+        lm_data.read_gsm8k("eval", str(tmp_path))
+    (tmp_path / "test.txt").write_text("  \n")
+    with pytest.raises(DataError, match=r"test.txt: the split is empty"):
+        lm_data.wikitext_file("eval", str(tmp_path))
+
+
+def test_decoder_tasks_default_to_the_decoders_projection_names():
+    assert _run(task="gsm8k").targets == ("q_proj", "v_proj")
+    assert _run(task="wikitext2", targets="q_proj,k_proj").targets == ("q_proj", "k_proj")
+    assert RunConfig.from_dict({"max_steps": 1}).targets == ("query", "value")
+    assert math.isfinite(_run(task="gsm8k").max_new_tokens)
