@@ -48,11 +48,19 @@ def model_shape(spec: str) -> Shape | None:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception:  # offline and not cached, or not a transformers model: no estimate
         return None
-    hidden, layers = config.hidden_size, config.num_hidden_layers
+    hidden, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
     inner = getattr(config, "intermediate_size", 4 * hidden)
     vocab = getattr(config, "vocab_size", 0)
-    matmul = layers * (4 * hidden * hidden + 2 * hidden * inner)
-    return Shape(matmul + vocab * hidden, matmul, hidden, layers, config.num_attention_heads)
+    # attention: Q and O full, K and V at the key/value heads' width (grouped-query attention)
+    kv = hidden * getattr(config, "num_key_value_heads", heads) // heads
+    gated = getattr(config, "hidden_act", "") in ("silu", "swiglu")  # Llama-style MLP: gate, up, down
+    matmul = layers * (2 * hidden * hidden + 2 * hidden * kv + (3 if gated else 2) * hidden * inner)
+    embeddings = vocab * hidden
+    if type(config).__name__.endswith(("LlamaConfig", "Qwen2Config", "MistralConfig")):
+        matmul += vocab * hidden  # a decoder's output projection runs per counted token
+        if getattr(config, "tie_word_embeddings", False):
+            embeddings = 0  # the projection is the embedding table
+    return Shape(matmul + embeddings, matmul, hidden, layers, heads)
 
 
 def available_memory(device: str) -> int:
@@ -106,6 +114,8 @@ def seconds_per_pack(pack: Pack, shape: Shape | None, flops_per_s: float) -> flo
     evals = steps // run.eval_every + (steps % run.eval_every > 0) if run.eval_every else 1
     work = 4 * shape.matmul_params * train[1] * run.batch_size * steps
     work += 2 * shape.matmul_params * evaluation[1] * evaluation[0] * evals
+    if run.task == "gsm8k":  # greedy generation: up to max_new_tokens one-token forwards per question
+        work += 2 * shape.matmul_params * run.max_new_tokens * evaluation[0] * evals
     return work * len(pack.runs) / flops_per_s
 
 
