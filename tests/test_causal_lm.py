@@ -266,3 +266,40 @@ def test_decoder_tasks_default_to_the_decoders_projection_names():
     assert _run(task="wikitext2", targets="q_proj,k_proj").targets == ("q_proj", "k_proj")
     assert RunConfig.from_dict({"max_steps": 1}).targets == ("query", "value")
     assert math.isfinite(_run(task="gsm8k").max_new_tokens)
+
+
+def test_without_a_folder_rows_come_from_the_hub_files(tmp_path, monkeypatch):
+    import huggingface_hub
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    local_qa = {s: lm_data.read_gsm8k(s, max_rows=5) for s in ("train", "eval")}
+    local_text = {s: lm_data.wikitext_file(s)[0][:5000] for s in ("train", "eval")}
+    asked = []
+
+    def download(repo_id, filename, repo_type):  # the hub, laid out as openai/gsm8k and Salesforce/wikitext
+        asked.append((repo_id, filename, repo_type))
+        split = "train" if "/train-" in filename else "eval"
+        path = tmp_path / filename.replace("/", "_")
+        if repo_id == "openai/gsm8k":
+            rows = local_qa[split]
+            pq.write_table(pa.table({"question": [r.question for r in rows], "answer": [r.answer for r in rows]}), path)
+        else:
+            pq.write_table(pa.table({"text": local_text[split].splitlines(keepends=True)}), path)
+        return str(path)
+
+    monkeypatch.delenv("LORAINIT_DATA", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    for split in ("train", "eval"):
+        assert lm_data.read_gsm8k(split, max_rows=3) == local_qa[split][:3]
+        assert lm_data.wikitext_file(split)[0] == local_text[split]
+    assert ("openai/gsm8k", "main/test-00000-of-00001.parquet", "dataset") in asked
+    assert ("Salesforce/wikitext", "wikitext-2-raw-v1/train-00000-of-00001.parquet", "dataset") in asked
+
+    def offline(*args, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(DataError, match=r"openai/gsm8k:main/train-00000-of-00001.parquet could not be fetched .*"
+                                        r"OSError.*pass data_dir"):
+        lm_data.read_gsm8k("train")
