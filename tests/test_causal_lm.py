@@ -66,9 +66,10 @@ def test_chunked_loss_equals_the_plain_one_in_value_and_gradient(measured):
     (grad_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
     plain = F.cross_entropy(hidden @ weight.T, targets, reduction="none")
     (grad_plain,) = torch.autograd.grad(plain.sum(), hidden)
-    # the same products in row chunks of one matmul: fp32 rounding of a 32-long dot product
-    assert measured("chunked_loss", chunked, plain) <= 1e-6
-    assert measured("chunked_grad", grad_chunked, grad_plain) <= 1e-6
+    # the same products in row chunks, the loss as log-sum-exp minus the target logit and its
+    # gradient as (softmax - onehot) @ W: fp32 rounding of 32- and 500-long sums (6e-7 seen)
+    assert measured("chunked_loss", chunked, plain) <= 1e-5
+    assert measured("chunked_grad", grad_chunked, grad_plain) <= 1e-5
 
 
 def test_a_runs_loss_is_the_mean_over_its_answer_tokens_whatever_its_pack_mates_hold(measured):

@@ -8,8 +8,8 @@ counted in tokens. Rows are right-padded with the tokenizer's pad id and masked,
 the causal mask and every count are what the run would have alone.
 
 The output projection never sees the positions that do not count, and runs over the counted ones
-in chunks of `LOSS_CHUNK` tokens, each checkpointed: neither forward nor backward holds more than
-one chunk's logits (over a 49k vocabulary, the K runs' full logits would be the largest tensor by far).
+in chunks of `LOSS_CHUNK` tokens, each chunk's gradient in the hidden states formed with its loss:
+neither forward nor backward holds more than one chunk's logits, and none is computed twice (over a 49k vocabulary, the K runs' full logits would be the largest tensor by far).
 
 Evaluation reports `eval_loss` (the mean counted-token loss) and, for WikiText-2, `perplexity`
 (its exp); for GSM8K, `exact_match` from one batched greedy generation of every active run
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from lorainit import models
 from lorainit.tasks import lm_data
@@ -86,28 +85,48 @@ def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy of one chunk: (N, d) hidden states, (V, d) projection, (N,) targets.
-    Half-precision logits are taken to fp32 first (autocast's bf16/fp16); fp32 and fp64 stay."""
-    logits = hidden @ weight.T.to(hidden.dtype)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(logits, targets, reduction="none")
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of `hidden @ weight.T` against `targets`, chunk by chunk, with the
+    gradient in the hidden states formed in the same pass: each chunk's logits exist once, for its
+    loss (log-sum-exp minus the target's logit) and for its gradient ((softmax - onehot) @ weight).
+    The backward only scales those stored gradients, (N, d), by the upstream per-token weights, so
+    it neither holds nor recomputes logits. The projection is frozen (a decoder's output embedding)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32 if hidden.dtype != torch.float64 else hidden.dtype,
+                             device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        w = weight.to(hidden.dtype)
+        for i in range(0, hidden.shape[0], chunk):
+            logits = hidden[i:i + chunk] @ w.T                                   # (c, V)
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            y = targets[i:i + chunk]
+            lse = torch.logsumexp(logits, dim=-1)                                # (c,)
+            losses[i:i + chunk] = lse - logits.gather(1, y[:, None]).squeeze(1)
+            if grad is not None:
+                probs = torch.exp(logits.sub_(lse[:, None]))                     # softmax, in place
+                probs[torch.arange(len(y), device=y.device), y] -= 1.0           # d loss / d logits
+                grad[i:i + chunk] = (probs.to(w.dtype) @ w).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_losses[:, None].to(grad.dtype), None, None, None
 
 
 def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                  chunk: int = LOSS_CHUNK) -> torch.Tensor:
-    """(N,) cross-entropy of the projection `hidden @ weight.T` against `targets`, computed in
-    checkpointed chunks of `chunk` rows, so that only one chunk's logits exist at a time, in the
-    forward and in the backward (which recomputes them)."""
-    parts = []
-    for i in range(0, hidden.shape[0], chunk):
-        h, y = hidden[i:i + chunk], targets[i:i + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(checkpoint(_chunk_losses, h, weight, y, use_reentrant=False))
-        else:
-            parts.append(_chunk_losses(h, weight, y))
-    return torch.cat(parts) if parts else hidden.new_zeros(0)
+    """(N,) cross-entropy of the projection `hidden @ weight.T` against `targets`, `chunk` rows at a
+    time: only one chunk's logits exist at once, forward or backward. `weight` must be frozen."""
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("the chunked loss takes a frozen output projection")
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
 
 
 class CausalLM(Task):
