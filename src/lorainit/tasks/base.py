@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from lorainit import tasks
 from lorainit.tasks import Metric
 
 
@@ -53,22 +54,20 @@ class Task(ABC):
     metrics: tuple[Metric, ...]  # set from the registry entry of the pack's task
 
     def __init__(self, run, model_overrides: dict | None = None):
-        from lorainit import tasks
-
         self.run = run
         self.metrics = tasks.metrics(run.task)
 
     # -- data --------------------------------------------------------------------------------
 
     @property
-    @abstractmethod
     def train_size(self) -> int:
-        """Training examples: a run's data order shuffles these indices."""
+        """Training examples: a run's data order shuffles these indices (by default `len(self.train)`)."""
+        return len(self.train)
 
     @property
-    @abstractmethod
     def eval_size(self) -> int:
-        """Evaluation examples (for progress and reports)."""
+        """Evaluation examples, for progress and reports (by default `len(self.eval)`)."""
+        return len(self.eval)
 
     @abstractmethod
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
@@ -106,6 +105,18 @@ class Task(ABC):
         """(rows, mean tokens per row) of 'train' or 'eval' for estimates, or None if unknown
         without reading much (the hub, say)."""
         return None
+
+
+def token_chunks(order: list[int], lengths, runs: int, budget: int) -> list[list[int]]:
+    """Consecutive indices of `order` (sorted by length, shortest first) grouped so that runs x rows
+    x the chunk's longest row stays near `budget` tokens: large matmuls, bounded memory."""
+    chunks, current = [], []
+    for i in order:
+        if current and runs * (len(current) + 1) * lengths[i] > budget:
+            chunks.append(current)
+            current = []
+        current.append(i)
+    return chunks + ([current] if current else [])
 
 
 def stack_padded(batches: list[dict[str, torch.Tensor]], pad_values: dict[str, int], device

@@ -23,11 +23,10 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
 from lorainit import models
 from lorainit.tasks import lm_data
-from lorainit.tasks.base import Forward, Losses, Task, stack_padded
+from lorainit.tasks.base import Forward, Losses, Task, stack_padded, token_chunks
 
 IGNORE = -100           # a label that does not count
 LOSS_CHUNK = 1024       # counted tokens per projection + cross-entropy chunk (49k vocab: ~200 MB in fp32)
@@ -43,9 +42,6 @@ class Rows:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    def tokens(self) -> int:
-        return sum(len(x) - s for x, s in zip(self.ids, self.start))
 
 
 def encode_gsm8k(rows: list[lm_data.QA], tokenizer, max_seq_len: int) -> Rows:
@@ -94,7 +90,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):
-        losses = torch.empty(hidden.shape[0], dtype=torch.float32 if hidden.dtype != torch.float64 else hidden.dtype,
+        losses = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32),
                              device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         w = weight.to(hidden.dtype)
@@ -136,10 +132,11 @@ class CausalLM(Task):
         super().__init__(run, model_overrides)
         self.model, self.tokenizer = models.load(run.model, "causal_lm", **(model_overrides or {}))
         self.pad_id = self.tokenizer.pad_token_id
-        self.train = self.read(run, "train", self.tokenizer)
-        self.eval = self.read(run, "eval", self.tokenizer)
         self.questions = (lm_data.read_gsm8k("eval", run.data_dir, max_rows=run.max_eval_samples)
-                          if run.task == "gsm8k" else None)
+                          if run.task == "gsm8k" else None)  # scored by generation, and their answers' loss
+        self.train = self.read(run, "train", self.tokenizer)
+        self.eval = (encode_gsm8k(self.questions, self.tokenizer, run.max_seq_len) if self.questions is not None
+                     else self.read(run, "eval", self.tokenizer))
 
     @staticmethod
     def read(run, split: str, tokenizer) -> Rows:
@@ -151,14 +148,6 @@ class CausalLM(Task):
             print(f"wikitext2: no train.txt, training on {where}", file=sys.stderr)
         rows = encode_blocks(text, tokenizer, run.max_seq_len)
         return Rows(rows.ids[:limit], rows.start[:limit]) if limit else rows
-
-    @property
-    def train_size(self) -> int:
-        return len(self.train)
-
-    @property
-    def eval_size(self) -> int:
-        return len(self.eval)
 
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
         return collate(self.train, rows, self.pad_id)
@@ -189,15 +178,9 @@ class CausalLM(Task):
         n = len(runs)
         device = state.pack.parameters()[0].device
         order = sorted(range(len(self.eval)), key=lambda i: len(self.eval.ids[i]))
-        chunks, current = [], []
-        for i in order:  # rows by length, so runs x rows x the last row's length bounds each forward
-            if current and n * (len(current) + 1) * len(self.eval.ids[i]) > EVAL_TOKENS:
-                chunks.append(current)
-                current = []
-            current.append(i)
         sums = torch.zeros(n, dtype=torch.float64)
         counts = torch.zeros(n, dtype=torch.float64)
-        for chunk in chunks + [current]:
+        for chunk in token_chunks(order, [len(x) for x in self.eval.ids], n, EVAL_TOKENS):
             batch = collate(self.eval, chunk, self.pad_id)
             s, c = self._sums(state, {k: v.repeat(n, 1).to(device) for k, v in batch.items()}, n)
             sums += s.double().cpu()

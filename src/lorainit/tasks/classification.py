@@ -17,7 +17,7 @@ from lorainit import models
 from lorainit.engine import unpadded
 from lorainit.errors import BadInput
 from lorainit.tasks import glue
-from lorainit.tasks.base import Forward, Losses, Task, stack_padded
+from lorainit.tasks.base import Forward, Losses, Task, stack_padded, token_chunks
 
 # Evaluation forwards hold about this many tokens over all active runs (rows sorted by length, so
 # little padding): large enough for efficient matmuls, small enough to stay in cache and memory.
@@ -73,14 +73,6 @@ class Classification(Task):
         # BERT-family classifiers skip padding in every token-wise op (see engine/unpadded.py)
         self.unpadded = unpadded.supports(self.model)
 
-    @property
-    def train_size(self) -> int:
-        return len(self.train)
-
-    @property
-    def eval_size(self) -> int:
-        return len(self.eval)
-
     def rows_batch(self, split: Split, rows: list[int]) -> dict[str, torch.Tensor]:
         """Rows of `split` collated and right-padded to their own longest row, with their labels."""
         batch = collate([split.ids[i] for i in rows], self.pad_id,
@@ -112,24 +104,13 @@ class Classification(Task):
         per_row = F.cross_entropy(logits.float(), batch["labels"], reduction="none").view(n, -1)  # (n, b)
         return Losses(per_row.sum(1), torch.full((n,), per_row.shape[1], device=per_row.device))
 
-    def _eval_chunks(self, order: list[int], runs: int) -> list[list[int]]:
-        """Consecutive rows of `order` grouped so that runs x rows x longest stays near EVAL_TOKENS."""
-        chunks, current = [], []
-        for i in order:
-            longest = len(self.eval.ids[i])  # rows are sorted by length: the last is the longest
-            if current and runs * (len(current) + 1) * longest > EVAL_TOKENS:
-                chunks.append(current)
-                current = []
-            current.append(i)
-        return chunks + ([current] if current else [])
-
     def evaluate(self, state, runs: list[int]) -> list[dict[str, float]]:
         n = len(runs)
         device = state.pack.parameters()[0].device
         order = sorted(range(len(self.eval)), key=lambda i: len(self.eval.ids[i]))
         correct = torch.zeros(n)
         loss_sum = torch.zeros(n)
-        for rows in self._eval_chunks(order, n):
+        for rows in token_chunks(order, [len(x) for x in self.eval.ids], n, EVAL_TOKENS):
             batch = self.rows_batch(self.eval, rows)
             y = batch.pop("labels").to(device)
             stacked = {key: v.repeat(n, 1).to(device) for key, v in batch.items()}
