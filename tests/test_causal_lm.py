@@ -21,6 +21,9 @@ BASE = dict(model="smollm2-135m", batch_size=2, max_seq_len=48, max_train_sample
             max_new_tokens=12, max_steps=3, lr=1e-3)
 
 
+UNEVEN = 200  # GSM8K's first 24 training rows run 104..442 tokens: cut at 200, half of them are shorter
+
+
 def _run(**fields):
     return RunConfig.from_dict(BASE | fields)
 
@@ -106,6 +109,64 @@ def test_a_runs_loss_is_the_mean_over_its_answer_tokens_whatever_its_pack_mates_
         assert measured("pack_mate_rows", again.means()[0], losses.means()[0]) <= 1e-6
 
 
+def test_padding_free_forward_equals_the_padded_one_in_loss_and_adapter_gradients(measured, monkeypatch):
+    """GSM8K rows of uneven length: the real tokens end to end with restarted positions and
+    attention on the padded layout give each run the loss and gradients of right-padded rows."""
+    from lorainit.tasks.base import Forward
+
+    runs = [_run(task="gsm8k", seed=s, init=i, lr=lr, dropout=0.0, max_seq_len=UNEVEN)
+            for s, i, lr in ((0, "a", 1e-3), (1, "b", 3e-3))]
+
+    def loss_and_grads(padding_free):
+        monkeypatch.setattr(causal_lm, "PADDING_FREE", padding_free)
+        trainer = PackTrainer(runs, show_progress=False)
+        assert trainer.task.padding_free is padding_free
+        for _ in range(2):  # both adapters nonzero
+            trainer.train_step(log=False)
+        batch, lengths = trainer._batch([0, 1])
+        assert not batch["attention_mask"].all()  # the batch has padding
+        trainer.state.set_batch([0, 1], lengths)
+        trainer.model.train()
+        means = trainer.task.loss(trainer.state, batch, Forward([0, 1], False, False)).means()
+        params = trainer.pack.parameters()
+        grads = torch.autograd.grad(means.sum(), params, allow_unused=True)
+        return means.detach(), torch.cat([g.flatten() for g in grads if g is not None])
+
+    loss_flat, grad_flat = loss_and_grads(True)
+    loss_padded, grad_padded = loss_and_grads(False)
+    # the same 30 layers on other matrix shapes (N tokens against rows x width): fp32 rounding
+    assert measured("padding_free_loss", loss_flat, loss_padded) <= 1e-5
+    assert measured("padding_free_grad", grad_flat, grad_padded) <= 1e-3
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_attention_dropout_with_grouped_query_heads_in_a_pack_equals_runs_alone(padding_free, measured,
+                                                                                  monkeypatch):
+    """SmolLM2 has 9 query heads sharing 3 key/value heads; with attention dropout on, the pack's own
+    attention (per-run masks) serves them, padded or padding-free."""
+    monkeypatch.setattr(causal_lm, "PADDING_FREE", padding_free)
+    runs = [_run(task="gsm8k", seed=s, init=i, max_steps=1, max_seq_len=UNEVEN) for s, i in ((0, "a"), (1, "b"))]
+    overrides = {"attention_dropout": 0.2}
+    packed = train_pack(runs, show_progress=False, model_overrides=overrides)
+    for res, run in zip(packed, runs):
+        (alone,) = train_pack([run], show_progress=False, model_overrides=overrides)
+        assert measured("attention_dropout_pack_vs_alone", _losses(res), _losses(alone)) <= 1e-4
+    without = train_pack(runs[:1], show_progress=False)[0]
+    assert abs(_losses(without)[-1] - _losses(packed[0])[-1]) > 1e-4  # the dropout did act
+
+
+def test_grouped_query_attention_in_the_packs_attention_equals_sdpa(measured):
+    from lorainit.engine.packing import attend
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 5, 8, generator=g)
+    k, v = torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    ours = attend(q, k, v, mask, 8 ** -0.5, 0.0, None)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    assert measured("gqa_attend", ours, ref) <= 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_single_run_matches_peft_and_torch_adamw(measured, dtype):
     """K = 1 SmolLM2 against PEFT (CAUSAL_LM) and torch.optim.AdamW: losses and A, B gradients over
@@ -165,7 +226,7 @@ def lm_pack():
     and alone, on each task."""
     out = {}
     for task in ("gsm8k", "wikitext2"):
-        runs = [_run(task=task, init=i, lr=lr, seed=s) for i, lr, s in
+        runs = [_run(task=task, init=i, lr=lr, seed=s, max_seq_len=UNEVEN if task == "gsm8k" else 48) for i, lr, s in
                 (("a", 1e-3, 0), ("b", 1e-3, 1), ("a", 3e-3, 1), ("b", 3e-3, 0))]
         out[task] = (runs, train_pack(runs, show_progress=False), [train_pack([r], show_progress=False)[0] for r in runs])
     return out

@@ -138,8 +138,8 @@ class PackedLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(num_runs, base.out_features, rank, dtype=w.dtype, device=w.device))
         # Which adapters the current batch holds, in stacking order; None means all K.
         self.active: torch.Tensor | None = None
-        # Rows of each active run when a 2-d input lays runs' tokens end to end (unpadded
-        # training); None: every run has the same number of rows.
+        # Rows of each active run when the input lays runs' tokens end to end, (N, in) or
+        # (1, N, in) (unpadded training); None: every run has the same number of rows.
         self.row_counts: list[int] | None = None
         self.row_subset: RowSubset | None = None  # with row_counts: the rows present of each run's
         self.streams: DropoutStreams | None = None
@@ -161,8 +161,8 @@ class PackedLoRALinear(nn.Module):
         if self.active is not None:
             A, B = A[self.active], B[self.active]
         n = A.shape[0]
-        if self.row_counts is not None and x.dim() == 2:
-            return y + self.scaling * self._ragged(x, A, B).to(y.dtype)
+        if self.row_counts is not None:  # tokens laid end to end: (N, in) or (1, N, in)
+            return y + self.scaling * self._ragged(x.reshape(-1, x.shape[-1]), A, B).view(y.shape).to(y.dtype)
         if x.shape[0] % n:
             raise ValueError(f"batch of {x.shape[0]} rows does not split evenly over {n} runs")
         if self.training and self.dropout > 0:

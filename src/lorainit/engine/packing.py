@@ -1,4 +1,5 @@
-"""The base model's own dropout, made per run, so that a pack equals its runs done one by one.
+"""The base model's own dropout, made per run, so that a pack equals its runs done one by one; and
+the padding-free layout of decoder packs.
 
 BERT and RoBERTa train with hidden and attention dropout (0.1). With torch's global generator,
 the rows of a pack would draw masks that no run alone would draw. Here every `nn.Dropout` of the
@@ -6,9 +7,17 @@ model becomes a `PackedDropout` and attention dropout goes through `packed_atten
 each run's masks from the run's own 'dropout' stream (`lora.DropoutStreams`), once per distinct
 seed, at the run's own sequence length. With dropout probability 0, or in eval mode, nothing is
 drawn and the model's usual attention kernel runs.
+
+A decoder pack may also run padding-free (`FlatLayout`): the stacked rows' real tokens are laid
+end to end as one sequence (1, N) with each row's positions restarted, so that every token-wise
+op (projections, adapters, MLP, norms) costs the real tokens only; attention alone scatters the
+queries, keys and values back into the rows' padded layout, where it applies each row's causal
+mask, and gathers the real tokens' outputs again.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,14 +38,43 @@ class PackedDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if self.state.row_counts is not None and x.dim() == 2:  # unpadded tokens, run after run
-            return self.state.streams.drop_ragged(x, self.p, self.state.row_counts, self.state.active,
-                                                  self.state.row_subset)
+        if self.state.row_counts is not None:  # unpadded tokens, run after run: (N, d) or (1, N, d)
+            return self.state.streams.drop_ragged(x.reshape(-1, x.shape[-1]), self.p, self.state.row_counts,
+                                                  self.state.active, self.state.row_subset).view(x.shape)
         n = self.state.num_active()
         per_run = (x.shape[0] // n, *x.shape[1:])  # (b, T, d) or (b, d)
         keep = self.state.streams.mask(self.p, per_run, self.state.active, x.device, x.dtype,
                                        seq_dims=(1,) if x.dim() >= 3 else ())
         return self.state.streams.apply(x, keep)
+
+
+@dataclass
+class FlatLayout:
+    """Where the real tokens of a padded (rows, width) batch sit when laid end to end."""
+
+    index: torch.Tensor   # (N,) flat slot in rows * width of each real token, in order
+    rows: int
+    width: int
+    mask: torch.Tensor    # (rows, 1, width, width) bool: causal, and only real keys
+    calls: int = 0        # attention calls served: a model whose attention bypasses ours fails loudly
+
+    @classmethod
+    def of(cls, keep: torch.Tensor) -> "FlatLayout":
+        """The layout of right-padded rows whose real tokens `keep` (rows, width) marks."""
+        rows, width = keep.shape
+        causal = torch.ones(width, width, dtype=torch.bool, device=keep.device).tril()
+        return cls(keep.flatten().nonzero().squeeze(1), rows, width, causal & keep[:, None, None, :])
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """(1, heads, N, d) -> (rows, heads, width, d), zeros where there is no token."""
+        _, heads, _, size = t.shape
+        out = t.new_zeros(self.rows * self.width, heads, size)
+        out = out.index_copy(0, self.index, t[0].transpose(0, 1))
+        return out.view(self.rows, self.width, heads, size).transpose(1, 2)
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        """(rows, width, heads, d) -> (1, N, heads, d): the real tokens' rows."""
+        return t.reshape(self.rows * self.width, *t.shape[2:]).index_select(0, self.index).unsqueeze(0)
 
 
 class PackState:
@@ -48,6 +86,7 @@ class PackState:
         self.active: torch.Tensor | None = None
         self.row_counts: list[int] | None = None  # tokens per active run in the unpadded layout
         self.row_subset: RowSubset | None = None  # which tokens of each run, when not all are present
+        self.flat: FlatLayout | None = None       # a padding-free decoder forward's layout
 
     def num_active(self) -> int:
         return self.pack.num_runs if self.active is None else len(self.active)
@@ -73,11 +112,15 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
            scaling: float, dropout: float, state: "PackState | None") -> torch.Tensor:
     """Softmax attention with per-run dropout masks on its probabilities.
 
-    query: (n*b, heads, Tq, d_head), key/value: (n*b, heads, T, d_head); mask: bool, broadcastable
+    query: (n*b, heads, Tq, d_head), key/value: (n*b, kv_heads, T, d_head), kv_heads dividing heads
+    (grouped-query attention, as transformers' `repeat_kv` repeats them); mask: bool, broadcastable
     to (n*b, heads, Tq, T), True where a key may be seen, or an additive float mask. Returns
     (n*b, Tq, heads, d_head). With Tq < T the queries are the first Tq positions: their dropout
     masks are the first Tq query rows of the masks drawn for all T, as if every query were present.
     """
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: each key/value head serves a group
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (n*b, h, T, T)
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -97,16 +140,36 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None,
                      dropout: float = 0.0, **kwargs):
-    """The model's attention call with per-run dropout masks; without dropout, torch's SDPA."""
+    """The model's attention call with per-run dropout masks; without dropout, torch's SDPA. In a
+    padding-free forward (`state.flat`), on the rows' padded layout (`FlatLayout`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     state: PackState | None = getattr(module, "lorainit_state", None)
+    if state is not None and state.flat is not None and query.shape[0] == 1:
+        return _flat_attention(module, query, key, value, scaling, dropout, state), None
     if dropout == 0.0 or state is None or not module.training:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     return attend(query, key, value, attention_mask, scaling, dropout, state), None
+
+
+def _flat_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    scaling: float | None, dropout: float, state: PackState) -> torch.Tensor:
+    """Attention of tokens laid end to end, (1, heads, N, d) -> (1, N, heads, d), computed row by
+    row on the padded layout under each row's causal mask."""
+    flat = state.flat
+    flat.calls += 1
+    q, k, v = flat.pad(query), flat.pad(key), flat.pad(value)
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    if dropout > 0 and module.training:
+        out = attend(q, k, v, flat.mask, scaling, dropout, state)                  # (rows, T, h, d)
+    else:
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=flat.mask, scale=scaling,
+                                                         enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2)
+    return flat.unpad(out)
 
 
 def install(pack: LoRAPack, seeds: list[int]) -> PackState:

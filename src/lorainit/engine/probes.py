@@ -42,8 +42,8 @@ class Probes:
             x = inputs[0].float()
             n = len(self._runs)
             A, B = layer.lora_A[self._runs].float(), layer.lora_B[self._runs].float()  # (n, r, in), (n, out, r)
-            if layer.row_counts is not None and x.dim() == 2:  # unpadded: real tokens, run after run
-                parts = x.split(layer.row_counts)
+            if layer.row_counts is not None:  # unpadded: real tokens, run after run
+                parts = x.reshape(-1, x.shape[-1]).split(layer.row_counts)
             else:
                 xs = x.reshape(n, -1, x.shape[-1])                      # (n, rows, in)
                 if self._token_mask is not None and x.dim() >= 3:

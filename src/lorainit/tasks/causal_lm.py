@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from lorainit import models
+from lorainit.engine.packing import FlatLayout
 from lorainit.tasks import lm_data
 from lorainit.tasks.base import Forward, Losses, Task, stack_padded, token_chunks
 
@@ -33,6 +34,7 @@ LOSS_CHUNK = 1024       # counted tokens per projection + cross-entropy chunk (4
 EVAL_TOKENS = 8192      # tokens per evaluation forward, over all active runs
 GENERATE_ROWS = 64      # rows (runs x questions) per generation batch
 STOP = "\n\nQuestion:"  # a generation that starts the next question is cut there
+PADDING_FREE = True     # transformers decoders train on their real tokens only (`packing.FlatLayout`)
 
 
 @dataclass
@@ -132,6 +134,7 @@ class CausalLM(Task):
         super().__init__(run, model_overrides)
         self.model, self.tokenizer = models.load(run.model, "causal_lm", **(model_overrides or {}))
         self.pad_id = self.tokenizer.pad_token_id
+        self.padding_free = PADDING_FREE and hasattr(self.model, "set_attn_implementation")
         self.questions = (lm_data.read_gsm8k("eval", run.data_dir, max_rows=run.max_eval_samples)
                           if run.task == "gsm8k" else None)  # scored by generation, and their answers' loss
         self.train = self.read(run, "train", self.tokenizer)
@@ -161,15 +164,43 @@ class CausalLM(Task):
     def _sums(self, state, batch: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each of the n runs' summed counted-token loss and its count, on a stacked batch."""
         model = state.pack.model
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                                  ).last_hidden_state                      # (n*b, T, d)
         labels = batch["labels"]
-        counted = labels != IGNORE                                         # (n*b, T)
         run_of = torch.arange(n, device=labels.device).repeat_interleave(labels.shape[0] // n)  # (n*b,)
-        run_of = run_of[:, None].expand_as(labels)[counted]                # (N,) each counted token's run
+        if self.padding_free:
+            hidden, labels, run_of = self._hidden_flat(state, batch, run_of)  # (N, d), (N,), (N,)
+        else:
+            hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      use_cache=False).last_hidden_state  # (n*b, T, d)
+            run_of = run_of[:, None].expand_as(labels)
+        counted = labels != IGNORE
+        run_of = run_of[counted]                                           # each counted token's run
         losses = token_losses(hidden[counted], model.get_output_embeddings().weight, labels[counted])  # (N,)
         sums = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, run_of, losses)
         return sums, torch.bincount(run_of, minlength=n)
+
+    def _hidden_flat(self, state, batch: dict[str, torch.Tensor], run_of_row: torch.Tensor):
+        """The padding-free forward: the real tokens of the stacked rows end to end, (1, N), each
+        row's positions restarted at 0, attention on the padded layout (`packing.FlatLayout`).
+        Returns the final hidden states (N, d), the labels (N,) and the run (N,) of each token."""
+        keep = batch["attention_mask"].bool()
+        rows, width = keep.shape
+        layout = FlatLayout.of(keep)
+        per_row = keep.sum(1)
+        positions = torch.arange(width, device=keep.device).repeat(rows).index_select(0, layout.index)
+        n = int(run_of_row.max()) + 1
+        state.flat = layout
+        state.set_row_counts(per_row.view(n, -1).sum(1).tolist())
+        try:
+            hidden = state.pack.model.base_model(
+                input_ids=batch["input_ids"].flatten().index_select(0, layout.index)[None],
+                attention_mask=layout.mask, position_ids=positions[None], use_cache=False).last_hidden_state[0]
+        finally:
+            state.flat = None
+            state.set_row_counts(None)
+        if layout.calls == 0:
+            raise RuntimeError(f"{type(state.pack.model).__name__} does not call its attention through the "
+                               "attention interface, so it cannot run padding-free")
+        return hidden, batch["labels"].flatten().index_select(0, layout.index), run_of_row.repeat_interleave(per_row)
 
     def loss(self, state, batch, forward: Forward) -> Losses:
         return Losses(*self._sums(state, batch, len(forward.runs)))
