@@ -1,10 +1,11 @@
 """Measurement helpers shared by the benchmarks: the environment they run in, a clock that waits
-for the GPU, the fp32 matmul peak of the CPU or the GPU, a model's frozen compute per token, the
+for the GPU, the CPU model, the fp32 matmul peak of the CPU or the GPU, a model's frozen compute per token, the
 tokens a model is fed, and peak memory (host RSS, or what torch allocated on the GPU)."""
 
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import statistics
 import time
@@ -26,6 +27,20 @@ def set_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("LORAINIT_DATA", str((REPO / ".." / "shared" / "data").resolve()))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cpu_model() -> str:
+    """The CPU's model name, family/model numbers and widest vector extension (from /proc/cpuinfo)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.splitlines()[:30] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return (f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')} "
+            f"model {fields.get('model', '?')}), {vector}")
 
 
 def clock(device: str) -> float:

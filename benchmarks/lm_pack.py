@@ -2,11 +2,15 @@
 same K runs done one by one with PEFT and a plain `torch.optim.AdamW` loop (time); and the chunked
 loss's peak memory against the plain one (full logits).
 
-The runs: WikiText-2 blocks of 256 tokens (the shared copy: trained on valid.txt), batch 2, rank 8,
-alpha 16, LoRA dropout 0.1 on q_proj and v_proj, lrs spread over 1e-4..3e-3, both inits, fp32 on
-the CPU. Each variant runs in its own subprocess of this script, so that its peak RSS is its own:
+The runs: WikiText-2 blocks of 256 tokens (the shared copy: trained on valid.txt), or with
+`--task gsm8k` GSM8K rows cut at 256 tokens (uneven: the loss counts the answers only); batch 2,
+rank 8, alpha 16, LoRA dropout 0.1 on q_proj and v_proj, lrs spread over 1e-4..3e-3, both inits,
+fp32 on the CPU; runs alternate seeds 0 and 1, so that a pack's runs hold different rows. Each
+variant runs in its own subprocess of this script, so that its peak RSS is its own:
 
-- `pack`: K runs in one `PackTrainer`, `--steps` training steps;
+- `pack`: K runs in one `PackTrainer`, `--steps` training steps, padding-free (the default);
+- `pack_padded`: the same with right-padded rows (`causal_lm.PADDING_FREE` off);
+- `pack_checkpointed`: the pack with `gradient_checkpointing` on (its peak, and its time);
 - `one`: one run in a `PackTrainer` (its peak, and its RSS once loaded, before any step);
 - `peft`: the K runs one after another, each a fresh model + PEFT + AdamW over the same rows;
 - `loss_chunked`, `loss_plain`: the pack's first batch forward and backward with the chunked
@@ -22,33 +26,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 
 import torch
 
-from _common import matmul_peak_flops, peak_rss_mib, set_environment
+from _common import cpu_model, matmul_peak_flops, peak_rss_mib, set_environment
 
 SEQ, BATCH, RANK = 256, 2, 8
-VARIANTS = ("one", "pack", "peft", "loss_chunked", "loss_plain")
+VARIANTS = ("one", "pack", "pack_padded", "pack_checkpointed", "peft", "loss_chunked", "loss_plain")
+TASK = "wikitext2"
 
 
-def runs(k: int):
+def runs(k: int, **extra):
     from lorainit.config import RunConfig
 
     lrs = [1e-4 * (30 ** (i / max(1, (k + 1) // 2 - 1))) for i in range((k + 1) // 2)]
-    fields = dict(model="smollm2-135m", task="wikitext2", batch_size=BATCH, max_seq_len=SEQ, rank=RANK, alpha=16,
+    fields = dict(model="smollm2-135m", task=TASK, batch_size=BATCH, max_seq_len=SEQ, rank=RANK, alpha=16,
                   dropout=0.1, max_steps=1000, max_eval_samples=8, save_adapters=False)
-    return [RunConfig.from_dict(fields | {"lr": lr, "init": init}) for lr in lrs for init in "ab"][:k]
+    grid = [{"lr": lr, "init": init} for lr in lrs for init in "ab"][:k]
+    return [RunConfig.from_dict(fields | g | {"seed": i % 2} | extra) for i, g in enumerate(grid)]
 
 
-def bench_trainer(k: int, steps: int) -> dict:
+def bench_trainer(k: int, steps: int, **extra) -> dict:
     from lorainit.train import PackTrainer
 
     start = time.perf_counter()
-    trainer = PackTrainer(runs(k), show_progress=False)
+    trainer = PackTrainer(runs(k, **extra), show_progress=False)
     loaded = peak_rss_mib()
     step_s = []
     for _ in range(steps):
@@ -118,8 +123,13 @@ def bench_loss(k: int, chunked: bool) -> dict:
 def measure(name: str, args) -> dict:
     if name == "one":
         return bench_trainer(1, args.steps)
-    if name == "pack":
+    if name in ("pack", "pack_padded"):
+        from lorainit.tasks import causal_lm
+
+        causal_lm.PADDING_FREE = name == "pack"
         return bench_trainer(args.runs, args.steps)
+    if name == "pack_checkpointed":
+        return bench_trainer(args.runs, args.steps, gradient_checkpointing=True)
     if name == "peft":
         return bench_peft(args.runs, args.steps)
     return bench_loss(args.runs, chunked=name == "loss_chunked")
@@ -127,7 +137,7 @@ def measure(name: str, args) -> dict:
 
 def in_subprocess(name: str, args) -> dict:
     done = subprocess.run([sys.executable, __file__, "--only", name, "--json", "--runs", str(args.runs),
-                           "--steps", str(args.steps)], capture_output=True, text=True)
+                           "--steps", str(args.steps), "--task", args.task], capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         sys.stderr.write(done.stderr[-4000:])
@@ -141,14 +151,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--only", choices=VARIANTS)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--task", choices=("wikitext2", "gsm8k"), default="wikitext2")
     args = parser.parse_args()
+    global TASK
+    TASK = args.task
     set_environment()
     if args.only:
         print(json.dumps(measure(args.only, args)))
         return
-    print(f"CPU: {platform.processor() or platform.machine()}; {torch.get_num_threads()} threads; "
+    print(f"CPU: {cpu_model()}; {torch.get_num_threads()} threads; "
           f"fp32 matmul peak {matmul_peak_flops() / 1e9:.0f} GFLOP/s")
-    print(f"{args.runs} runs, SmolLM2-135M on WikiText-2, batch {BATCH} x {SEQ} tokens, {args.steps} steps")
+    print(f"{args.runs} runs, SmolLM2-135M on {args.task}, batch {BATCH} rows of up to {SEQ} tokens, {args.steps} steps")
     r = {name: in_subprocess(name, args) for name in VARIANTS}
     per_run = r["one"]["peak_rss_mib"] - r["one"]["loaded_rss_mib"]
     bound = 1.1 * (r["one"]["peak_rss_mib"] + args.runs * per_run)
@@ -166,6 +179,11 @@ def main() -> None:
           f"(wall {r['peft']['wall_s']:.1f} s with {args.runs} model loads)")
     print(f"pack vs PEFT + AdamW run by run: {peft_total / sum(r['pack']['step_s']):.2f}x in steps, "
           f"{r['peft']['wall_s'] / r['pack']['wall_s']:.2f}x wall; target >= 1.3x")
+    ck = r["pack_checkpointed"]
+    print(f"gradient checkpointing: pack peak {ck['peak_rss_mib']:.0f} MiB against {r['pack']['peak_rss_mib']:.0f}, "
+          f"steps {sum(ck['step_s']) / sum(r['pack']['step_s']):.2f}x the time")
+    print(f"padding-free pack vs right-padded pack: {sum(r['pack_padded']['step_s']) / sum(r['pack']['step_s']):.2f}x "
+          f"in steps ({sum(r['pack_padded']['step_s']):.1f} s padded)")
 
 
 if __name__ == "__main__":

@@ -58,10 +58,12 @@ class RunConfig:
     checkpoint_every: int = 0             # (pack) write a checkpoint every N steps (0: never)
     save_adapters: bool = True            # write the run's PEFT adapter when it finishes
     max_new_tokens: int = 256             # (pack) GSM8K: greedy tokens generated per question at most
+    gradient_checkpointing: bool = False  # (pack) recompute the frozen base's layers in the backward (less memory)
 
     PACK_FIELDS = ("model", "task", "data_dir", "rank", "alpha", "rslora", "dropout", "targets", "batch_size",
                    "epochs", "max_steps", "max_seq_len", "max_train_samples", "max_eval_samples",
-                   "eval_every", "precision", "checkpoint_every", "max_new_tokens")
+                   "eval_every", "precision", "checkpoint_every", "max_new_tokens",
+                   "gradient_checkpointing")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -99,6 +99,8 @@ class PackTrainer:
         for k, run in enumerate(runs):
             self.pack.init_run(k, run.init, run.init_variance, run.seed)
         self.state = packing.install(self.pack, [r.seed for r in runs])
+        if first.gradient_checkpointing:
+            self.task.checkpoint_base(self.state)
         self.probes = Probes(self.pack)
         self.total = total_steps(self.task.train_size, first.batch_size, first.epochs, first.max_steps)
         self.optimizer = PackedAdamW(

@@ -51,6 +51,19 @@ class DropoutStreams:
             self._generators[device] = [rng.generator(s, "dropout", device=device) for s in self.distinct]
         return self._generators[device]
 
+    def get_state(self) -> dict[torch.device, list[torch.Tensor]]:
+        """Every stream's position, to replay its draws (a checkpointed layer's recompute)."""
+        return {device: [g.get_state() for g in gens] for device, gens in self._generators.items()}
+
+    def set_state(self, state: dict[torch.device, list[torch.Tensor]]) -> None:
+        """Put the streams back where `get_state` found them; streams made since start afresh."""
+        for device in list(self._generators):
+            if device not in state:
+                del self._generators[device]
+        for device, states in state.items():
+            for g, s in zip(self._streams(device), states):
+                g.set_state(s)
+
     def mask(self, p: float, shape: tuple[int, ...], active: torch.Tensor | None,
              device: torch.device, dtype: torch.dtype, seq_dims: tuple[int, ...] = ()) -> torch.Tensor:
         """Scaled keep-masks (n_active, *shape): one draw per distinct seed among active runs.

@@ -17,6 +17,7 @@ mask, and gathers the real tokens' outputs again.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,17 +54,26 @@ class FlatLayout:
     """Where the real tokens of a padded (rows, width) batch sit when laid end to end."""
 
     index: torch.Tensor   # (N,) flat slot in rows * width of each real token, in order
-    rows: int
-    width: int
-    mask: torch.Tensor    # (rows, 1, width, width) bool: causal, and only real keys
+    keep: torch.Tensor    # (rows, width) bool: the real tokens
     calls: int = 0        # attention calls served: a model whose attention bypasses ours fails loudly
 
     @classmethod
     def of(cls, keep: torch.Tensor) -> "FlatLayout":
         """The layout of right-padded rows whose real tokens `keep` (rows, width) marks."""
-        rows, width = keep.shape
-        causal = torch.ones(width, width, dtype=torch.bool, device=keep.device).tril()
-        return cls(keep.flatten().nonzero().squeeze(1), rows, width, causal & keep[:, None, None, :])
+        return cls(keep.flatten().nonzero().squeeze(1), keep)
+
+    @property
+    def rows(self) -> int:
+        return self.keep.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.keep.shape[1]
+
+    def mask(self) -> torch.Tensor:
+        """(rows, 1, width, width) bool: causal, and real keys only."""
+        causal = torch.ones(self.width, self.width, dtype=torch.bool, device=self.keep.device).tril()
+        return causal & self.keep[:, None, None, :]
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """(1, heads, N, d) -> (rows, heads, width, d), zeros where there is no token."""
@@ -87,6 +97,7 @@ class PackState:
         self.row_counts: list[int] | None = None  # tokens per active run in the unpadded layout
         self.row_subset: RowSubset | None = None  # which tokens of each run, when not all are present
         self.flat: FlatLayout | None = None       # a padding-free decoder forward's layout
+        self.checkpointing = False                # recompute the frozen base's layers in the backward
 
     def num_active(self) -> int:
         return self.pack.num_runs if self.active is None else len(self.active)
@@ -99,6 +110,37 @@ class PackState:
         self.row_counts, self.row_subset = counts, subset
         for layer in self.pack.layers.values():
             layer.row_counts, layer.row_subset = counts, subset
+
+    def snapshot(self) -> tuple:
+        """What a forward reads besides its inputs: the streams' positions and the token layout."""
+        return self.streams.get_state(), self.row_counts, self.row_subset, self.flat
+
+    def restore(self, snapshot: tuple) -> None:
+        streams, counts, subset, self.flat = snapshot
+        self.streams.set_state(streams)
+        self.set_row_counts(counts, subset)
+
+    def checkpoint_contexts(self):
+        """`context_fn` of `torch.utils.checkpoint`: a checkpointed layer's recompute (in the
+        backward) sees what its forward saw, the same dropout draws and layout, so checkpointing
+        changes no number."""
+        saved = []
+
+        @contextmanager
+        def forward():
+            saved.append(self.snapshot())
+            yield
+
+        @contextmanager
+        def recompute():
+            now = self.snapshot()
+            self.restore(saved[0])
+            try:
+                yield
+            finally:
+                self.restore(now)
+
+        return forward(), recompute()
 
     def set_batch(self, active: list[int] | None, lengths: list[int] | None) -> None:
         """Declare the next batch: which runs it stacks and each one's own padded length."""
@@ -158,16 +200,20 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 def _flat_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     scaling: float | None, dropout: float, state: PackState) -> torch.Tensor:
     """Attention of tokens laid end to end, (1, heads, N, d) -> (1, N, heads, d), computed row by
-    row on the padded layout under each row's causal mask."""
+    row on the padded layout under each row's causal mask.
+
+    Rows are right-padded, so a real query's causal window holds real keys only: the causal mask
+    alone is exact for every real token (the padding's queries are computed and dropped), and
+    SDPA's causal kernel skips the masked half of each row."""
     flat = state.flat
     flat.calls += 1
     q, k, v = flat.pad(query), flat.pad(key), flat.pad(value)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     if dropout > 0 and module.training:
-        out = attend(q, k, v, flat.mask, scaling, dropout, state)                  # (rows, T, h, d)
+        out = attend(q, k, v, flat.mask(), scaling, dropout, state)                # (rows, T, h, d)
     else:
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=flat.mask, scale=scaling,
+        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
                                                          enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2)
     return flat.unpad(out)
 

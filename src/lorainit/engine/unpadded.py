@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lorainit.engine.lora import PackedLoRALinear, RowSubset
 from lorainit.engine.packing import PackState, attend
@@ -147,8 +148,12 @@ def forward(model: nn.Module, state: PackState, input_ids: torch.Tensor, attenti
     try:
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1 and not every_token
-            x = _layer(layer, x, keep, index, state, (first, subset) if last else None,
-                       shared=(x0, n) if i == 0 and x0 is not None else None)
+            args = (layer, x, keep, index, state, (first, subset) if last else None,
+                    (x0, n) if i == 0 and x0 is not None else None)
+            if state.checkpointing and layer.training:
+                x = checkpoint(_layer, *args, use_reentrant=False, context_fn=state.checkpoint_contexts)
+            else:
+                x = _layer(*args)
     finally:
         state.set_row_counts(None)
     sequence = (x.index_select(0, first) if every_token else x).unsqueeze(1)  # (B, 1, d)

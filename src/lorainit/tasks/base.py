@@ -21,6 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from lorainit import tasks
+from lorainit.errors import BadInput
 from lorainit.tasks import Metric
 
 
@@ -93,6 +94,20 @@ class Task(ABC):
     def evaluate(self, state, runs: list[int]) -> list[dict[str, float]]:
         """Every metric of each of `runs` (stacking order) on the evaluation rows. The trainer has
         set the model to eval mode and the pack's active runs; the task forwards as it needs."""
+
+    def checkpoint_base(self, state) -> None:
+        """Recompute the frozen base's layers in the backward instead of keeping their activations
+        (the run field `gradient_checkpointing`). Every dropout draw is replayed in the recompute,
+        so the numbers do not change. By default, transformers' own layer checkpointing."""
+        model = state.pack.model
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise BadInput(f"gradient_checkpointing: {type(model).__name__} does not support it")
+        kwargs = {"use_reentrant": False, "context_fn": state.checkpoint_contexts}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        state.checkpointing = True
 
     # -- checks before anything is written, and estimates ------------------------------------
 
