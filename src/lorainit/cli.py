@@ -147,6 +147,30 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                             device=args.device, dry_run=args.dry_run, show_progress=not args.quiet)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lorainit import report
+
+    if args.compare:
+        folders = [args.folder, *args.compare]
+        out = args.out or f"{args.folder.rstrip('/')}/report/compare"
+        path = report.compare(folders, out)
+        print(f"comparison of {len(folders)} sweeps: {path}")
+        return 0
+    from lorainit.report import toy
+
+    if toy.is_toy(args.folder) and not (Path(args.folder) / "store.sqlite").is_file():
+        index, lines = toy.build(args.folder)
+        print("\n".join(lines))
+        print(f"\nreport: {index}")
+        return 0
+    built = report.build(args.folder)
+    print(built.text())
+    print(f"\nreport: {built.index}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorainit",
@@ -206,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     sw.add_argument("--quiet", action="store_true", help="no progress display")
     sw.set_defaults(func=_cmd_sweep)
+
+    rp = sub.add_parser("report", help="figures, findings and one self-contained page from a sweep folder's store")
+    rp.add_argument("folder", help="a sweep folder (holding store.sqlite) or a `lorainit toy` folder; "
+                                    "writes FOLDER/report/")
+    rp.add_argument("--compare", nargs="+", metavar="DIR", default=None,
+                    help="other sweep folders to put side by side with FOLDER")
+    rp.add_argument("--out", default=None, help="with --compare: the output folder (default FOLDER/report/compare)")
+    rp.set_defaults(func=_cmd_report)
 
     tr = sub.add_parser("train", help="train one LoRA run; every run field is an option (--lr, --init, ...)")
     tr.add_argument("--out", required=True, help="output folder: store.sqlite, results.csv, metrics.csv, adapters/")

@@ -1,0 +1,89 @@
+"""`lorainit report DIR`: a sweep folder's figures, findings and one self-contained page.
+
+Reads only the folder's store (read-only, so it can run while the sweep does) and writes
+`DIR/report/`: `index.html` (findings, then figures embedded as images, then every run with its
+status; no network needed to view it), `summary.md` (the same findings and tables as text), and
+each figure as PNG and SVG. `compare` puts two sweeps side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorainit.report import figures, page
+from lorainit.report.findings import Finding, judge, summary_lines
+from lorainit.report.sweep import Sweep, load
+
+
+@dataclass
+class Report:
+    sweep: Sweep
+    findings: list[Finding]
+    figures: list[tuple[str, Path]] = field(default_factory=list)  # (caption, png) in page order
+    out: Path | None = None
+
+    @property
+    def index(self) -> Path:
+        return self.out / "index.html"
+
+    def text(self) -> str:
+        """The findings as plain text, for a terminal."""
+        return page.findings_text(self)
+
+
+def analyse(sweep: Sweep) -> list[Finding]:
+    """One finding per group and metric that some run of the group has recorded."""
+    return [judge(group, metric) for group in sweep.groups for metric in group.metrics
+            if any(metric.name in r.final for r in group.runs)]
+
+
+def draw(report: Report, out: Path) -> None:
+    for group in report.sweep.groups:
+        mine = [f for f in report.findings if f.group is group]
+        if not mine or not any(r.status in ("done", "diverged", "failed") for r in group.runs):
+            continue
+        slug = group.slug
+        png = figures.metric_vs_lr(mine, out, f"metric_vs_lr_{slug}")[0]
+        report.figures.append((f"{group.title}: final metric against learning rate, per init", png))
+        for f in mine:
+            png = figures.heatmap(f, out, f"heatmap_{slug}_{f.metric.name}")[0]
+            report.figures.append((f"{group.title}: (init, lr) → mean final {f.metric.label}", png))
+        best = {init: i.best_lr for init, i in mine[0].inits.items() if i.best_lr is not None}
+        drawn = figures.dynamics(group, best, out, f"dynamics_{slug}")
+        if drawn:
+            report.figures.append((f"{group.title}: LoRA feature norms (the theory's Z_A and LoRA output)", drawn[0]))
+        drawn = figures.curves(group, [m.name for m in group.metrics], out, f"curves_{slug}")
+        if drawn:
+            report.figures.append((f"{group.title}: training curves per run", drawn[0]))
+
+
+def build(folder: str | Path) -> Report:
+    """Read DIR's store, write DIR/report/, and return the report (its findings and files)."""
+    sweep = load(folder)
+    out = Path(folder) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(sweep, analyse(sweep), out=out)
+    draw(report, out)
+    page.write(report, out)
+    return report
+
+
+def compare(folders: list[str | Path], out: str | Path) -> Path:
+    """Two or more sweeps' findings and main figures side by side in OUT/index.html."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for i, folder in enumerate(folders):
+        sweep = load(folder)
+        report = Report(sweep, analyse(sweep), out=out)
+        for group in sweep.groups:
+            mine = [f for f in report.findings if f.group is group]
+            if mine and any(r.status in ("done", "diverged", "failed") for r in group.runs):
+                png = figures.metric_vs_lr(mine, out, f"sweep{i + 1}_metric_vs_lr_{group.slug}")[0]
+                report.figures.append((f"{group.title}: final metric against learning rate", png))
+        reports.append(report)
+    return page.write_compare(reports, out)
+
+
+__all__ = ["Report", "build", "compare", "summary_lines"]

@@ -1,0 +1,203 @@
+"""The report's figures, each written as PNG and SVG: the metric against lr per init (the paper's
+main figure), a heatmap of (init, lr) -> metric, the LoRA features' norms, and training curves.
+
+Diverged and failed runs are drawn, never dropped: a red x at the edge of the axis where the
+metric has no value, and a labelled cell in the heatmap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lorainit.report.findings import INIT_NAMES, Finding
+from lorainit.report.sweep import Group, finite
+
+COLORS = {"a": "tab:blue", "b": "tab:orange"}
+PROBES = (("z_a_rms", "RMS of Z_A = A x"), ("lora_out_rms", "RMS of the LoRA output s B A x"))
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path, stem: str) -> list[Path]:
+    paths = []
+    for ext in ("png", "svg"):
+        path = out / f"{stem}.{ext}"
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    _plt().close(fig)
+    return paths
+
+
+def _color(init: str) -> str:
+    return COLORS.get(init, "tab:gray")
+
+
+def metric_vs_lr(findings: list[Finding], out: Path, stem: str) -> list[Path]:
+    """One panel per metric: each seed's final value (dots), the seeds' mean (line), per init."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(findings), figsize=(5.2 * len(findings), 3.9), squeeze=False)
+    for ax, f in zip(axes[0], findings):
+        failed_x = []
+        for init, cells in f.cells.items():
+            color, name = _color(init), INIT_NAMES.get(init, init)
+            lrs = [c.lr for c in cells if c.complete]
+            ax.plot(lrs, [c.mean for c in cells if c.complete], "-o", color=color, ms=4,
+                    label=f"{name}, mean over seeds")
+            for c in cells:
+                vals = c.values
+                ax.scatter([c.lr] * len(vals), vals, color=color, s=12, alpha=0.5)
+                if c.diverged or c.failed:
+                    failed_x.append(c.lr)
+            best = f.inits[init].best_lr
+            if best is not None:
+                ax.axvline(best, color=color, ls=":", lw=1)
+        if failed_x:
+            edge = ax.get_ylim()[0 if f.metric.higher_is_better else 1]
+            ax.scatter(failed_x, [edge] * len(failed_x), marker="x", color="red", s=40, zorder=5,
+                       label="diverged or failed (any seed)", clip_on=False)
+        if any(len(line.get_xdata()) for line in ax.lines) or failed_x:
+            ax.set_xscale("log")
+        else:
+            ax.text(0.5, 0.5, f"no run recorded {f.metric.name}", ha="center", transform=ax.transAxes)
+        ax.set_xlabel("learning rate (log scale)")
+        ax.set_ylabel(f"final {f.metric.label}")
+        ax.set_title(f.group.title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle("Final metric against learning rate; dotted: each init's best lr", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out, stem)
+
+
+def heatmap(finding: Finding, out: Path, stem: str) -> list[Path]:
+    """(init, lr) -> mean final metric; cells with a diverged, failed or unfinished seed say so."""
+    plt = _plt()
+    f = finding
+    lrs = sorted({c.lr for cells in f.cells.values() for c in cells})
+    inits = list(f.cells)
+    grid = np.full((len(inits), len(lrs)), np.nan)
+    labels = [["" for _ in lrs] for _ in inits]
+    for i, init in enumerate(inits):
+        for c in f.cells[init]:
+            j = lrs.index(c.lr)
+            if c.complete:
+                grid[i, j] = c.mean
+                labels[i][j] = f"{c.mean:.3g}"
+            elif c.diverged or c.failed:
+                labels[i][j] = f"diverged\n{c.diverged + c.failed}/{len(c.runs)}"
+            else:
+                labels[i][j] = "running" if c.unfinished else "-"
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(lrs) + 2), 0.8 * len(inits) + 1.8))
+    cmap = "viridis" if f.metric.higher_is_better else "viridis_r"  # bright = better either way
+    shown = np.ma.masked_invalid(grid)
+    im = ax.imshow(shown, aspect="auto", cmap=cmap)
+    ax.set_facecolor("#f2d0d0")  # cells without a value
+    for i in range(len(inits)):
+        for j in range(len(lrs)):
+            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7,
+                    color="black" if not np.isfinite(grid[i, j]) else "white")
+    ax.set_xticks(range(len(lrs)), [f"{lr:.2g}" for lr in lrs], rotation=45, fontsize=8)
+    ax.set_yticks(range(len(inits)), [INIT_NAMES.get(i, i) for i in inits])
+    ax.set_xlabel("learning rate")
+    ax.set_title(f"{f.group.title}: mean final {f.metric.label}", fontsize=10)
+    fig.colorbar(im, ax=ax, label=f.metric.label)
+    fig.tight_layout()
+    return _save(fig, out, stem)
+
+
+def dynamics(group: Group, best: dict[str, float | None], out: Path, stem: str) -> list[Path] | None:
+    """Probes, mean over LoRA layers: at the end of training against lr (left two panels), and over
+    training for the best-lr run of each init (right two). None when the store has no probes."""
+    runs = [r for r in group.runs if r.probes]
+    if not runs:
+        return None
+    plt = _plt()
+    fig, grid = plt.subplots(2, 2, figsize=(11, 7.5))
+    axes = [grid[0, 0], grid[0, 1], grid[1, 0], grid[1, 1]]
+    for p, (probe, title) in enumerate(PROBES):
+        ax = axes[p]
+        for init in sorted({r.init for r in runs}):
+            mine = [r for r in runs if r.init == init and r.probe_at_end(probe) is not None]
+            by_lr: dict[float, list[float]] = {}
+            for r in mine:
+                by_lr.setdefault(r.lr, []).append(r.probe_at_end(probe))
+            lrs = sorted(lr for lr in by_lr if np.mean(by_lr[lr]) > 0)
+            ax.plot(lrs, [float(np.mean(by_lr[lr])) for lr in lrs], "-o", ms=4, color=_color(init),
+                    label=INIT_NAMES.get(init, init))
+            for r in mine:
+                if r.status != "done":
+                    ax.scatter([r.lr], [r.probe_at_end(probe)], marker="x", color="red", s=30)
+        ax.set_xscale("log")
+        if any(len(line.get_xdata()) for line in ax.lines):
+            ax.set_yscale("log")
+        ax.set_xlabel("learning rate (log scale)")
+        ax.set_ylabel(f"{probe} at the end (log scale)")
+        ax.set_title(title + ", end of training", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax = axes[2 + p]
+        for init, lr in best.items():
+            for r in [r for r in runs if r.init == init and r.lr == lr][:1]:
+                steps = sorted(r.probes.get(probe, {}))
+                ax.plot(steps, [r.probes[probe][s] for s in steps], "-o", ms=3, color=_color(init),
+                        label=f"{INIT_NAMES.get(init, init)}, lr {lr:.2g} (seed {r.seed})")
+        ax.set_yscale("symlog", linthresh=1e-6)
+        ax.set_xlabel("step")
+        ax.set_ylabel(probe)
+        ax.set_title(title + ", best run of each init", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{group.title}: LoRA features, mean over layers", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out, stem)
+
+
+def curves(group: Group, metric_names: list[str], out: Path, stem: str) -> list[Path] | None:
+    """Training loss (and each evaluation metric over steps, when evaluated more than once), one
+    panel per init, one line per run coloured by lr. None when no run has recorded a curve."""
+    if not any(r.series.get("train_loss") for r in group.runs):
+        return None
+    plt = _plt()
+    import matplotlib.colors as mcolors
+
+    inits = sorted({r.init for r in group.runs})
+    evaluated = [m for m in metric_names if any(len(r.series.get(m, [])) > 1 for r in group.runs)]
+    rows = 1 + len(evaluated)
+    fig, axes = plt.subplots(rows, len(inits), figsize=(5.5 * len(inits), 3.3 * rows), squeeze=False,
+                             layout="constrained")
+    lrs = [r.lr for r in group.runs]
+    norm = mcolors.LogNorm(min(lrs), max(lrs) if max(lrs) > min(lrs) else min(lrs) * 10)
+    cmap = plt.get_cmap("plasma")
+    for j, init in enumerate(inits):
+        for i, name in enumerate(["train_loss", *evaluated]):
+            ax = axes[i, j]
+            positive = True
+            for r in (r for r in group.runs if r.init == init):
+                pts = [(s, v) for s, v in r.series.get(name, []) if finite(v)]
+                if not pts:
+                    continue
+                positive &= all(v > 0 for _, v in pts)
+                style = "-" if r.status == "done" else "--"
+                ax.plot(*zip(*pts), style, color=cmap(norm(r.lr)), lw=1, alpha=0.85)
+                if r.status in ("diverged", "failed"):
+                    ax.scatter([pts[-1][0]], [pts[-1][1]], marker="x", color="red", s=25, zorder=5)
+            ax.set_xlabel("step")
+            ax.set_ylabel(name.replace("_", " ") + (" ↓" if name in ("train_loss", "eval_loss", "perplexity") else ""))
+            if name == "train_loss" and positive and ax.lines:
+                ax.set_yscale("log")
+            ax.set_title(f"{INIT_NAMES.get(init, init)}: {name}", fontsize=9)
+            ax.grid(alpha=0.3)
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[:, j].tolist(), label="learning rate")
+    fig.suptitle(f"{group.title}: per run, dashed = diverged or failed (x: where it stopped)", fontsize=10)
+    return _save(fig, out, stem)
+

@@ -1,0 +1,156 @@
+"""A sweep folder's store, read once and read-only, as the report needs it.
+
+The store is opened read-only (`mode=ro`), so a report can be built while the sweep runs (the
+store is in WAL mode: the reader sees the last committed transaction) and never changes it.
+Runs not finished yet are kept, marked by their status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorainit import tasks
+from lorainit.errors import BadInput
+
+STORE = "store.sqlite"
+FINISHED = ("done", "diverged", "failed")
+# fields that place a run in the lr x init picture, not in a group of its own
+PICTURE = ("init", "lr", "seed")
+
+
+@dataclass
+class Run:
+    run_id: str
+    config: dict
+    status: str
+    steps: int | None
+    diverged_step: int | None
+    final: dict
+    error: str | None
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # train_loss, eval metrics
+    probes: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> step -> mean over layers
+
+    @property
+    def init(self) -> str:
+        return self.config["init"]
+
+    @property
+    def lr(self) -> float:
+        return float(self.config["lr"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["seed"])
+
+    def probe_at_end(self, name: str) -> float | None:
+        values = self.probes.get(name)
+        return values[max(values)] if values else None
+
+
+@dataclass
+class Group:
+    """The runs of one task at one setting of every grid axis other than init, lr and seed."""
+
+    task: str
+    axes: dict            # e.g. {"rank": 8}; empty when init, lr and seed are the only axes
+    runs: list[Run]
+
+    @property
+    def title(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.axes.items())
+        return f"{self.task}" + (f" ({extra})" if extra else "")
+
+    @property
+    def slug(self) -> str:
+        extra = "_".join(f"{k}-{v}" for k, v in self.axes.items())
+        return "".join(c if c.isalnum() or c in "-_." else "-" for c in self.task + ("_" + extra if extra else ""))
+
+    @property
+    def metrics(self) -> tuple[tasks.Metric, ...]:
+        return tasks.metrics(self.task) if self.task in tasks.names() else ()
+
+
+@dataclass
+class Sweep:
+    folder: Path
+    name: str
+    runs: list[Run]
+    groups: list[Group]
+
+    def count(self, *statuses: str) -> int:
+        return sum(r.status in statuses for r in self.runs)
+
+
+def load(folder: str | Path) -> Sweep:
+    """Read a sweep folder's store; BadInput if the folder has none or it cannot be read."""
+    folder = Path(folder)
+    path = folder / STORE
+    if not path.is_file():
+        raise BadInput(f"{folder}: no sweep store here ({STORE} not found); give a folder made by "
+                       "`lorainit sweep` or `lorainit train --out`")
+    try:
+        db = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=30)
+        try:
+            return _read(db, folder)
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as err:
+        raise BadInput(f"{path}: not a readable sweep store ({err})") from None
+
+
+def _read(db: sqlite3.Connection, folder: Path) -> Sweep:
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "runs" not in tables:
+        return Sweep(folder, folder.name, [], [])
+    row = db.execute("SELECT name, grid FROM sweeps").fetchone() if "sweeps" in tables else None
+    name, grid = (row[0], json.loads(row[1])) if row else (folder.name, None)
+    runs = []
+    for run_id, config, status, steps, dstep, final, error in db.execute(
+            "SELECT run_id, config, status, steps, diverged_step, final, error FROM runs ORDER BY position"):
+        runs.append(Run(run_id, json.loads(config), status, steps, dstep, json.loads(final or "{}"), error))
+    by_id = {r.run_id: r for r in runs}
+    layers: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for run_id, step, metric, value in db.execute("SELECT run_id, step, name, value FROM metrics ORDER BY step"):
+        run = by_id.get(run_id)
+        if run is None or value is None:
+            continue
+        if metric.startswith("probe/"):
+            layers[(run_id, metric.rsplit("/", 1)[1], step)].append(value)
+        else:
+            run.series.setdefault(metric, []).append((step, value))
+    for (run_id, probe, step), values in layers.items():
+        by_id[run_id].probes.setdefault(probe, {})[step] = sum(values) / len(values)
+    return Sweep(folder, name, runs, _groups(runs, grid))
+
+
+def _groups(runs: list[Run], grid) -> list[Group]:
+    """Runs grouped by task and by every other field that varies (the grid's axes, if recorded)."""
+    if not runs:
+        return []
+    fields = sorted({k for r in runs for k in r.config})
+    varying = [f for f in fields if f not in PICTURE and f != "task"
+               and len({json.dumps(r.config.get(f), sort_keys=True) for r in runs}) > 1]
+    if grid is not None and isinstance(grid, dict):  # keep the grid's own order of axes first
+        varying = [f for f in grid if f in varying] + [f for f in varying if f not in grid]
+    out: dict[tuple, Group] = {}
+    for run in runs:
+        key = (run.config["task"], *(json.dumps(run.config.get(f), sort_keys=True) for f in varying))
+        if key not in out:
+            out[key] = Group(run.config["task"], {f: _plain(run.config.get(f)) for f in varying}, [])
+        out[key].runs.append(run)
+    return list(out.values())
+
+
+def _plain(value):
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return value
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
