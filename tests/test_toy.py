@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +90,36 @@ def test_small_run_writes_results_slopes_and_figures(tmp_path):
     for name in ("loss_heatmaps.png", "lr_vs_width.png", "features.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "z_a_at_optimum" in proc.stdout
+    # the same folder through `lorainit report`: the slopes as findings, the figures on one page
+    report = subprocess.run([sys.executable, "-m", "lorainit.cli", "report", str(tmp_path)], capture_output=True,
+                            text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.count("<img") == 3
+    s = slopes["a"]["largest_stable_lr"]
+    assert f"Init[A] largest stable lr: slope {s['slope']:+.2f} [{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}]" in report.stdout
+    assert "theory -0.50" in report.stdout
+
+
+def test_bisected_stability_edge_is_stable_and_an_eighth_octave_above_is_not():
+    from lorainit.theory import toy_edge
+
+    cfg = toy.ToyConfig(widths=(16, 32), lrs=tuple(2.0 ** (k / 2) for k in range(-12, 1)), seeds=2, steps=60)
+    results = [toy.train_width(w, cfg) for w in cfg.widths]
+    horizons = (10, 60)
+    edges = toy_edge.bisect(results, cfg, horizons, rounds=2)
+    log_lrs = np.log2(np.array(cfg.lrs))
+    for r, edge in zip(results, edges["log2_edge"]):
+        assert np.isfinite(edge).sum() >= edge.size // 2  # most edges lie inside the grid
+        # the edge is on the 1/8-octave lattice between two grid points
+        found = edge[np.isfinite(edge)]
+        assert np.allclose(found * 8, np.round(found * 8)) and found.min() >= log_lrs[0]
+        # retrained alone: stable at the edge, unstable an eighth of an octave above it
+        for shift, expect in ((0.0, True), (0.125, False)):
+            lrs = torch.tensor(2.0 ** np.where(np.isfinite(edge), edge + shift, log_lrs[0]))
+            again = toy.train_width(r.width, cfg, lrs=lrs)
+            for h, t in enumerate(horizons):
+                ok = toy_edge.stable_at(again, cfg, t)[:, :, h]
+                assert (ok[np.isfinite(edge[:, :, h])] == expect).all(), (r.width, t, shift)
+    slopes = toy_edge.slopes(edges, cfg, bootstrap=50)
+    assert set(slopes["a"]) == {"10", "60"} and slopes["b"]["60"]["predicted"] == -1.0

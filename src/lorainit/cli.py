@@ -121,8 +121,22 @@ def _cmd_toy(args: argparse.Namespace) -> int:
             bar.set_postfix(width=width)
             results.append(toy.train_width(width, cfg, progress=lambda k, w=width: bar.update(k * w)))
     summary = toy_report.summarize(results, cfg)
+    if args.edge_rounds < 0:
+        raise BadInput(f"--edge-rounds must be >= 0, got {args.edge_rounds}")
+    if args.edge_rounds:
+        from lorainit.theory import toy_edge
+
+        horizons = toy_edge.horizons_for(cfg)
+        with tqdm(total=args.edge_rounds * cfg.steps * sum(cfg.widths), desc="stability edge", unit="step*n",
+                  unit_scale=True) as bar:
+            edges = toy_edge.bisect(results, cfg, horizons, rounds=args.edge_rounds,
+                                    progress=bar.update)
+        summary["edge"] = toy_edge.slopes(edges, cfg)
+        summary["edge_rounds"] = args.edge_rounds
     figures = toy_report.write_outputs(results, cfg, summary, out)
     print(toy_report.format_summary(summary, cfg.inits))
+    if "edge" in summary:
+        print(toy_edge.format_slopes(summary["edge"], args.edge_rounds))
     print(f"wrote {out / 'toy_results.csv'}, {out / 'optimal_lr.csv'}, {out / 'slopes.json'} "
           f"({time.perf_counter() - t0:.0f} s)")
     print("figures: " + ", ".join(str(f) for f in figures))
@@ -212,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     ty.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                     help="training points per step (default 100; >= 1000 is full batch)")
     ty.add_argument("--device", default=None, help="auto (default: cuda when available), cpu or cuda")
+    ty.add_argument("--edge-rounds", "--edge_rounds", dest="edge_rounds", type=int, default=2,
+                    help="bisection rounds of each stability edge past the half-octave grid "
+                         "(2: to 1/8 octave; 0: none)")
     ty.add_argument("--out", default="runs/toy", help="output folder")
     ty.set_defaults(func=_cmd_toy)
 

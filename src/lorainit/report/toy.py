@@ -41,6 +41,17 @@ def findings(folder: Path) -> list[str]:
                 verdict = ("consistent with" if ci and ci[0] <= p <= ci[1] else "differs from")
                 text += f"; theory {p:+.2f}: {verdict} the theory" if ci else f"; theory {p:+.2f}"
             lines.append(text)
+    if "edge" in slopes:
+        lines.append(f"stability edge bisected per (init, width, seed) to 1/{2 ** (slopes['edge_rounds'] + 1)} "
+                     "octave; its slope against width at each training horizon:")
+        for init, by in slopes["edge"].items():
+            for horizon, s in by.items():
+                ci = s.get("ci95")
+                verdict = ("consistent with" if ci and ci[0] <= s["predicted"] <= ci[1] else "differs from")
+                lines.append(f"Init[{init.upper()}] edge after {horizon} steps: slope {s['slope']:+.2f}"
+                             + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]; theory {s['predicted']:+.2f}: {verdict} the theory"
+                                if ci else f"; theory {s['predicted']:+.2f}")
+                             + (f" ({s['censored']} of {s['of']} edges outside the grid, left out)" if s["censored"] else ""))
     by_width: dict[str, dict[str, float]] = {}
     for row in rows:
         by_width.setdefault(row["width"], {})[row["init"]] = float(row["optimal_lr"])

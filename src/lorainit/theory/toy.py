@@ -213,12 +213,16 @@ class WidthResult:
     losses: torch.Tensor       # (steps, S, I, L) training loss per step
 
 
-def train_width(width: int, cfg: ToyConfig, progress=None, problems: list[Problem] | None = None) -> WidthResult:
+def train_width(width: int, cfg: ToyConfig, progress=None, problems: list[Problem] | None = None,
+                lrs: torch.Tensor | None = None) -> WidthResult:
     """Train every (seed, init, lr) configuration at one width together.
 
-    `problems` (one per seed) may be passed in when they are already built.
+    `problems` (one per seed) may be passed in when they are already built. `lrs` (S, I, L), if
+    given, replaces the grid: each (seed, init) trains at its own L learning rates (a bisection's
+    midpoints); the grid's results are then indexed by slot, not by `cfg.lrs`.
     """
-    S, I, L = cfg.seeds, len(cfg.inits), len(cfg.lrs)
+    S, I = cfg.seeds, len(cfg.inits)
+    L = len(cfg.lrs) if lrs is None else lrs.shape[2]
     M = I * L
     probs = problems if problems is not None else [make_problem(width, s, cfg) for s in range(S)]
     stack = lambda name: torch.stack([getattr(p, name) for p in probs])  # noqa: E731
@@ -228,7 +232,10 @@ def train_width(width: int, cfg: ToyConfig, progress=None, problems: list[Proble
     # (S, I, ...) -> (S, I*L, ...): every lr of an (init, seed) starts from the same draw
     A = A0.unsqueeze(2).expand(-1, -1, L, -1, -1).reshape(S, M, cfg.rank, width).clone().to(cfg.device)
     B = B0.unsqueeze(2).expand(-1, -1, L, -1, -1).reshape(S, M, width, cfg.rank).clone().to(cfg.device)
-    lr = torch.tensor(cfg.lrs, dtype=torch.float32, device=cfg.device).repeat(I).view(1, M, 1, 1)
+    if lrs is None:
+        lr = torch.tensor(cfg.lrs, dtype=torch.float32, device=cfg.device).repeat(I).view(1, M, 1, 1)
+    else:
+        lr = lrs.to(device=cfg.device, dtype=torch.float32).reshape(S, M, 1, 1)
     alive = torch.ones(S, M, dtype=torch.bool, device=cfg.device)
     mA, vA, mB, vB = (torch.zeros_like(t) for t in (A, A, B, B))
     b1, b2 = cfg.betas

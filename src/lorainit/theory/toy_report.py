@@ -162,6 +162,7 @@ def write_outputs(results: list[WidthResult], cfg: ToyConfig, summary: dict, out
     write_text_atomic(out / "slopes.json", json.dumps({
         "slopes": summary["slopes"], "widths": summary["widths"], "seeds": summary["seeds"],
         "bootstrap": summary["bootstrap"],
+        **({"edge": summary["edge"], "edge_rounds": summary["edge_rounds"]} if "edge" in summary else {}),
         "definitions": __doc__.split("Definitions (stated once, used everywhere):")[1].strip(),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
     }, indent=2) + "\n")
