@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/lorainit toy --out runs/toy
+	$(BIN)/lorainit demo --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -14,8 +14,11 @@ from lorainit.errors import BadInput
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lorainit.demo import format_result, run_demo
+    from lorainit.demo import format_result, run_demo, run_story
 
+    if not args.quick:
+        run_story(args.out, data_dir=args.data_dir)
+        return 0
     result = run_demo(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       data_dir=args.data_dir)
     print(format_result(result))
@@ -192,9 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "paper's theory (Hayou, Ghosh, Yu 2024).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="a short real finetune of MiniLM on SST-2, Init[A] vs Init[B]")
-    demo.add_argument("--out", default="runs/demo", help="output folder (results and PEFT adapters)")
-    demo.add_argument("--steps", type=int, default=150, help="training steps")
+    demo = sub.add_parser("demo", help="the paper's story: theory, toy, an Init[A] vs Init[B] sweep on SST-2, "
+                                       "the report (--quick: one short finetune of each init)")
+    demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.add_argument("--quick", action="store_true",
+                      help="only a short finetune of MiniLM on SST-2, Init[A] vs Init[B], reloaded in PEFT")
+    demo.add_argument("--steps", type=int, default=150, help="--quick: training steps")
     demo.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16,
                       help="rows per run per step")
     demo.add_argument("--lr", type=float, default=5e-4, help="learning rate (both runs)")

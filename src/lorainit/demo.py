@@ -1,12 +1,23 @@
-"""`lorainit demo`: a short real LoRA finetune of MiniLM on SST-2, Init[A] and Init[B] in one pack.
+"""`lorainit demo`: the paper's story on a laptop CPU, offline, in about ten minutes.
 
-Both runs share the seed, so they see the same batches and dropout masks (common random numbers)
-and differ only in which factor starts random. The demo ends by reloading each exported adapter
-with PEFT on a fresh base model, to show that its outputs equal the pack's.
+1. the theory: which learning-rate exponents keep each init stable and efficient (`theory`);
+2. the teacher-student toy at small widths: the optimal and largest stable lr against width, the
+   stability edge bisected, fitted slopes against the theory's;
+3. a real learning-rate sweep, Init[A] against Init[B], on MiniLM / SST-2 with three seeds
+   (`SWEEP` below, written to OUT/sst2-sweep.yaml), all its runs in one pack;
+4. the report of both (`lorainit report`), whose findings it prints, with the page's path.
+
+Without SST-2 rows (no `LORAINIT_DATA`, no data beside the checkout, no hub) it says what is
+missing and still runs parts 1 and 2.
+
+`run_demo` is the short version (`lorainit demo --quick`): one Init[A] and one Init[B] run in one
+pack, sharing the seed (so the same batches and dropout masks), then each exported adapter
+reloaded with PEFT on a fresh base model to show that its outputs equal the pack's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -18,6 +29,94 @@ from lorainit.config import RunConfig
 from lorainit.train import PackTrainer
 
 INITS = ("a", "b")
+# The demo's sweep, also written to OUT/sst2-sweep.yaml: a starting point for a sweep of one's own.
+SWEEP = """\
+# The demo's learning-rate sweep (`make demo`): Init[A] against Init[B] on MiniLM / SST-2, 5 learning
+# rates x 2 inits x 3 seeds (30 runs, one pack), fp32 on a laptop CPU: 120 steps of batch 8 from the
+# first 4000 training rows, evaluated on the first 400 validation rows at the end. Small enough for
+# minutes on 2 cores; three seeds, so the report can tell a difference from seed noise.
+name: demo-sst2-minilm
+base:
+  model: minilm
+  task: sst2
+  max_steps: 120
+  batch_size: 8
+  rank: 8
+  alpha: 16
+  dropout: 0.1
+  max_seq_len: 128
+  warmup_ratio: 0.06
+  max_train_samples: 4000
+  max_eval_samples: 400
+  save_adapters: false
+grid:
+  init: [a, b]
+  lr: [1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2]
+  seed: [0, 1, 2]
+pack_size: 30
+"""
+TOY_WIDTHS = (64, 128, 256, 512)
+
+
+def run_story(out: str | Path, data_dir: str | None = None, sweep_text: str = SWEEP,
+              toy_widths: tuple[int, ...] = TOY_WIDTHS, toy_steps: int = 500, say=print) -> dict:
+    """The four parts in order; returns the paths written and the findings printed."""
+    from lorainit.errors import BadInput
+    from lorainit.report import build as build_report
+    from lorainit.report import toy as toy_report_page
+    from lorainit.sweeps import driver, file
+    from lorainit.theory import calculus, toy, toy_edge, toy_report
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    done: dict = {"out": str(out)}
+    say("== 1/4 theory: the width exponents of one LoRA module (paper section 3)")
+    say(calculus.format_table(calculus.table()))
+    for init in INITS:
+        say(f"Init[{init.upper()}]: largest stable learning rate Theta(n^{-float(calculus.max_stable_c(init)):g})")
+
+    say(f"\n== 2/4 the teacher-student toy at widths {', '.join(map(str, toy_widths))}")
+    cfg = toy.ToyConfig(widths=toy_widths, steps=toy_steps)
+    results = [toy.train_width(w, cfg) for w in cfg.widths]
+    summary = toy_report.summarize(results, cfg)
+    edges = toy_edge.bisect(results, cfg, toy_edge.horizons_for(cfg))
+    summary["edge"], summary["edge_rounds"] = toy_edge.slopes(edges, cfg), 2
+    toy_report.write_outputs(results, cfg, summary, out / "toy")
+    toy_page, toy_lines = toy_report_page.build(out / "toy")
+    say(toy_report.format_summary(summary, cfg.inits))
+    say(toy_edge.format_slopes(summary["edge"], 2))
+    done["toy_report"] = str(toy_page)
+    say(f"({time.perf_counter() - t0:.0f} s so far)")
+
+    say("\n== 3/4 a learning-rate sweep on MiniLM / SST-2: Init[A] against Init[B], 3 seeds")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sst2-sweep.yaml").write_text(sweep_text)
+    sweep = file.parse(sweep_text, where=str(out / "sst2-sweep.yaml"))
+    if data_dir is not None:
+        sweep = dataclasses.replace(sweep, base=sweep.base | {"data_dir": data_dir},
+                                    runs=[RunConfig.from_dict(r.to_dict() | {"data_dir": data_dir}) for r in sweep.runs])
+    try:
+        from lorainit.tasks.classification import Classification
+
+        Classification.check_data(sweep.runs[0])
+    except BadInput as err:
+        say(f"no SST-2 rows, so no sweep: {err}\nSet LORAINIT_DATA to a folder holding glue/SST-2 "
+            "(train.tsv, dev.tsv), or allow the hub (HF_HUB_OFFLINE unset), and run the demo again.")
+        done["seconds"] = round(time.perf_counter() - t0, 1)
+        return done
+    sweep_dir = out / "sst2"
+    driver.run_sweep(sweep, sweep_dir)
+
+    say("\n== 4/4 the report")
+    built = build_report(sweep_dir)
+    say(built.text())
+    done["report"] = str(built.index)
+    done["findings"] = built.text()
+    done["seconds"] = round(time.perf_counter() - t0, 1)
+    say(f"\nthe toy's report: {toy_page}")
+    say(f"the sweep's report (open it in a browser): {built.index}")
+    say(f"demo done in {done['seconds']:.0f} s")
+    return done
 
 
 def run_demo(out: str, steps: int = 150, batch_size: int = 16, lr: float = 5e-4, seed: int = 0,

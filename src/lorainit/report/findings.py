@@ -173,7 +173,8 @@ def _claim_lr(a: InitFinding, b: InitFinding, one_seed: bool) -> Claim:
 def _claim_metric(a: InitFinding, b: InitFinding, metric: Metric, one_seed: bool) -> Claim:
     text = f"Init[A]'s best {metric.name} >= Init[B]'s"
     gain = (a.best_mean - b.best_mean) * (1 if metric.higher_is_better else -1)  # > 0: A is better
-    detail = f"{_num(a.best_mean)} against {_num(b.best_mean)} ({'A' if gain > 0 else 'B' if gain < 0 else 'neither'} better by {_num(abs(gain))})"
+    winner = "A" if gain > 0 else "B" if gain < 0 else "neither"
+    detail = f"{_num(a.best_mean)} against {_num(b.best_mean)} ({winner} better by {_num(abs(gain))})"
     if one_seed:
         return Claim(text, HOLDS if gain >= 0 else FAILS, detail + "; one seed, so the spread is unknown")
     spread = ((a.best_max - a.best_min) + (b.best_max - b.best_min)) / 2

@@ -5,11 +5,14 @@ A row is token ids and the first position whose token counts: for GSM8K, the ans
 prompt `Question: {question}\\nAnswer:` (the prompt does not count); for WikiText-2, every token
 of a block but its first. Each run's loss is the cross-entropy summed over its own counted tokens,
 counted in tokens. Rows are right-padded with the tokenizer's pad id and masked, so positions,
-the causal mask and every count are what the run would have alone.
+the causal mask and every count are what the run would have alone. Where rows are uneven
+(GSM8K), a transformers decoder runs padding-free instead: the real tokens end to end, positions
+restarted per row, attention on the padded layout (`engine.packing.FlatLayout`).
 
 The output projection never sees the positions that do not count, and runs over the counted ones
 in chunks of `LOSS_CHUNK` tokens, each chunk's gradient in the hidden states formed with its loss:
-neither forward nor backward holds more than one chunk's logits, and none is computed twice (over a 49k vocabulary, the K runs' full logits would be the largest tensor by far).
+neither forward nor backward holds more than one chunk's logits, and none is computed twice (over
+a 49k vocabulary, the K runs' full logits would be the largest tensor by far).
 
 Evaluation reports `eval_loss` (the mean counted-token loss) and, for WikiText-2, `perplexity`
 (its exp); for GSM8K, `exact_match` from one batched greedy generation of every active run
