@@ -188,11 +188,18 @@ def curves(group: Group, metric_names: list[str], out: Path, stem: str) -> list[
                     continue
                 positive &= all(v > 0 for _, v in pts)
                 style = "-" if r.status == "done" else "--"
-                ax.plot(*zip(*pts), style, color=cmap(norm(r.lr)), lw=1, alpha=0.85)
+                steps, values = np.array(pts).T
+                if name == "train_loss" and len(values) >= 20:  # a running mean: per-batch losses are noisy
+                    window = max(2, len(values) // 20)
+                    values = np.convolve(values, np.ones(window) / window, mode="valid")
+                    steps = steps[window - 1:]
+                ax.plot(steps, values, style, color=cmap(norm(r.lr)), lw=1, alpha=0.85)
                 if r.status in ("diverged", "failed"):
                     ax.scatter([pts[-1][0]], [pts[-1][1]], marker="x", color="red", s=25, zorder=5)
             ax.set_xlabel("step")
-            ax.set_ylabel(name.replace("_", " ") + (" ↓" if name in ("train_loss", "eval_loss", "perplexity") else ""))
+            smoothed = " (running mean)" if name == "train_loss" else ""
+            ax.set_ylabel(name.replace("_", " ") + (" ↓" if name in ("train_loss", "eval_loss", "perplexity") else "")
+                          + smoothed)
             if name == "train_loss" and positive and ax.lines:
                 ax.set_yscale("log")
             ax.set_title(f"{INIT_NAMES.get(init, init)}: {name}", fontsize=9)

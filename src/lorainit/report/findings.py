@@ -194,6 +194,20 @@ def _num(value: float | None) -> str:
     return f"{value:.4g}"
 
 
+def headline(f: Finding) -> str:
+    """One sentence: each init's best lr and metric, and the two verdicts."""
+    parts = []
+    for init, i in f.inits.items():
+        if i.best_lr is not None:
+            parts.append(f"{INIT_NAMES.get(init, init)} is best at lr {_lr(i.best_lr)} ({f.metric.name} {_num(i.best_mean)})")
+    text = "; ".join(parts) or "no init has an lr at which every seed finished"
+    if f.lr_ratio is not None:
+        text += f". Init[A]'s optimal lr is {f.lr_ratio:.3g}x Init[B]'s"
+    if f.claims:
+        text += ". " + "; ".join(f"{c.text}: {c.verdict}" for c in f.claims)
+    return text + "."
+
+
 def summary_lines(f: Finding) -> list[str]:
     """The finding as plain sentences, for the page, summary.md and the terminal."""
     lines = []

@@ -8,7 +8,7 @@ import html
 from pathlib import Path
 
 from lorainit.files import write_text_atomic
-from lorainit.report.findings import INIT_NAMES, summary_lines
+from lorainit.report.findings import INIT_NAMES, headline, summary_lines
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -19,6 +19,7 @@ th { background: #f3f3f3; } tr.diverged td, tr.failed td { background: #fbe3e3; 
 tr.pending td, tr.running td { background: #eef; color: #555; }
 figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 .columns { display: flex; gap: 2em; } .columns > div { flex: 1; min-width: 0; }
+.answer { font-size: 1.05em; background: #eef6ee; padding: 0.4em 0.8em; border-left: 4px solid #176317; }
 .status { background: #f6f6f6; padding: 0.5em 1em; border-left: 4px solid #888; }
 """
 
@@ -63,7 +64,8 @@ def _findings_html(report) -> str:
                 rest = rest.replace(upper, f'<span class="verdict {_verdict_class(verdict)}">{upper}</span>', 1)
                 text = f"{head}:{rest}"
             items.append(f"<li>{text}</li>")
-        parts.append(f"<h3>{html.escape(f.group.title)}: final {html.escape(f.metric.label)}</h3><ul>{''.join(items)}</ul>")
+        title = f"{html.escape(f.group.title)}: final {html.escape(f.metric.label)}"
+        parts.append(f'<h3>{title}</h3><p class="answer">{html.escape(headline(f))}</p><ul>{"".join(items)}</ul>')
     return "".join(parts) or "<p>No run of a known task has finished yet: no findings.</p>"
 
 
@@ -164,7 +166,8 @@ only when every seed trained to the end; a verdict is judged against the seeds' 
     write_text_atomic(out / "index.html", page)
     md = [f"# lorainit report: {sweep.name}", "", _status_line(report), "", "## Findings", ""]
     for f in report.findings:
-        md += [f"### {f.group.title}: final {f.metric.label}", ""] + [f"- {line}" for line in summary_lines(f)] + [""]
+        md += [f"### {f.group.title}: final {f.metric.label}", "", f"**{headline(f)}**", ""]
+        md += [f"- {line}" for line in summary_lines(f)] + [""]
     if not report.findings:
         md += ["No run of a known task has finished yet: no findings.", ""]
     md += ["## Mean metric per (init, lr)", "", _cells_md(report), "", "## Every run", "",
