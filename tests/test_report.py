@@ -124,6 +124,19 @@ def test_lower_is_better_for_a_decoder_metric(tmp_path):
     assert [c.verdict for c in f.claims] == [F.HOLDS, F.HOLDS]  # 25.05 < 28.05: A is better
 
 
+def test_a_metric_that_ties_at_every_lr_has_no_optimum(tmp_path):
+    # a small model's GSM8K exact match: 0 everywhere for Init[A]
+    cells = {("a", lr, 0): 0.0 for lr in LRS} | {("b", lr, 0): v for lr, v in zip(LRS, (0.0625, 0.0, 0.0, 0.0))}
+    folder = _store(tmp_path, cells, task="gsm8k", metric="exact_match")
+    sweep = load(folder)
+    (em,) = [m for m in sweep.groups[0].metrics if m.name == "exact_match"]
+    f = F.judge(sweep.groups[0], em)
+    assert f.inits["a"].best_lr is None and f.inits["a"].tie == 0.0
+    assert f.inits["b"].best_lr == 1e-4
+    assert f.claims == [] and any("no optimum" in n for n in f.notes)
+    assert "Init[A]: every lr gives exact_match 0: no optimum" in F.summary_lines(f)
+
+
 def test_further_grid_axes_make_groups_and_heatmaps(tmp_path):
     cells = _grid(a=(0.80, 0.85, 0.90, 0.88), b=(0.82, 0.86, 0.84, 0.80), seeds=(0,))
     runs = {}

@@ -75,6 +75,7 @@ class InitFinding:
     seeds: int
     largest_stable_lr: float | None        # no seed diverged at this lr (nor failed)
     seed_optima: list[float] = field(default_factory=list)  # each seed's own best lr
+    tie: float | None = None                # every lr gave this same value: there is no optimum
 
 
 @dataclass
@@ -113,7 +114,8 @@ def _best(metric: Metric, pairs: list[tuple[float, float]]) -> tuple[float, floa
 
 def _init_finding(init: str, cells: list[Cell], metric: Metric) -> InitFinding:
     candidates = [(c.lr, c.mean) for c in cells if c.complete]
-    best = _best(metric, candidates)
+    tie = len(candidates) > 1 and len({v for _, v in candidates}) == 1
+    best = None if tie else _best(metric, candidates)  # every lr alike (an exact match of 0): no optimum
     stable = [c.lr for c in cells if c.runs and c.diverged == 0 and c.failed == 0 and c.unfinished == 0]
     seeds = sorted({r.seed for c in cells for r in c.runs})
     optima = []
@@ -125,7 +127,8 @@ def _init_finding(init: str, cells: list[Cell], metric: Metric) -> InitFinding:
     cell = next((c for c in cells if best and c.lr == best[0]), None)
     return InitFinding(init, best[0] if best else None, best[1] if best else None,
                        min(cell.values) if cell else None, max(cell.values) if cell else None,
-                       len(seeds), max(stable) if stable else None, optima)
+                       len(seeds), max(stable) if stable else None, optima,
+                       candidates[0][1] if tie else None)
 
 
 def judge(group: Group, metric: Metric) -> Finding:
@@ -150,6 +153,8 @@ def judge(group: Group, metric: Metric) -> Finding:
         claims.append(_claim_metric(a, b, metric, one_seed))
     elif a is None or b is None:
         notes.append("the sweep does not hold both inits: nothing to compare")
+    elif a.tie is not None or b.tie is not None:
+        notes.append(f"every lr gives one init the same {metric.name}: no optimum, so nothing to compare")
     else:
         notes.append("an init has no learning rate at which every seed finished: no optimum to compare")
     return Finding(group, metric, cells, inits, ratio, claims, notes)
@@ -213,6 +218,9 @@ def summary_lines(f: Finding) -> list[str]:
     lines = []
     for init, i in f.inits.items():
         name = INIT_NAMES.get(init, init)
+        if i.tie is not None:
+            lines.append(f"{name}: every lr gives {f.metric.name} {_num(i.tie)}: no optimum")
+            continue
         if i.best_lr is None:
             lines.append(f"{name}: no lr at which every seed finished")
             continue
