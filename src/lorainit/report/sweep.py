@@ -112,7 +112,7 @@ def _read(db: sqlite3.Connection, folder: Path) -> Sweep:
     runs = []
     for run_id, config, status, steps, dstep, final, error in db.execute(
             "SELECT run_id, config, status, steps, diverged_step, final, error FROM runs ORDER BY position"):
-        runs.append(Run(run_id, json.loads(config), status, steps, dstep, json.loads(final or "{}"), error))
+        runs.append(Run(run_id, _resolved(json.loads(config)), status, steps, dstep, json.loads(final or "{}"), error))
     by_id = {r.run_id: r for r in runs}
     layers: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     for run_id, step, metric, value in db.execute("SELECT run_id, step, name, value FROM metrics ORDER BY step"):
@@ -144,6 +144,17 @@ def _groups(runs: list[Run], grid) -> list[Group]:
             out[key] = Group(run.config["task"], {f: _plain(run.config.get(f)) for f in varying}, [])
         out[key].runs.append(run)
     return list(out.values())
+
+
+def _resolved(config: dict) -> dict:
+    """The config with fields added since it was stored at their defaults, as results.csv shows it
+    (so that a store spanning versions does not split on a field one run lacks)."""
+    from lorainit.config import RunConfig
+
+    try:
+        return RunConfig.from_dict(config).to_dict()
+    except BadInput:  # a field this version does not know: the config as stored
+        return config
 
 
 def _plain(value):
