@@ -137,9 +137,10 @@ def test_padding_free_forward_equals_the_padded_one_in_loss_and_adapter_gradient
     assert not PackTrainer([_run(task="wikitext2")], show_progress=False).task.padding_free
     loss_flat, grad_flat = loss_and_grads(True)
     loss_padded, grad_padded = loss_and_grads(False)
-    # the same 30 layers on other matrix shapes (N tokens against rows x width): fp32 rounding
+    # the same 30 layers on other matrix shapes (N tokens against rows x width): fp32 rounding,
+    # 1.9e-7 in the loss and 4.6e-6 in the gradients under AVX-512 here
     assert measured("padding_free_loss", loss_flat, loss_padded) <= 1e-5
-    assert measured("padding_free_grad", grad_flat, grad_padded) <= 1e-3
+    assert measured("padding_free_grad", grad_flat, grad_padded) <= 1e-4
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
@@ -182,7 +183,8 @@ def test_grouped_query_attention_in_the_packs_attention_equals_sdpa(measured):
     mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
     ours = attend(q, k, v, mask, 8 ** -0.5, 0.0, None)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
-    assert measured("gqa_attend", ours, ref) <= 1e-6
+    # explicit softmax against SDPA's kernel over 5 keys: fp32 rounding (2.2e-7 here)
+    assert measured("gqa_attend", ours, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
