@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
+from statistics import median
 
 import torch
 from _common import cpu_model, matmul_peak_flops, peak_rss_mib, set_environment
@@ -169,10 +169,6 @@ def in_subprocess(name: str, args) -> dict:
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"variant {name} failed (exit code {done.returncode})")
     return json.loads(lines[-1])
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def main() -> None:

@@ -92,7 +92,6 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from tqdm.auto import tqdm
 
     from lorainit.theory import toy, toy_report
 
@@ -116,29 +115,15 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     configs = cfg.seeds * len(cfg.inits) * len(cfg.lrs)
     print(f"toy: widths {list(cfg.widths)}, {len(cfg.lrs)} lrs x {len(cfg.inits)} inits x {cfg.seeds} seeds "
           f"= {configs} configurations per width, {cfg.steps} steps of batch {min(cfg.batch_size, cfg.n_train)}")
-    t0 = time.perf_counter()
-    results = []
-    # progress counts steps weighted by width, so the bar's ETA follows the real cost
-    with tqdm(total=cfg.steps * sum(cfg.widths), desc="toy", unit="step*n", unit_scale=True) as bar:
-        for width in cfg.widths:
-            bar.set_postfix(width=width)
-            results.append(toy.train_width(width, cfg, progress=lambda k, w=width: bar.update(k * w)))
-    summary = toy_report.summarize(results, cfg)
     if args.edge_rounds < 0:
         raise BadInput(f"--edge-rounds must be >= 0, got {args.edge_rounds}")
-    if args.edge_rounds:
-        from lorainit.theory import toy_edge
-
-        horizons = toy_edge.horizons_for(cfg)
-        with tqdm(total=args.edge_rounds * cfg.steps * sum(cfg.widths), desc="stability edge", unit="step*n",
-                  unit_scale=True) as bar:
-            edges = toy_edge.bisect(results, cfg, horizons, rounds=args.edge_rounds,
-                                    progress=bar.update)
-        summary["edge"] = toy_edge.slopes(edges, cfg)
-        summary["edge_rounds"] = args.edge_rounds
-    figures = toy_report.write_outputs(results, cfg, summary, out)
+    t0 = time.perf_counter()
+    # progress counts steps weighted by width, so the bar's ETA follows the real cost
+    summary, figures = toy_report.run(cfg, out, args.edge_rounds)
     print(toy_report.format_summary(summary, cfg.inits))
     if "edge" in summary:
+        from lorainit.theory import toy_edge
+
         print(toy_edge.format_slopes(summary["edge"], args.edge_rounds))
     print(f"wrote {out / 'toy_results.csv'}, {out / 'optimal_lr.csv'}, {out / 'slopes.json'} "
           f"({time.perf_counter() - t0:.0f} s)")

@@ -76,16 +76,8 @@ def run_story(out: str | Path, data_dir: str | None = None, sweep_text: str = SW
         say(f"Init[{init.upper()}]: largest stable learning rate Theta(n^{-float(calculus.max_stable_c(init)):g})")
 
     say(f"\n== 2/4 the teacher-student toy at widths {', '.join(map(str, toy_widths))}")
-    from tqdm.auto import tqdm
-
     cfg = toy.ToyConfig(widths=toy_widths, steps=toy_steps)
-    # the grid, then two bisection rounds of the edge: progress in steps x width, as the cost goes
-    with tqdm(total=3 * cfg.steps * sum(cfg.widths), desc="toy", unit="step*n", unit_scale=True) as bar:
-        results = [toy.train_width(w, cfg, progress=lambda k, w=w: bar.update(k * w)) for w in cfg.widths]
-        summary = toy_report.summarize(results, cfg)
-        edges = toy_edge.bisect(results, cfg, toy_edge.horizons_for(cfg), progress=bar.update)
-    summary["edge"], summary["edge_rounds"] = toy_edge.slopes(edges, cfg), 2
-    toy_report.write_outputs(results, cfg, summary, out / "toy")
+    summary, _ = toy_report.run(cfg, out / "toy", edge_rounds=2)
     toy_page, toy_lines = toy_report_page.build(out / "toy")
     say(toy_report.format_summary(summary, cfg.inits))
     say(toy_edge.format_slopes(summary["edge"], 2))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lorainit.report import figures, page
 from lorainit.report.findings import Finding, judge, summary_lines
-from lorainit.report.sweep import Sweep, load
+from lorainit.report.sweep import Sweep, finished, load
 
 
 @dataclass
@@ -41,7 +41,7 @@ def analyse(sweep: Sweep) -> list[Finding]:
 def draw(report: Report, out: Path) -> None:
     for group in report.sweep.groups:
         mine = [f for f in report.findings if f.group is group]
-        if not mine or not any(r.status in ("done", "diverged", "failed") for r in group.runs):
+        if not mine or not finished(group):
             continue
         slug = group.slug
         png = figures.metric_vs_lr(mine, out, f"metric_vs_lr_{slug}")[0]
@@ -79,7 +79,7 @@ def compare(folders: list[str | Path], out: str | Path) -> Path:
         report = Report(sweep, analyse(sweep), out=out)
         for group in sweep.groups:
             mine = [f for f in report.findings if f.group is group]
-            if mine and any(r.status in ("done", "diverged", "failed") for r in group.runs):
+            if mine and finished(group):
                 png = figures.metric_vs_lr(mine, out, f"sweep{i + 1}_metric_vs_lr_{group.slug}")[0]
                 report.figures.append((f"{group.title}: final metric against learning rate", png))
         reports.append(report)

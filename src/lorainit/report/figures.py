@@ -13,18 +13,10 @@ import numpy as np
 
 from lorainit.report.findings import INIT_NAMES, Finding
 from lorainit.report.sweep import Group, finite
+from lorainit.theory.toy_figures import _plt
 
 COLORS = {"a": "tab:blue", "b": "tab:orange"}
 PROBES = (("z_a_rms", "RMS of Z_A = A x"), ("lora_out_rms", "RMS of the LoRA output s B A x"))
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save(fig, out: Path, stem: str) -> list[Path]:

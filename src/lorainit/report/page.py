@@ -69,7 +69,7 @@ def _findings_html(report) -> str:
     return "".join(parts) or "<p>No run of a known task has finished yet: no findings.</p>"
 
 
-def _image(path: Path) -> str:
+def image(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
 
@@ -146,7 +146,7 @@ def _cells_md(report) -> str:
 def write(report, out: Path) -> None:
     sweep = report.sweep
     header, rows, classes = _run_table(report)
-    figures_html = "".join(f"<figure>{_image(png)}<figcaption>{html.escape(caption)}</figcaption></figure>"
+    figures_html = "".join(f"<figure>{image(png)}<figcaption>{html.escape(caption)}</figcaption></figure>"
                            for caption, png in report.figures)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>lorainit report: {html.escape(sweep.name)}</title>
@@ -178,7 +178,7 @@ only when every seed trained to the end; a verdict is judged against the seeds' 
 def write_compare(reports, out: Path) -> Path:
     columns = []
     for r in reports:
-        figs = "".join(f"<figure>{_image(png)}<figcaption>{html.escape(c)}</figcaption></figure>" for c, png in r.figures)
+        figs = "".join(f"<figure>{image(png)}<figcaption>{html.escape(c)}</figcaption></figure>" for c, png in r.figures)
         columns.append(f"<div><h2>{html.escape(r.sweep.name)}</h2><p class=\"status\">{html.escape(str(r.sweep.folder))}: "
                        f"{html.escape(_status_line(r))}</p>{_findings_html(r)}{figs}</div>")
     names = " vs ".join(html.escape(r.sweep.name) for r in reports)

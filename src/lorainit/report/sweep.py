@@ -16,9 +16,9 @@ from pathlib import Path
 
 from lorainit import tasks
 from lorainit.errors import BadInput
+from lorainit.sweeps.store import FINISHED, Store
 
-STORE = "store.sqlite"
-FINISHED = ("done", "diverged", "failed")
+STORE = Store.FILE
 # fields that place a run in the lr x init picture, not in a group of its own
 PICTURE = ("init", "lr", "seed")
 
@@ -84,6 +84,11 @@ class Sweep:
 
     def count(self, *statuses: str) -> int:
         return sum(r.status in statuses for r in self.runs)
+
+
+def finished(group: "Group") -> bool:
+    """Whether any run of the group has finished (done, diverged or failed)."""
+    return any(r.status in FINISHED for r in group.runs)
 
 
 def load(folder: str | Path) -> Sweep:

@@ -37,9 +37,7 @@ def findings(folder: Path) -> list[str]:
             text = f"Init[{init.upper()}] {NAMES.get(key, key)}: slope {s['slope']:+.2f}"
             text += f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " (one seed: no interval)"
             if s.get("predicted") is not None and math.isfinite(s["slope"]):
-                p = s["predicted"]
-                verdict = ("consistent with" if ci and ci[0] <= p <= ci[1] else "differs from")
-                text += f"; theory {p:+.2f}: {verdict} the theory" if ci else f"; theory {p:+.2f}"
+                text += _against_theory(s)
             lines.append(text)
     if "edge" in slopes:
         lines.append(f"stability edge bisected per (init, width, seed) to 1/{2 ** (slopes['edge_rounds'] + 1)} "
@@ -47,10 +45,8 @@ def findings(folder: Path) -> list[str]:
         for init, by in slopes["edge"].items():
             for horizon, s in by.items():
                 ci = s.get("ci95")
-                verdict = ("consistent with" if ci and ci[0] <= s["predicted"] <= ci[1] else "differs from")
                 lines.append(f"Init[{init.upper()}] edge after {horizon} steps: slope {s['slope']:+.2f}"
-                             + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]; theory {s['predicted']:+.2f}: {verdict} the theory"
-                                if ci else f"; theory {s['predicted']:+.2f}")
+                             + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "") + _against_theory(s)
                              + (f" ({s['censored']} of {s['of']} edges outside the grid, left out)" if s["censored"] else ""))
     by_width: dict[str, dict[str, float]] = {}
     for row in rows:
@@ -61,9 +57,17 @@ def findings(folder: Path) -> list[str]:
     return lines
 
 
+def _against_theory(s: dict) -> str:
+    """'; theory -0.50: consistent with the theory' when the interval holds the prediction."""
+    ci, p = s.get("ci95"), s["predicted"]
+    if not ci:
+        return f"; theory {p:+.2f}"
+    return f"; theory {p:+.2f}: {'consistent with' if ci[0] <= p <= ci[1] else 'differs from'} the theory"
+
+
 def build(folder: str | Path) -> tuple[Path, list[str]]:
     """Write FOLDER/report/index.html and summary.md for a toy folder; (page, findings)."""
-    import base64
+    from lorainit.report.page import STYLE, image
 
     folder = Path(folder)
     lines = findings(folder)
@@ -73,11 +77,7 @@ def build(folder: str | Path) -> tuple[Path, list[str]]:
     for name, caption in FIGURES:
         path = folder / name
         if path.is_file():
-            data = base64.b64encode(path.read_bytes()).decode()
-            figures.append(f'<figure><img src="data:image/png;base64,{data}" alt="{name}">'
-                           f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    from lorainit.report.page import STYLE
-
+            figures.append(f"<figure>{image(path)}<figcaption>{html.escape(caption)}</figcaption></figure>")
     items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>lorainit toy report</title>'
             f"<style>{STYLE}</style></head><body><h1>lorainit toy report: {html.escape(folder.name)}</h1>"

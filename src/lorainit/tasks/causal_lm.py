@@ -181,7 +181,7 @@ class CausalLM(Task):
         labels = batch["labels"]
         run_of = torch.arange(n, device=labels.device).repeat_interleave(labels.shape[0] // n)  # (n*b,)
         if self.padding_free:
-            hidden, labels, run_of = self._hidden_flat(state, batch, run_of)  # (N, d), (N,), (N,)
+            hidden, labels, run_of = self._hidden_flat(state, batch, run_of, n)  # (N, d), (N,), (N,)
         else:
             hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                       use_cache=False).last_hidden_state  # (n*b, T, d)
@@ -192,7 +192,7 @@ class CausalLM(Task):
         sums = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, run_of, losses)
         return sums, torch.bincount(run_of, minlength=n)
 
-    def _hidden_flat(self, state, batch: dict[str, torch.Tensor], run_of_row: torch.Tensor):
+    def _hidden_flat(self, state, batch: dict[str, torch.Tensor], run_of_row: torch.Tensor, n: int):
         """The padding-free forward: the real tokens of the stacked rows end to end, (1, N), each
         row's positions restarted at 0, attention on the padded layout (`packing.FlatLayout`).
         Returns the final hidden states (N, d), the labels (N,) and the run (N,) of each token."""
@@ -201,7 +201,6 @@ class CausalLM(Task):
         layout = FlatLayout.of(keep)
         per_row = keep.sum(1)
         positions = torch.arange(width, device=keep.device).repeat(rows).index_select(0, layout.index)
-        n = int(run_of_row.max()) + 1
         # a 4-d attention_mask passes through transformers' mask building untouched; the pack's
         # attention reads the layout instead
         state.flat = layout

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lorainit.files import csv_text, write_text_atomic
-from lorainit.theory import calculus
+from lorainit.theory import calculus, toy, toy_edge
 from lorainit.theory.toy import ToyConfig, WidthResult
 
 RESULT_COLUMNS = ("init", "width", "lr", "seed", "train_loss", "test_loss", "diverged", "diverged_step",
@@ -33,8 +33,7 @@ RESULT_COLUMNS = ("init", "width", "lr", "seed", "train_loss", "test_loss", "div
 
 def _stable(r: WidthResult, cfg: ToyConfig) -> np.ndarray:
     """(S, I, L) bool: never diverged and peak RMS(Z_B) <= stable_factor x the teacher's."""
-    limit = cfg.stable_factor * r.teacher_zb_rms.numpy()[:, None, None]
-    return (r.diverged_step.numpy() < 0) & (r.z_b_peak.numpy() <= limit)
+    return toy_edge.stable_at(r, cfg, cfg.steps)
 
 
 def result_rows(results: list[WidthResult], cfg: ToyConfig) -> list[dict]:
@@ -142,6 +141,26 @@ def summarize(results: list[WidthResult], cfg: ToyConfig, bootstrap: int = 1000,
             slopes[init][key] = {"slope": fitted[init][key], "ci95": ci, "predicted": predicted.get(key)}
     return {"widths": [r.width for r in results], "per_width": point, "slopes": slopes,
             "bootstrap": bootstrap, "seeds": cfg.seeds}
+
+
+def run(cfg: ToyConfig, out: Path, edge_rounds: int = 2) -> tuple[dict, list[Path]]:
+    """Train the grid at every width, bisect the stability edges (`edge_rounds`, 0: none), fit,
+    and write every output to `out`; one progress bar, in steps x width. (summary, figure paths)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=(1 + edge_rounds) * cfg.steps * sum(cfg.widths), desc="toy", unit="step*n",
+              unit_scale=True) as bar:
+        results = []
+        for width in cfg.widths:
+            bar.set_postfix(width=width)
+            results.append(toy.train_width(width, cfg, progress=lambda k, w=width: bar.update(k * w)))
+        summary = summarize(results, cfg)
+        if edge_rounds:
+            bar.set_postfix(stage="stability edge")
+            edges = toy_edge.bisect(results, cfg, toy_edge.horizons_for(cfg), rounds=edge_rounds,
+                                    progress=bar.update)
+            summary["edge"], summary["edge_rounds"] = toy_edge.slopes(edges, cfg), edge_rounds
+    return summary, write_outputs(results, cfg, summary, out)
 
 
 def write_outputs(results: list[WidthResult], cfg: ToyConfig, summary: dict, out: Path) -> list[Path]:
