@@ -59,11 +59,13 @@ class RunConfig:
     save_adapters: bool = True            # write the run's PEFT adapter when it finishes
     max_new_tokens: int = 256             # (pack) GSM8K: greedy tokens generated per question at most
     gradient_checkpointing: bool = False  # (pack) recompute the frozen base's layers in the backward (less memory)
+    log_every: int = 0                    # (pack) log the training loss as its mean over every N steps
+    #                                       (0: N = ceil(steps / 1000), at most about 1,000 points per run)
 
     PACK_FIELDS = ("model", "task", "data_dir", "rank", "alpha", "rslora", "dropout", "targets", "batch_size",
                    "epochs", "max_steps", "max_seq_len", "max_train_samples", "max_eval_samples",
                    "eval_every", "precision", "checkpoint_every", "max_new_tokens",
-                   "gradient_checkpointing")
+                   "gradient_checkpointing", "log_every")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -98,7 +100,7 @@ class RunConfig:
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):
                 raise BadInput(f"{where}: {key} must be a positive number, got {value!r}")
-        for key in ("weight_decay", "max_grad_norm", "eval_every", "checkpoint_every"):
+        for key in ("weight_decay", "max_grad_norm", "eval_every", "checkpoint_every", "log_every"):
             if getattr(self, key) < 0:
                 raise BadInput(f"{where}: {key} must be >= 0, got {getattr(self, key)!r}")
         if not 0.0 <= self.dropout < 1.0:

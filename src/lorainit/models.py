@@ -126,6 +126,14 @@ def load(spec: str, kind: str = "classification", num_labels: int = 2, dtype=Non
     'causal_lm', or 'base' (the bare encoder/decoder). `config_overrides` set model config fields,
     e.g. `hidden_dropout_prob=0.0`.
     """
+    model, tokenizer, _ = load_with_fresh(spec, kind, num_labels, dtype, **config_overrides)
+    return model, tokenizer
+
+
+def load_with_fresh(spec: str, kind: str = "classification", num_labels: int = 2, dtype=None,
+                    **config_overrides):
+    """`load`, and the names of the parameters the checkpoint lacks or holds at another shape:
+    those transformers drew afresh at load (a classifier head on an encoder checkpoint)."""
     import transformers
 
     resolved = resolve(spec)
@@ -144,7 +152,7 @@ def load(spec: str, kind: str = "classification", num_labels: int = 2, dtype=Non
     transformers.logging.set_verbosity_error()  # the fresh head's "newly initialized" report
     transformers.utils.logging.disable_progress_bar()
     try:
-        model = auto[kind].from_pretrained(resolved.path, **kwargs)
+        model, info = auto[kind].from_pretrained(resolved.path, output_loading_info=True, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(resolved.path)
     except OSError as err:
         raise ModelNotFound(f"could not load model {spec!r} from {resolved.path}: {err}") from err
@@ -156,4 +164,6 @@ def load(spec: str, kind: str = "classification", num_labels: int = 2, dtype=Non
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    mismatched = {entry[0] if isinstance(entry, tuple) else entry for entry in info.get("mismatched_keys", ())}
+    fresh = tuple(sorted(set(info.get("missing_keys", ())) | mismatched))
+    return model, tokenizer, fresh

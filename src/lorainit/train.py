@@ -4,11 +4,20 @@ Every step stacks the active runs' micro-batches adapter-major (runs sharing a s
 batch and draw it once); the pack's task family (`lorainit.tasks`, found by the runs' `task`)
 gives each run's loss as a sum with its count, and the trainer backpropagates the sum of the
 runs' means, so that run k's gradient is its own mean loss's gradient. `PackedAdamW` then clips
-and steps each run with its own hyperparameters. A run whose loss turns non-finite or exceeds
-`divergence_factor` x its first loss is marked diverged at that step, gets no update from it on,
-and its rows leave the batch. Evaluations record every metric the task reports, keeping each
-one's best by its direction. The trainer knows nothing of sweeps nor of any one task: it takes
-runs and returns their results.
+and steps each run with its own hyperparameters.
+
+Divergence: a run whose loss is non-finite stops at that step. Otherwise the test is on its
+training loss smoothed over about `SMOOTHING` steps (an exponential moving average that starts at
+the first loss), against `divergence_factor` x its first loss: one unlucky batch of 4 rows cannot
+trigger it. A diverged run gets no update from that step on, its rows leave the batch, its final
+metrics are empty and its best ones are those before it diverged.
+
+History stays bounded: metric rows (training loss as the mean over every `log_every` steps,
+evaluations, probes) go to a sink as they are made, in batches, when one is given (a sweep's
+store), and a checkpoint holds only what continuing needs. Without a sink they collect on each
+run's result. Evaluations record every metric the task reports, keeping each one's best by its
+direction. The trainer knows nothing of sweeps nor of any one task: it takes runs and returns
+their results.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -32,6 +42,26 @@ from lorainit.engine.peft_io import export_run
 from lorainit.engine.probes import Probes
 from lorainit.errors import BadInput
 from lorainit.tasks.base import Forward, Task
+
+
+SMOOTHING = 20      # steps: the divergence test's moving average gives each new loss weight 1/20
+LOG_POINTS = 1000   # log_every 0: the training loss is logged at about this many points per run
+FLUSH_ROWS = 10000  # metric rows held before they go to the sink (and always before a checkpoint)
+
+
+class MetricSink(Protocol):
+    """Where a pack's metric rows go as they are made (a sweep's store)."""
+
+    def write(self, rows: list[tuple[str, int, str, float]]) -> None:
+        """Add (run_id, step, name, value) rows, replacing any with the same (run_id, step, name)."""
+
+    def truncate(self, run_ids: list[str], after_step: int) -> None:
+        """Drop these runs' rows past `after_step`: a resumed pack writes them again."""
+
+
+def log_interval(run: RunConfig, total: int) -> int:
+    """Steps per logged training-loss point: `log_every`, or with 0 about LOG_POINTS points per run."""
+    return run.log_every or max(1, math.ceil(total / LOG_POINTS))
 
 
 @dataclass
@@ -95,7 +125,8 @@ class PackTrainer:
         self.metrics = {m.name: m for m in self.task.metrics}
         self.model = self.task.model.to(self.device)
         self.pack = LoRAPack(self.model, LoRAConfig(rank=first.rank, alpha=first.alpha, dropout=first.dropout,
-                                                    rslora=first.rslora, targets=first.targets), self.K)
+                                                    rslora=first.rslora, targets=first.targets), self.K,
+                              fresh=self.task.fresh_weights)
         for k, run in enumerate(runs):
             self.pack.init_run(k, run.init, run.init_variance, run.seed)
         self.state = packing.install(self.pack, [r.seed for r in runs])
@@ -112,6 +143,11 @@ class PackTrainer:
         self.orders = {r.seed: DataOrder(r.seed, self.task.train_size, first.batch_size) for r in runs}
         self.alive = [True] * self.K
         self.first_loss: list[float | None] = [None] * self.K
+        self.smoothed: list[float | None] = [None] * self.K  # the divergence test's moving average
+        self.log_every = log_interval(first, self.total)
+        self.interval = [[0.0, 0] for _ in range(self.K)]  # training-loss sum and count since the last point
+        self.sink: MetricSink | None = None
+        self.pending: list[tuple[int, int, str, float]] = []  # (run, step, name, value) not yet in the sink
         self.results = [RunResult(r) for r in runs]
         self.step = 0  # optimiser steps done
         self.finished = False  # trained and evaluated to the end
@@ -132,7 +168,10 @@ class PackTrainer:
         return self.task.stack(batches, self.device)
 
     def train_step(self, log: bool) -> tuple[dict[int, float], int]:
-        """One optimiser step of every active run; returns their losses and the real tokens seen."""
+        """One optimiser step of every active run; returns their losses and the real tokens seen.
+
+        The step reads the device once: every active run's loss and the token count, in one transfer.
+        """
         active = [k for k in range(self.K) if self.alive[k]]
         batch, lengths = self._batch(active)
         self.state.set_batch(active, lengths)
@@ -143,38 +182,82 @@ class PackTrainer:
         with probe, _autocast(self.runs[0].precision, self.device):
             losses = self.task.loss(self.state, batch, Forward(active, probing=log, shared_rows=one_seed and not log))
         per_run = losses.means()  # (n,) each run's mean over its own counted rows or tokens
-        values = per_run.detach().cpu().tolist()
-        ok = torch.ones(len(active), dtype=torch.bool)
-        for j, k in enumerate(active):
-            if self.first_loss[k] is None:
-                self.first_loss[k] = values[j]
-            if not math.isfinite(values[j]) or values[j] > self.runs[k].divergence_factor * self.first_loss[k]:
-                ok[j] = False
-                self.alive[k] = False
-                self.results[k].status, self.results[k].diverged_step = "diverged", self.step + 1
+        read = torch.cat([per_run.detach().double(), tokens.sum().double().reshape(1)]).cpu().tolist()
+        values, seen = read[:-1], int(read[-1])
+        stepping = [k for j, k in enumerate(active) if self._check(k, values[j])]
         self.optimizer.zero_grad()
-        stepping = [k for j, k in enumerate(active) if ok[j]]
         if stepping:
-            kept = per_run[ok.to(per_run.device)]  # (m,) losses of the runs that step
-            mask = torch.zeros(self.K, dtype=torch.bool, device=self.device)
+            keep = [j for j, k in enumerate(active) if k in stepping]
+            kept = per_run if len(keep) == len(active) else per_run.index_select(
+                0, torch.tensor(keep).to(per_run.device, non_blocking=True))  # (m,) losses of the runs that step
+            mask = torch.zeros(self.K, dtype=torch.bool)
             mask[stepping] = True
+            mask = mask.to(self.device, non_blocking=True)
             if self.scaler is None:
                 kept.sum().backward()
                 self.optimizer.step(mask)
             else:
                 # each run's loss times its own scale: one run's overflow never skips another's step
                 scaled = torch.zeros(self.K, device=kept.device).index_copy(
-                    0, torch.tensor(stepping, device=kept.device), kept)
+                    0, torch.tensor(stepping).to(kept.device, non_blocking=True), kept)
                 self.scaler.scale_losses(scaled).sum().backward()
                 found_inf = self.scaler.unscale_(self.pack.named_parameters())
                 self.optimizer.step(mask & ~found_inf)
                 self.scaler.update(found_inf, mask)
         self.step += 1
         for j, k in enumerate(active):
-            if ok[j]:
+            if k in stepping:
                 self.results[k].steps = self.step
-                self.results[k].metrics.append({"step": self.step, "name": "train_loss", "value": values[j]})
-        return {k: values[j] for j, k in enumerate(active)}, int(tokens.sum())
+                self.interval[k][0] += values[j]
+                self.interval[k][1] += 1
+                if self.step % self.log_every == 0 or self.step == self.total:
+                    self._log_interval(k)
+        if log:
+            self._drain_probes()
+        return {k: values[j] for j, k in enumerate(active)}, seen
+
+    def _check(self, k: int, loss: float) -> bool:
+        """Run k's divergence test on this step's loss; False (and the run marked diverged) if it fails."""
+        if math.isfinite(loss):
+            if self.first_loss[k] is None:
+                self.first_loss[k] = loss
+            previous = self.smoothed[k]
+            self.smoothed[k] = loss if previous is None else previous + (loss - previous) / SMOOTHING
+            if self.smoothed[k] <= self.runs[k].divergence_factor * self.first_loss[k]:
+                return True
+        res = self.results[k]
+        self.alive[k] = False
+        res.status, res.diverged_step, res.final = "diverged", self.step + 1, {}
+        self._log_interval(k)  # the steps it took since its last point
+        return False
+
+    # -- metric rows ------------------------------------------------------------------------
+
+    def _emit(self, k: int, step: int, name: str, value: float) -> None:
+        if self.sink is None:
+            self.results[k].metrics.append({"step": step, "name": name, "value": value})
+        else:
+            self.pending.append((k, step, name, value))
+            if len(self.pending) >= FLUSH_ROWS:
+                self.flush()
+
+    def _log_interval(self, k: int) -> None:
+        """Run k's mean training loss over the steps since its last point, at its last step."""
+        total, count = self.interval[k]
+        if count:
+            self._emit(k, self.results[k].steps, "train_loss", total / count)
+        self.interval[k] = [0.0, 0]
+
+    def _drain_probes(self) -> None:
+        for row in self.probes.rows:
+            self._emit(row["run"], row["step"], f"probe/{row['layer']}/{row['name']}", row["value"])
+        self.probes.rows = []
+
+    def flush(self) -> None:
+        """Hand the rows made so far to the sink."""
+        if self.sink is not None and self.pending:
+            self.sink.write([(self.runs[k].run_id(), step, name, value) for k, step, name, value in self.pending])
+            self.pending = []
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -198,7 +281,7 @@ class PackTrainer:
         for k, values in measured.items() if record else ():
             res = self.results[k]
             for name, value in values.items():
-                res.metrics.append({"step": self.step, "name": name, "value": value})
+                self._emit(k, self.step, name, value)
                 if self.metrics[name].better(value, res.best.get(name)):
                     res.best[name] = value
             res.final = dict(values)
@@ -207,18 +290,21 @@ class PackTrainer:
     # -- checkpoints ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything an exact resume needs: the trained tensors, the optimiser and loss-scale state,
-        the dropout streams, each run's step, status and metrics so far. Data orders are a function
-        of (seed, step), so the step is their position."""
+        """Everything an exact resume needs: the trained tensors and the per-run frozen ones, the
+        optimiser and loss-scale state, the dropout streams, each run's step, status, divergence
+        state and logging interval. With a sink, metric rows are not here: they are in the sink,
+        flushed before every checkpoint. Data orders are a function of (seed, step), so the step is
+        their position."""
         streams = {str(device): [g.get_state() for g in gens]
                    for device, gens in self.state.streams._generators.items()}
         return {"run_ids": [r.run_id() for r in self.runs], "step": self.step, "finished": self.finished,
                 "params": {n: p.detach().clone() for n, p in self.pack.named_parameters().items()},
+                "fresh": {n: t.detach().clone() for n, t in self.pack.fresh_tensors().items()},
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "streams": streams, "alive": list(self.alive), "first_loss": list(self.first_loss),
-                "results": [r.to_dict() for r in self.results], "probes": [dict(r) for r in self.probes.rows],
-                "seconds": self.seconds}
+                "smoothed": list(self.smoothed), "interval": [list(i) for i in self.interval],
+                "results": [r.to_dict() for r in self.results], "seconds": self.seconds}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()`'s output, taken from a pack of the same runs in the same order."""
@@ -227,6 +313,8 @@ class PackTrainer:
         with torch.no_grad():
             for name, p in self.pack.named_parameters().items():
                 p.copy_(state["params"][name])
+            for name, t in self.pack.fresh_tensors().items():
+                t.copy_(state["fresh"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -236,27 +324,40 @@ class PackTrainer:
                 g.set_state(s)
         self.step, self.finished, self.seconds = state["step"], state["finished"], state["seconds"]
         self.alive, self.first_loss = list(state["alive"]), list(state["first_loss"])
+        self.smoothed, self.interval = list(state["smoothed"]), [list(i) for i in state["interval"]]
         self.results = [RunResult.from_dict(r) for r in state["results"]]
-        self.probes.rows = [dict(r) for r in state["probes"]]
 
     # -- the whole run ----------------------------------------------------------------------
 
     def run(self, adapters_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None,
             on_step: Callable[["PackTrainer", dict[int, float], float], None] | None = None,
-            on_eval: Callable[["PackTrainer"], None] | None = None) -> list[RunResult]:
+            on_eval: Callable[["PackTrainer"], None] | None = None,
+            sink: MetricSink | None = None) -> list[RunResult]:
         """Train to the end, evaluating every `eval_every` steps and at the end.
 
         With `checkpoint_dir`, start from its newest good checkpoint, write one every
         `checkpoint_every` steps and one when finished (so a finished pack is never trained
-        again). `on_step(trainer, losses, tokens_per_second)` is called after every step, and
-        `on_eval(trainer)` before every evaluation.
+        again). With `sink`, metric rows go there (see `MetricSink`): first the runs' rows past
+        the step it starts from are dropped, then rows are written in batches and before every
+        checkpoint, so a resume neither loses nor repeats one. `on_step(trainer, losses,
+        tokens_per_second)` is called after every step, and `on_eval(trainer)` before every
+        evaluation.
         """
+        self.sink = sink
+        try:
+            return self._run(adapters_dir, checkpoint_dir, on_step, on_eval)
+        finally:
+            self.flush()  # a pack that fails keeps the rows it made (a resume replaces those past its checkpoint)
+
+    def _run(self, adapters_dir, checkpoint_dir, on_step, on_eval) -> list[RunResult]:
         from tqdm.auto import tqdm
 
         first = self.runs[0]
         if checkpoint_dir is not None and (saved := checkpoint.load_latest(checkpoint_dir)) is not None:
             self.load_state_dict(saved)
             self.resumed_at = self.step
+        if self.sink is not None:
+            self.sink.truncate([r.run_id() for r in self.runs], self.step)
         session = time.perf_counter()
         start = session - self.seconds  # seconds count across resumes
         tokens = 0  # real tokens trained in this session
@@ -280,6 +381,7 @@ class PackTrainer:
             if (checkpoint_dir is not None and first.checkpoint_every > 0 and self.step < self.total
                     and self.step % first.checkpoint_every == 0):
                 self.seconds = time.perf_counter() - start
+                self.flush()
                 checkpoint.save(checkpoint_dir, self.step, self.state_dict())
         bar.close()
         if not self.finished:
@@ -288,12 +390,11 @@ class PackTrainer:
                     on_eval(self)
                 self.evaluate()
             self.seconds = time.perf_counter() - start
-            for k, res in enumerate(self.results):
+            for res in self.results:
                 res.seconds = self.seconds
-                res.metrics.extend(row | {"name": f"probe/{row['layer']}/{row['name']}"}
-                                   for row in self.probes.rows if row["run"] == k)
             self.finished = True
             if checkpoint_dir is not None:
+                self.flush()
                 checkpoint.save(checkpoint_dir, self.step, self.state_dict())
         for k, res in enumerate(self.results):
             if adapters_dir is not None and res.status == "done" and self.runs[k].save_adapters:

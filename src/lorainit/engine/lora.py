@@ -7,8 +7,10 @@ LoRA layer applies adapter k to run k's rows only, by batched matmul:
     y = W x + bias + s * B_k (A_k dropout_k(x)),   s = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
 with A of shape (K, r, in) and B of shape (K, out, r). The task head (the classifier's final
-projection) is packed the same way: K full copies of its weight. Nothing here knows about
-training; the init schemes live in `inits.py`.
+projection) is packed the same way: K full copies of its weight. So is every other linear layer
+whose weights the pretrained checkpoint lacks (RoBERTa's `classifier.dense`): frozen, but drawn
+from each run's own seed, as each run alone would draw it. Nothing here knows about training; the
+init schemes live in `inits.py`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,18 @@ class DropoutStreams:
         self.group = torch.tensor([self.distinct.index(s) for s in self.seeds])  # (K,)
         self._generators: dict[torch.device, list[torch.Generator]] = {}
         self.lengths: list[int] | None = None  # own padded length per active run, stacking order
+        self._active: tuple[torch.Tensor | None, list[int]] = (None, self.group.tolist())
+
+    def set_active(self, active: torch.Tensor | None, runs: list[int] | None) -> None:
+        """The active runs' index tensor (on the model's device) and the same runs on the host, so
+        that every layer's masks find their streams without reading the device."""
+        self._active = (active, self.group.tolist() if runs is None else self.group[runs].tolist())
+
+    def _groups(self, active: torch.Tensor | None) -> list[int]:
+        """The stream of each active run, in stacking order."""
+        if active is self._active[0]:
+            return self._active[1]
+        return (self.group if active is None else self.group[active.cpu()]).tolist()
 
     def _streams(self, device: torch.device) -> list[torch.Generator]:
         if device not in self._generators:
@@ -71,7 +85,7 @@ class DropoutStreams:
         `seq_dims` are the dims of `shape` that run along the sequence; with `lengths` set, each
         run's mask is drawn with those dims at its own length.
         """
-        groups = (self.group if active is None else self.group[active.cpu()]).tolist()
+        groups = self._groups(active)
         lengths = self.lengths if (self.lengths is not None and seq_dims) else [None] * len(groups)
         streams = self._streams(device)
         drawn = {}
@@ -103,7 +117,7 @@ class DropoutStreams:
         row count and the subset's rows are taken from it, so that those rows are dropped exactly
         as they would be with every row present.
         """
-        groups = (self.group if active is None else self.group[active.cpu()]).tolist()
+        groups = self._groups(active)
         streams = self._streams(x.device)
         drawn = {}
         for j, (gi, count) in enumerate(zip(groups, counts)):
@@ -244,15 +258,17 @@ class PackedLoRALinear(nn.Module):
 
 
 class PackedHead(nn.Module):
-    """K trainable copies of a task head's final linear projection, applied run by run."""
+    """K copies of a linear layer, applied run by run: the task head's final projection (trained),
+    or a layer the checkpoint lacks (`trainable=False`: frozen, but each run has its own draw)."""
 
-    def __init__(self, base: nn.Linear, num_runs: int):
+    def __init__(self, base: nn.Linear, num_runs: int, trainable: bool = True):
         super().__init__()
         w = base.weight.detach()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = nn.Parameter(w.unsqueeze(0).repeat(num_runs, 1, 1))  # (K, out, in)
+        self.weight = nn.Parameter(w.unsqueeze(0).repeat(num_runs, 1, 1), requires_grad=trainable)  # (K, out, in)
         b = base.bias.detach() if base.bias is not None else None
-        self.bias = nn.Parameter(b.unsqueeze(0).repeat(num_runs, 1)) if b is not None else None  # (K, out)
+        self.bias = (nn.Parameter(b.unsqueeze(0).repeat(num_runs, 1), requires_grad=trainable)
+                     if b is not None else None)  # (K, out)
         self.active: torch.Tensor | None = None
 
     @property
@@ -324,7 +340,11 @@ def linear_names(model: nn.Module) -> list[str]:
 class LoRAPack:
     """K LoRA runs on one frozen Hugging Face model: the injected layers, the packed head, inits."""
 
-    def __init__(self, model: nn.Module, config: LoRAConfig, num_runs: int, train_head: bool = True):
+    def __init__(self, model: nn.Module, config: LoRAConfig, num_runs: int, train_head: bool = True,
+                 fresh: tuple[str, ...] = ()):
+        """`fresh`: the model's parameter names that its checkpoint lacks (drawn at load). Linear
+        layers among them other than the head become per-run frozen copies (`self.fresh`); any
+        other fresh parameter is refused, since a pack could not draw it per run."""
         self.model = model
         self.config = config
         self.num_runs = num_runs
@@ -339,8 +359,15 @@ class LoRAPack:
                 f"target module(s) {', '.join(map(repr, missing))} match no linear layer of "
                 f"{type(model).__name__}; its linear module names are: {', '.join(leaves)}")
         model.requires_grad_(False)
-        self.layer_names = [n for n in linears
-                            if n != self.head_name and any(_matches(n, t) for t in config.targets)]
+        fresh_modules = sorted({name.rpartition(".")[0] for name in fresh} - {self.head_name})
+        modules = dict(model.named_modules())
+        odd = [n for n in fresh_modules if not isinstance(modules.get(n), nn.Linear)]
+        if odd:
+            raise BadInput(f"{type(model).__name__}: the checkpoint lacks {', '.join(odd)}, which "
+                           "is not a linear layer; a pack draws only linear layers per run")
+        fresh_modules = [n for n in linears if n in fresh_modules]  # module order: the draw order
+        self.layer_names = [n for n in linears if n != self.head_name and n not in fresh_modules
+                            and any(_matches(n, t) for t in config.targets)]
         self.layers: dict[str, PackedLoRALinear] = {}
         for name in self.layer_names:
             layer = PackedLoRALinear.from_linear(_get(model, name), num_runs, config.rank, config.alpha,
@@ -351,6 +378,10 @@ class LoRAPack:
         if self.head_name is not None:
             self.head = PackedHead(_get(model, self.head_name), num_runs)
             _set(model, self.head_name, self.head)
+        self.fresh: dict[str, PackedHead] = {}
+        for name in fresh_modules:
+            self.fresh[name] = PackedHead(_get(model, name), num_runs, trainable=False)
+            _set(model, name, self.fresh[name])
         model.train(model.training)  # new modules follow the model's train/eval mode
 
     # -- parameters -------------------------------------------------------------------------
@@ -374,6 +405,15 @@ class LoRAPack:
                 out[f"{self.head_name}.bias"] = self.head.bias
         return out
 
+    def fresh_tensors(self) -> dict[str, torch.Tensor]:
+        """The per-run frozen copies of the layers the checkpoint lacks, by model path, (K, ...) each."""
+        out = {}
+        for name, layer in self.fresh.items():
+            out[f"{name}.weight"] = layer.weight
+            if layer.bias is not None:
+                out[f"{name}.bias"] = layer.bias
+        return out
+
     def trainable_per_run(self) -> int:
         """Number of trainable parameters of one run (LoRA factors plus head)."""
         return sum(p[0].numel() for p in self.parameters())
@@ -381,41 +421,51 @@ class LoRAPack:
     # -- init -------------------------------------------------------------------------------
 
     def init_run(self, k: int, init: str, variance: str = "kaiming", seed: int = 0) -> None:
-        """Initialise run k's adapters with scheme `init` ('a'|'b') and its head, from `seed`.
+        """Initialise run k's adapters with scheme `init` ('a'|'b'), its head and its fresh layers,
+        from `seed`.
 
         LoRA factors are drawn layer by layer in module order from the run's 'init' stream; the
         head from its 'head' stream, as the model itself initialises a fresh head
-        (N(0, initializer_range), bias 0).
+        (N(0, initializer_range), bias 0); the i-th fresh layer (module order) the same way from
+        the 'head' stream salted with i + 1. Every draw is made on the CPU and then copied, so a
+        seed gives the same starting point on every device.
         """
         if not 0 <= k < self.num_runs:
             raise IndexError(f"run {k} is outside this pack of {self.num_runs}")
         if variance not in VARIANCES:
             raise BadInput(f"unknown init_variance {variance!r}; expected one of {', '.join(VARIANCES)}")
         fill = get_init(init)
-        device = next(iter(self.layers.values())).lora_A.device
-        g = rng.generator(seed, "init", device=device)
-        for layer in self.layers.values():
-            fill(layer.lora_A.data[k], layer.lora_B.data[k], variance, g)
-        if self.head is not None:
+        g = rng.generator(seed, "init")
+        with torch.no_grad():
+            for layer in self.layers.values():
+                a, b = layer.lora_A[k].cpu().clone(), layer.lora_B[k].cpu().clone()
+                fill(a, b, variance, g)
+                layer.lora_A[k].copy_(a)
+                layer.lora_B[k].copy_(b)
             std = float(getattr(getattr(self.model, "config", None), "initializer_range", 0.02))
-            gh = rng.generator(seed, "head", device=device)
-            with torch.no_grad():
-                self.head.weight[k].normal_(0.0, std, generator=gh)
-                if self.head.bias is not None:
-                    self.head.bias[k].zero_()
+            drawn = ([(self.head, rng.generator(seed, "head"))] if self.head is not None else [])
+            drawn += [(layer, rng.generator(seed, "head", i + 1)) for i, layer in enumerate(self.fresh.values())]
+            for layer, gh in drawn:
+                w = torch.empty(layer.weight.shape[1:], dtype=layer.weight.dtype)
+                layer.weight[k].copy_(w.normal_(0.0, std, generator=gh))
+                if layer.bias is not None:
+                    layer.bias[k].zero_()
 
     # -- batches ----------------------------------------------------------------------------
 
     def set_active(self, runs: list[int] | torch.Tensor | None) -> None:
         """Declare which runs the next batches hold, in stacking order (None: all K)."""
-        idx = None
+        idx, host = None, None
         if runs is not None:
-            idx = torch.as_tensor(runs, dtype=torch.long)
-            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= self.num_runs:
-                raise ValueError(f"active runs {idx.tolist()} must be a non-empty subset of 0..{self.num_runs - 1}")
-            idx = idx.to(self.parameters()[0].device)
-        for m in list(self.layers.values()) + ([self.head] if self.head is not None else []):
+            host = torch.as_tensor(runs, dtype=torch.long)
+            if host.numel() == 0 or int(host.min()) < 0 or int(host.max()) >= self.num_runs:
+                raise ValueError(f"active runs {host.tolist()} must be a non-empty subset of 0..{self.num_runs - 1}")
+            idx = host.to(self.parameters()[0].device, non_blocking=True)
+        for m in [*self.layers.values(), *([self.head] if self.head is not None else []), *self.fresh.values()]:
             m.active = idx
+        streams = {id(layer.streams): layer.streams for layer in self.layers.values() if layer.streams is not None}
+        for s in streams.values():
+            s.set_active(idx, None if host is None else host.tolist())
 
     def set_dropout_seeds(self, seeds: list[int] | None) -> None:
         """Draw LoRA dropout masks from each run's own seed (None: torch's global generator)."""
@@ -432,8 +482,8 @@ class LoRAPack:
         model = copy.deepcopy(self.model)
         for name in self.layer_names:
             _set(model, name, _get(model, name).merge(k))
-        if self.head_name is not None:
-            _set(model, self.head_name, _get(model, self.head_name).unpack(k))
+        for name in [*([self.head_name] if self.head_name is not None else []), *self.fresh]:
+            _set(model, name, _get(model, name).unpack(k))
         return model
 
 

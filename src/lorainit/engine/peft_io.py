@@ -40,26 +40,32 @@ def task_type(model: nn.Module) -> str | None:
     return None
 
 
-def _head_top(pack: LoRAPack) -> str | None:
-    """The module PEFT wraps as `modules_to_save`: the head's top-level module (`classifier`)."""
-    return pack.head_name.split(".")[0] if pack.head_name else None
+def _saved_modules(pack: LoRAPack) -> list[str]:
+    """The modules PEFT saves whole (`modules_to_save`): the head's top-level module (`classifier`)
+    and any layer the checkpoint lacks outside it, since a base model loaded afresh draws those anew."""
+    tops = [pack.head_name.split(".")[0]] if pack.head_name else []
+    return tops + [name for name in pack.fresh if not any(name.startswith(f"{t}.") for t in tops)]
+
+
+def _packed(pack: LoRAPack, k: int) -> dict[str, torch.Tensor]:
+    """Run k's slice of every packed head and fresh layer tensor, by model path."""
+    tensors = dict(pack.fresh_tensors())
+    if pack.head is not None:
+        tensors[f"{pack.head_name}.weight"] = pack.head.weight
+        if pack.head.bias is not None:
+            tensors[f"{pack.head_name}.bias"] = pack.head.bias
+    return {name: t[k] for name, t in tensors.items()}
 
 
 def _head_tensors(pack: LoRAPack, k: int) -> dict[str, torch.Tensor]:
-    """Every tensor under the head's top module, with the packed ones taken from run k."""
-    top = _head_top(pack)
-    if top is None:
-        return {}
-    packed = {f"{pack.head_name}.weight": pack.head.weight[k]}
-    if pack.head.bias is not None:
-        packed[f"{pack.head_name}.bias"] = pack.head.bias[k]
+    """Every tensor under the saved modules, with the packed ones taken from run k."""
+    packed = _packed(pack, k)
     out = {}
-    for name, tensor in pack.model.get_submodule(top).named_parameters(prefix=top):
-        if name.startswith(f"{pack.head_name}."):
-            continue  # the packed (K, ...) tensors themselves
-        out[name] = tensor
-    out.update(packed)
-    return out
+    for top in _saved_modules(pack):
+        for name, tensor in pack.model.get_submodule(top).named_parameters(prefix=top):
+            if name not in packed:  # the packed (K, ...) tensors themselves are replaced below
+                out[name] = tensor
+    return out | {name: t for name, t in packed.items() if any(name.startswith(f"{m}.") for m in _saved_modules(pack))}
 
 
 def export_run(pack: LoRAPack, k: int, folder: str | os.PathLike, base_model: str) -> Path:
@@ -76,7 +82,7 @@ def export_run(pack: LoRAPack, k: int, folder: str | os.PathLike, base_model: st
         "lora_dropout": cfg.dropout,
         "use_rslora": cfg.rslora,
         "target_modules": sorted(cfg.targets),
-        "modules_to_save": [_head_top(pack)] if pack.head_name else None,
+        "modules_to_save": _saved_modules(pack) or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -138,13 +144,19 @@ def import_run(pack: LoRAPack, k: int, folder: str | os.PathLike) -> None:
         if tuple(tensors[key].shape) != tuple(param.shape[1:]):
             raise AdapterError(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, "
                                f"the pack expects {tuple(param.shape[1:])}")
-    frozen = {key: t for key, t in _head_tensors(pack, k).items() if not key.startswith(f"{pack.head_name}.")}
+    fresh = {PREFIX + name: t for name, t in pack.fresh_tensors().items()}
+    for key, tensor in fresh.items():
+        if key in tensors and tuple(tensors[key].shape) != tuple(tensor.shape[1:]):
+            raise AdapterError(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, "
+                               f"the pack expects {tuple(tensor.shape[1:])}")
+    packed = _packed(pack, k)
+    frozen = {key: t for key, t in _head_tensors(pack, k).items() if key not in packed}
     for key, base_tensor in frozen.items():
         saved = tensors.get(PREFIX + key)
         if saved is not None and not torch.equal(saved.to(base_tensor), base_tensor.detach()):
             warnings.warn(f"{weights_path}: {key} differs from the base model's; a pack keeps it frozen "
                           "and ignores the saved value", stacklevel=2)
     with torch.no_grad():
-        for key, param in wanted.items():
-            if key in tensors:
+        for key, param in (wanted | fresh).items():
+            if key in tensors:  # a fresh layer saved with the adapter is that run's own draw
                 param[k].copy_(tensors[key])

@@ -174,7 +174,8 @@ def run_sweep(sweep: Sweep, out: str | Path, executor: str = "local", ray_addres
 
 def record_pack(store: Store, out: Path, pack: Pack, outcome: dict, progress: Progress) -> None:
     """Store a finished pack's results (one transaction), refresh results.csv and metrics.csv, drop
-    its checkpoints. `outcome` is what `worker.train_pack` returned."""
+    its checkpoints unless a run failed (a rerun resumes a failed pack from them). `outcome` is
+    what `worker.train_pack` returned."""
     from lorainit.train import RunResult
 
     results = [RunResult.from_dict(d) for d in outcome["results"]]
@@ -182,7 +183,8 @@ def record_pack(store: Store, out: Path, pack: Pack, outcome: dict, progress: Pr
         print(f"pack {pack.id} resumed from its checkpoint at step {outcome['resumed_at']}", file=sys.stderr)
     store.record(results)
     _write_tables(store, out)
-    checkpoint.clear(folder.checkpoints(out, pack.id))
+    if not any(res.status == "failed" for res in results):
+        checkpoint.clear(folder.checkpoints(out, pack.id))
     for res in results:
         if res.status == "failed":
             print(f"run {res.config.run_id()} failed: {res.error}", file=sys.stderr)
@@ -207,10 +209,11 @@ def _run_packs_here(packs: list[Pack], out: Path, device: str, store: Store, pro
 
 
 def _clear_finished_checkpoints(store: Store, out: Path) -> None:
-    """Checkpoint folders of packs whose runs are all recorded (a kill between the two steps)."""
+    """Checkpoint folders of packs whose runs are all recorded done or diverged (a kill between the
+    two steps); a pack with a failed run keeps its checkpoints, for the rerun to resume."""
     statuses = store.statuses()
     for pack_id, run_ids in store.packs().items():
-        if all(statuses.get(r) in FINISHED for r in run_ids) and folder.checkpoints(out, pack_id).is_dir():
+        if all(statuses.get(r) in ("done", "diverged") for r in run_ids) and folder.checkpoints(out, pack_id).is_dir():
             shutil.rmtree(folder.checkpoints(out, pack_id), ignore_errors=True)
 
 

@@ -1,8 +1,10 @@
 """The run store of one sweep folder: SQLite (`store.sqlite`, WAL mode) and `results.csv`.
 
-One process writes it: the sweep's driver. Workers (Ray tasks, the in-process loop) hand their
-results back, and the driver records a pack's runs in one transaction, so a kill leaves either
-all of a pack's results or none of them.
+The sweep's driver writes the sweep, its runs and their statuses; it records a pack's results in
+one transaction, so a kill leaves either all of a pack's results or none of them. A pack's worker
+(a Ray task, the in-process loop) writes one table only: it appends its runs' metric rows as they
+are made, through its own `MetricWriter` connection, so that a long run's history lives on disk,
+not in memory or in its checkpoints.
 
 Tables:
   sweeps     name, the base run and grid as given, the file's text, created/updated times
@@ -140,9 +142,10 @@ class Store:
                     "error = ?, updated = ? WHERE run_id = ?",
                     (res.status, res.diverged_step, res.steps, res.seconds, json.dumps(res.final),
                      json.dumps(res.best), res.error, now, run_id))
-                self.db.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
-                self.db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)",
-                                    [(run_id, m["step"], m["name"], m["value"]) for m in res.metrics])
+                if res.metrics:  # rows held on the result; a pack's worker streams its rows instead
+                    self.db.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
+                    self.db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)",
+                                        [(run_id, m["step"], m["name"], m["value"]) for m in res.metrics])
                 if res.adapter:
                     self.db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, 'adapter', ?)",
                                     (run_id, res.adapter))
@@ -188,6 +191,27 @@ class Store:
 
     def write_results_csv(self) -> Path:
         return write_text_atomic(self.folder / "results.csv", csv_text(self.result_rows(), self.result_columns()))
+
+
+class MetricWriter:
+    """A pack's metric rows, written into the folder's store as they are made (a
+    `lorainit.train.MetricSink`). Its own connection: the driver may read the store meanwhile."""
+
+    def __init__(self, folder: str | Path):
+        self.db = sqlite3.connect(Path(folder) / Store.FILE, timeout=60, isolation_level=None)
+        self.db.execute("PRAGMA synchronous=FULL")
+
+    def write(self, rows: list[tuple[str, int, str, float]]) -> None:
+        with _Transaction(self.db):
+            self.db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", rows)
+
+    def truncate(self, run_ids: list[str], after_step: int) -> None:
+        with _Transaction(self.db):
+            self.db.executemany("DELETE FROM metrics WHERE run_id = ? AND step > ?",
+                                [(r, after_step) for r in run_ids])
+
+    def close(self) -> None:
+        self.db.close()
 
 
 class _Transaction:

@@ -2,7 +2,8 @@
 
 Takes and returns plain values (run configs and results as dicts), so that it runs the same in
 this process or another. It imports nothing of the driver: it reads and writes only the pack's
-checkpoint folder and its runs' adapter folders, and hands its results back.
+checkpoint folder, its runs' adapter folders and their metric rows (into the folder's store, as
+they are made), and hands its results back.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from lorainit.config import RunConfig
 from lorainit.sweeps import folder
 from lorainit.sweeps.plan import Pack
+from lorainit.sweeps.store import MetricWriter
 
 
 def train_pack(run_dicts: list[dict], out: str, device: str | None, on_step=None, on_eval=None) -> dict:
@@ -23,13 +25,16 @@ def train_pack(run_dicts: list[dict], out: str, device: str | None, on_step=None
     runs = [RunConfig.from_dict(d) for d in run_dicts]
     pack_id = Pack(runs).id
     resumed_at = None
+    sink = MetricWriter(out)
     try:
         trainer = PackTrainer(runs, device=device, show_progress=False)
         results = trainer.run(adapters_dir=folder.adapters(out), checkpoint_dir=folder.checkpoints(out, pack_id),
-                              on_step=on_step, on_eval=on_eval)
+                              on_step=on_step, on_eval=on_eval, sink=sink)
         resumed_at = trainer.resumed_at
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # noqa: BLE001 - recorded on the runs, shown at the end
         results = [RunResult(r, status="failed", error=f"{type(err).__name__}: {err}") for r in runs]
+    finally:
+        sink.close()
     return {"results": [r.to_dict() for r in results], "resumed_at": resumed_at}

@@ -53,6 +53,8 @@ class Task(ABC):
     """
 
     metrics: tuple[Metric, ...]  # set from the registry entry of the pack's task
+    # parameter names the pretrained checkpoint lacks (drawn at load): the pack draws them per run
+    fresh_weights: tuple[str, ...] = ()
 
     def __init__(self, run, model_overrides: dict | None = None):
         self.run = run

@@ -142,7 +142,8 @@ class CausalLM(Task):
 
     def __init__(self, run, model_overrides: dict | None = None):
         super().__init__(run, model_overrides)
-        self.model, self.tokenizer = models.load(run.model, "causal_lm", **(model_overrides or {}))
+        self.model, self.tokenizer, self.fresh_weights = models.load_with_fresh(
+            run.model, "causal_lm", **(model_overrides or {}))
         self.pad_id = self.tokenizer.pad_token_id
         self.questions = (lm_data.read_gsm8k("eval", run.data_dir, max_rows=run.max_eval_samples)
                           if run.task == "gsm8k" else None)  # scored by generation, and their answers' loss
