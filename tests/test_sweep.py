@@ -314,3 +314,120 @@ def test_train_is_a_sweep_of_one_run(tmp_path, glue_data):
     assert (out / "store.sqlite").exists() and (out / "adapters" / rows[0]["run_id"]).is_dir()
     assert cli.main(args) == 0 and len(_rows(out)) == 1  # again: nothing new
     assert cli.main([*args[:-1], "--lr", "3e-4", "--quiet"]) == 2  # other fields, same folder: refused
+
+
+def _bad_labels(tmp_path: Path) -> str:
+    """A GLUE folder whose SST-2 training rows hold a label outside 0..1, on row 6."""
+    import os
+
+    real = Path(os.environ["LORAINIT_DATA"]) / "glue" / "SST-2"
+    folder = tmp_path / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    (folder / "dev.tsv").write_bytes((real / "dev.tsv").read_bytes())
+    head = (real / "train.tsv").read_text().splitlines()[:5]
+    (folder / "train.tsv").write_text("\n".join(head + ["a row with a stray label\t7"]) + "\n")
+    return str(tmp_path / "glue")
+
+
+# inputs that only the model, the data or the device can refuse: each is found before anything is written
+BAD_INPUTS = {
+    "target matching no module": (lambda tmp: TINY.replace("  task: sst2", "  task: sst2\n  targets: [qery]"),
+                                  r"target module\(s\) 'qery' match no linear layer of BertForSequenceClassification"),
+    "precision needing CUDA": (lambda tmp: TINY.replace("  task: sst2", "  task: sst2\n  precision: bf16"),
+                               r"precision bf16 needs a CUDA device"),
+    "data file missing": (lambda tmp: TINY.replace("  task: sst2", f"  task: sst2\n  data_dir: {tmp / 'none'}"),
+                          r"SST-2/train.tsv: file not found"),
+    "label out of range": (lambda tmp: TINY.replace("  task: sst2", f"  task: sst2\n  data_dir: {_bad_labels(tmp)}"),
+                           r"row 6, column 'label': label '7' is not one of 0, 1"),
+    "hub id not available offline": (lambda tmp: TINY.replace("model: minilm", "model: no-such-org/no-such-model"),
+                                     r"not in the local hub cache while HF_HUB_OFFLINE is set"),
+    "a run that cannot fit": (lambda tmp: TINY.replace("batch_size: 4", "batch_size: 1000000"),
+                              r"needs about \d+\.\d GiB, and cpu has \d+\.\d GiB free"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_bad_models_data_and_devices_exit_2_before_any_write(kind, tmp_path, reference, capsys):
+    import re
+
+    make, message = BAD_INPUTS[kind]
+    file = _sweep_file(tmp_path, make(tmp_path))
+    fresh = tmp_path / "fresh"
+    assert cli.main(["sweep", str(file), "--out", str(fresh), "--quiet", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lorainit: error: ") and "\n" not in err and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not fresh.exists()  # no folder, no store
+
+
+def _wait_for(ready, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not ready():
+        time.sleep(0.02)
+    assert ready(), "timed out"
+
+
+def test_a_second_driver_on_the_folder_exits_2_naming_the_first(tmp_path, reference, capsys):
+    file = _sweep_file(tmp_path)
+    out = tmp_path / "out"
+    first = subprocess.Popen(_command(file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: (out / "driver.lock").exists() and list(out.glob("checkpoints/*/step-*.ckpt")))
+        assert cli.main(["sweep", str(file), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by another sweep driver (pid {first.pid} on " in err and ", since 20" in err
+        assert first.poll() is None  # the first goes on, undisturbed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # the killed driver's lock went with it: the folder resumes at once
+    done = subprocess.run(_command(file, out), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from its checkpoint" in done.stderr
+    assert _metrics(out) == _metrics(reference)
+
+
+def test_a_failed_pack_keeps_its_checkpoints_and_the_rerun_resumes_it(tmp_path, reference, monkeypatch, capsys):
+    from lorainit.train import PackTrainer
+
+    file = _sweep_file(tmp_path)
+    out = tmp_path / "out"
+    real_step = PackTrainer.train_step
+
+    def failing(self, log):
+        if self.step == 7:  # after the checkpoint of step 6
+            raise RuntimeError("CUDA out of memory (as a long run might meet it)")
+        return real_step(self, log)
+
+    monkeypatch.setattr(PackTrainer, "train_step", failing)
+    assert cli.main(["sweep", str(file), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "failed: RuntimeError: CUDA out of memory" in err
+    kept = sorted(p.name for p in out.glob("checkpoints/*/step-*.ckpt"))  # two packs, the newest two each
+    assert kept == ["step-000000004.ckpt"] * 2 + ["step-000000006.ckpt"] * 2
+    # the failed runs' rows up to the failure are kept, for a look at what happened
+    assert {s for _, s, n, _ in _metrics(out) if n == "train_loss"} == set(range(1, 8))
+    monkeypatch.setattr(PackTrainer, "train_step", real_step)
+    assert cli.main(["sweep", str(file), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("resumed from its checkpoint at step 6") == 2
+    assert _without_seconds(_rows(out)) == _without_seconds(_rows(reference))
+    assert _metrics(out) == _metrics(reference)
+    assert not (out / "checkpoints").exists()
+
+
+def test_a_checkpoint_that_passes_its_checksum_but_cannot_be_read_stops_the_pack(tmp_path, reference, capsys):
+    import hashlib
+
+    from lorainit.engine import checkpoint
+
+    file = _sweep_file(tmp_path)
+    out = tmp_path / "out"
+    _run_until_checkpoint(file, out, count=2)
+    newest = sorted(out.glob("checkpoints/*/step-*.ckpt"))[-1]
+    payload = b"not a torch file, written whole"
+    newest.write_bytes(checkpoint.MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    assert cli.main(["sweep", str(file), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"checkpoint {newest} passed its checksum but could not be read" in err
+    assert newest.exists()  # kept, for a person to look at; never silently restarted from step 0

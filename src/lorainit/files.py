@@ -1,6 +1,8 @@
 """Files written whole or not at all: a temporary name in the same folder, then a rename.
 
-A reader (a person, a spreadsheet, a resumed run) never sees half a file.
+A reader (a person, a spreadsheet, a resumed run) never sees half a file. The file is synced to
+disk before the rename, and the folder after it, so that a power cut leaves the old file or the
+new one, never an empty one under the new name.
 """
 
 from __future__ import annotations
@@ -21,11 +23,22 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's) contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

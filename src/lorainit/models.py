@@ -119,6 +119,36 @@ def _in_hub_cache(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
+def _auto(kind: str):
+    import transformers
+
+    auto = {
+        "classification": transformers.AutoModelForSequenceClassification,
+        "causal_lm": transformers.AutoModelForCausalLM,
+        "base": transformers.AutoModel,
+    }
+    if kind not in auto:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {', '.join(auto)}")
+    return auto[kind]
+
+
+def skeleton(spec: str, kind: str = "classification", num_labels: int = 2):
+    """The model built from its config on the meta device: its modules and shapes, no weights and
+    no memory. For checks before anything is loaded or written."""
+    import torch
+    from transformers import AutoConfig
+
+    resolved = resolve(spec)
+    try:
+        config = AutoConfig.from_pretrained(resolved.path)
+    except (OSError, ValueError) as err:
+        raise ModelNotFound(f"could not read the config of model {spec!r} from {resolved.path}: {err}") from None
+    if kind == "classification":
+        config.num_labels = num_labels
+    with torch.device("meta"):
+        return _auto(kind).from_config(config)
+
+
 def load(spec: str, kind: str = "classification", num_labels: int = 2, dtype=None, **config_overrides):
     """Load (model, tokenizer) for `spec`.
 
@@ -137,13 +167,7 @@ def load_with_fresh(spec: str, kind: str = "classification", num_labels: int = 2
     import transformers
 
     resolved = resolve(spec)
-    auto = {
-        "classification": transformers.AutoModelForSequenceClassification,
-        "causal_lm": transformers.AutoModelForCausalLM,
-        "base": transformers.AutoModel,
-    }
-    if kind not in auto:
-        raise ValueError(f"unknown model kind {kind!r}; expected one of {', '.join(auto)}")
+    auto = _auto(kind)
     kwargs = dict(config_overrides)
     if kind == "classification":
         kwargs["num_labels"] = num_labels
@@ -152,7 +176,7 @@ def load_with_fresh(spec: str, kind: str = "classification", num_labels: int = 2
     transformers.logging.set_verbosity_error()  # the fresh head's "newly initialized" report
     transformers.utils.logging.disable_progress_bar()
     try:
-        model, info = auto[kind].from_pretrained(resolved.path, output_loading_info=True, **kwargs)
+        model, info = auto.from_pretrained(resolved.path, output_loading_info=True, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(resolved.path)
     except OSError as err:
         raise ModelNotFound(f"could not load model {spec!r} from {resolved.path}: {err}") from err

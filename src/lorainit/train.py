@@ -43,7 +43,6 @@ from lorainit.engine.probes import Probes
 from lorainit.errors import BadInput
 from lorainit.tasks.base import Forward, Task
 
-
 SMOOTHING = 20      # steps: the divergence test's moving average gives each new loss weight 1/20
 LOG_POINTS = 1000   # log_every 0: the training loss is logged at about this many points per run
 FLUSH_ROWS = 10000  # metric rows held before they go to the sink (and always before a checkpoint)

@@ -2,8 +2,10 @@
 
 A checkpoint is `step-<step>.ckpt` in the pack's folder: a header line holding the format and the
 sha256 of the payload, then the payload (`torch.save` of plain dicts, lists and tensors, read back
-with `weights_only=True`). A file whose checksum does not match, or that does not parse, is
-skipped with a warning, and the previous one is used; with none left, the pack starts over.
+with `weights_only=True`). A file whose checksum does not match (truncated, corrupt, or not a
+checkpoint at all) is skipped with a warning, and the previous one is used; with none left, the
+pack starts over. A file that passes its checksum and still cannot be read is an error that
+stops the pack: its bytes are what was written, so starting over would hide a real fault.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ _NAME = re.compile(r"^step-(\d+)\.ckpt$")
 
 class CheckpointWarning(UserWarning):
     """A checkpoint could not be used; the pack falls back to an earlier one or starts over."""
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file whose bytes are not what was written: skipped, never trusted."""
 
 
 def _files(folder: Path) -> list[tuple[int, Path]]:
@@ -51,23 +57,27 @@ def save(folder: str | Path, step: int, state: dict) -> Path:
 
 
 def read(path: str | Path) -> dict:
-    """The state in one checkpoint file; ValueError if it is truncated, corrupt or not one."""
+    """The state in one checkpoint file; CorruptCheckpoint if it is truncated, corrupt or not one."""
     blob = Path(path).read_bytes()
     header, _, payload = blob.partition(b"\n")
     if not header.startswith(MAGIC):
-        raise ValueError("not a lorainit checkpoint")
+        raise CorruptCheckpoint("not a lorainit checkpoint")
     if hashlib.sha256(payload).hexdigest().encode() != header[len(MAGIC):]:
-        raise ValueError("checksum mismatch (truncated or corrupt)")
-    return torch.load(io.BytesIO(payload), weights_only=True)
+        raise CorruptCheckpoint("checksum mismatch (truncated or corrupt)")
+    try:
+        return torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f"checkpoint {path} passed its checksum but could not be read: "
+                           f"{type(err).__name__}: {err}") from err
 
 
 def load_latest(folder: str | Path) -> dict | None:
-    """The newest readable checkpoint's state, or None; warns about every one it had to skip."""
+    """The newest intact checkpoint's state, or None; warns about every corrupt one it skipped."""
     files = _files(Path(folder))
     for i, (step, path) in enumerate(files):
         try:
             return read(path)
-        except Exception as err:  # any unreadable file: fall back, never crash a resume
+        except CorruptCheckpoint as err:  # its bytes are not what was written: fall back
             fallback = f"using step {files[i + 1][0]}" if i + 1 < len(files) else "starting the pack over"
             warnings.warn(f"checkpoint {path} is unusable ({err}); {fallback}", CheckpointWarning, stacklevel=2)
     return None

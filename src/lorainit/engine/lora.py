@@ -337,6 +337,18 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def check_targets(model: nn.Module, targets: tuple[str, ...]) -> None:
+    """BadInput naming every target that matches no linear layer of `model` (a skeleton on the
+    meta device serves: only module names and types are read)."""
+    linears = linear_names(model)
+    missing = [t for t in targets if not any(_matches(n, t) for n in linears)]
+    if missing:
+        leaves = sorted({n.rpartition(".")[2] for n in linears})
+        raise BadInput(
+            f"target module(s) {', '.join(map(repr, missing))} match no linear layer of "
+            f"{type(model).__name__}; its linear module names are: {', '.join(leaves)}")
+
+
 class LoRAPack:
     """K LoRA runs on one frozen Hugging Face model: the injected layers, the packed head, inits."""
 
@@ -352,12 +364,7 @@ class LoRAPack:
             raise BadInput(f"this {type(model).__name__} already holds a LoRA pack; inject into a fresh model")
         linears = linear_names(model)
         self.head_name = find_head(model) if train_head else None
-        missing = [t for t in config.targets if not any(_matches(n, t) for n in linears)]
-        if missing:
-            leaves = sorted({n.rpartition(".")[2] for n in linears})
-            raise BadInput(
-                f"target module(s) {', '.join(map(repr, missing))} match no linear layer of "
-                f"{type(model).__name__}; its linear module names are: {', '.join(leaves)}")
+        check_targets(model, config.targets)
         model.requires_grad_(False)
         fresh_modules = sorted({name.rpartition(".")[0] for name in fresh} - {self.head_name})
         modules = dict(model.named_modules())

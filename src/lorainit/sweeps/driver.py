@@ -43,15 +43,45 @@ def _check_same_sweep(store: Store, sweep: Sweep) -> None:
                        "match it. Restore the base, or start the changed sweep in another --out folder")
 
 
-def _preflight(runs: list[RunConfig]) -> None:
-    """Fail before writing anything if a model or a task's data cannot be found."""
+def _preflight(runs: list[RunConfig], device: str) -> None:
+    """Fail before writing anything: a model that cannot be found offline, a precision this device
+    lacks, a task's data missing or holding a label out of range, a target that matches no module
+    of the model (checked on its skeleton, no weights loaded), a single run that cannot fit."""
+    from lorainit.engine.lora import check_targets
+
+    for run in runs:
+        if run.precision != "fp32" and not device.startswith("cuda"):
+            raise BadInput(f"precision {run.precision} needs a CUDA device, and this sweep runs on {device}; "
+                           "use precision fp32 here")
     for spec in sorted({r.model for r in runs}):
         models.resolve(spec)
-    checked = set()
+    checked, built = set(), {}
     for run in runs:
-        if (run.task, run.data_dir) not in checked:
-            checked.add((run.task, run.data_dir))
+        if (run.task, run.data_dir, run.max_train_samples, run.max_eval_samples) not in checked:
+            checked.add((run.task, run.data_dir, run.max_train_samples, run.max_eval_samples))
             tasks.family(run.task).check_data(run)
+        kind = tasks.family(run.task).model_kind(run)
+        if (run.model, kind) not in built:
+            built[run.model, kind] = models.skeleton(run.model, *kind)
+        check_targets(built[run.model, kind], run.targets)
+    _check_fits(runs, device)
+
+
+def _check_fits(runs: list[RunConfig], device: str) -> None:
+    """Refuse a run that alone would need more memory than this device has free (estimated at
+    every row's full max_seq_len, so a refusal is sure, while a pass is no promise)."""
+    free = estimates.available_memory(device)
+    shapes: dict[str, estimates.Shape | None] = {}
+    for run in runs:
+        shape = shapes.setdefault(run.model, estimates.model_shape(run.model))
+        if shape is None:
+            continue
+        need = estimates.memory_per_pack(run, shape, 1)
+        if need > free:
+            raise BadInput(f"run {run.run_id()} ({run.model}, batch_size {run.batch_size}, max_seq_len "
+                           f"{run.max_seq_len}) needs about {need / 2**30:.1f} GiB, and {device} has "
+                           f"{free / 2**30:.1f} GiB free; lower batch_size or max_seq_len, or set "
+                           "gradient_checkpointing: true")
 
 
 def describe_plan(sweep: Sweep, packs: list[Pack], pack_size: int, device: str,
@@ -116,6 +146,17 @@ def run_sweep(sweep: Sweep, out: str | Path, executor: str = "local", ray_addres
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} exists and is not a folder")
     device = _device(device)
+    # an existing folder is locked before its store is read; a new one once every check has passed
+    locks = [folder.DriverLock(out)] if out.is_dir() and not dry_run else []
+    try:
+        return _run_sweep(sweep, out, executor, ray_address, device, dry_run, show_progress, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run_sweep(sweep: Sweep, out: Path, executor: str, ray_address: str | None, device: str, dry_run: bool,
+               show_progress: bool, locks: list) -> int:
     existing = Store.peek(out)
     statuses: dict[str, str] = {}
     started: dict[str, list[str]] = {}
@@ -134,8 +175,12 @@ def run_sweep(sweep: Sweep, out: str | Path, executor: str = "local", ray_addres
         print(describe_plan(sweep, packs, pack_size, device, finished))
         return 0
     if todo:
-        _preflight(todo)
+        _preflight(todo, device)
 
+    out.mkdir(parents=True, exist_ok=True)
+    if not locks:
+        locks.append(folder.DriverLock(out))
+    locks[0].announce()
     store = Store(out)
     try:
         new = store.add_sweep(sweep.name, sweep.base, sweep.grid, sweep.text, sweep.runs)

@@ -79,12 +79,17 @@ def available_memory(device: str) -> int:
 def memory_per_pack(run: RunConfig, shape: Shape, runs: int) -> int:
     """Estimated peak bytes of a pack of `runs` runs like `run`: the base model in fp32, each
     run's LoRA factors with gradients and AdamW moments, and each run's activations (about
-    34 h + 5 heads T bytes per token per layer at 16 bits, twice that in fp32)."""
+    34 h + 5 heads T bytes per token per layer at 16 bits, twice that in fp32; with
+    gradient_checkpointing, each layer's input and one layer's activations)."""
     width = 4 if run.precision == "fp32" else 2
     base = 4 * shape.params
     lora = 4 * 4 * run.rank * 2 * shape.hidden * shape.layers * len(run.targets)  # A and B, x4 states
     tokens = run.batch_size * run.max_seq_len
-    activations = tokens * shape.layers * (34 * shape.hidden + 5 * shape.heads * run.max_seq_len) * width // 2
+    per_layer = tokens * (34 * shape.hidden + 5 * shape.heads * run.max_seq_len) * width // 2
+    if run.gradient_checkpointing:  # each layer's input is kept; one layer's activations at a time
+        activations = tokens * shape.layers * shape.hidden * width + per_layer
+    else:
+        activations = shape.layers * per_layer
     return base + runs * (lora + activations)
 
 

@@ -2,8 +2,9 @@
 
     DIR/store.sqlite                  the store (SQLite, WAL): runs, metrics, artifacts, packs
     DIR/results.csv, DIR/metrics.csv  tables written from the store after each pack
-    DIR/checkpoints/<pack_id>/        a running pack's checkpoints (removed once it is recorded)
+    DIR/checkpoints/<pack_id>/        a pack's checkpoints (removed once its runs are done or diverged)
     DIR/adapters/<run_id>/            each finished run's PEFT adapter
+    DIR/driver.lock                   names the driver holding the folder's lock (see `DriverLock`)
 """
 
 from __future__ import annotations
@@ -17,3 +18,57 @@ def checkpoints(out: str | Path, pack_id: str) -> Path:
 
 def adapters(out: str | Path) -> Path:
     return Path(out) / "adapters"
+
+
+class DriverLock:
+    """One driver per sweep folder: the folder itself is locked with `fcntl.flock` while a driver runs.
+
+    Taking the lock writes nothing, so a driver refused for bad input leaves an existing folder
+    as it was; once every check has passed, `announce()` writes `DIR/driver.lock`, naming the
+    holder (pid, host, since when) for any driver turned away. The kernel frees the lock when its
+    holder exits, however it exits, so a killed driver's folder can be resumed at once.
+    """
+
+    FILE = "driver.lock"
+
+    def __init__(self, out: str | Path):
+        import fcntl
+        import json
+        import os
+
+        from lorainit.errors import BadInput
+
+        self.out = Path(out)
+        self.fd: int | None = os.open(self.out, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            try:
+                holder = json.loads((self.out / self.FILE).read_text())
+                who = f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                who = "it is still starting"
+            raise BadInput(f"{out} is in use by another sweep driver ({who}); wait for it to finish "
+                           "or stop it, then run again") from None
+
+    def announce(self) -> None:
+        """Name this driver as the holder, in `DIR/driver.lock`."""
+        import json
+        import os
+        import socket
+        import time
+
+        from lorainit.files import write_text_atomic
+
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())}
+        write_text_atomic(self.out / self.FILE, json.dumps(holder) + "\n")
+
+    def release(self) -> None:
+        import os
+
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None

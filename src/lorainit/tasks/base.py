@@ -118,6 +118,11 @@ class Task(ABC):
         """Raise BadInput if the run's data cannot be read (called before a sweep writes anything)."""
 
     @classmethod
+    def model_kind(cls, run) -> tuple[str, int]:
+        """The `models.load` kind of this task's model and its label count (for a skeleton)."""
+        return "classification", 2
+
+    @classmethod
     def data_size(cls, run, split: str) -> tuple[int, float] | None:
         """(rows, mean tokens per row) of 'train' or 'eval' for estimates, or None if unknown
         without reading much (the hub, say)."""

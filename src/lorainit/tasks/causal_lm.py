@@ -284,6 +284,10 @@ class CausalLM(Task):
         return texts
 
     @classmethod
+    def model_kind(cls, run) -> tuple[str, int]:
+        return "causal_lm", 0
+
+    @classmethod
     def check_data(cls, run) -> None:
         if run.task == "gsm8k":
             for split in ("train", "eval"):

@@ -122,8 +122,13 @@ class Classification(Task):
 
     @classmethod
     def check_data(cls, run) -> None:
-        for split in ("train", "eval"):
-            glue.read(run.task, split, run.data_dir, max_rows=1)
+        """Every row the run will read: each label must be one of the task's."""
+        glue.read(run.task, "train", run.data_dir, max_rows=run.max_train_samples)
+        glue.read(run.task, "eval", run.data_dir, max_rows=run.max_eval_samples)
+
+    @classmethod
+    def model_kind(cls, run) -> tuple[str, int]:
+        return "classification", len(glue.TASKS[run.task].labels)
 
     @classmethod
     def data_size(cls, run, split: str, sample: int = 200) -> tuple[int, float] | None:
