@@ -106,3 +106,39 @@ def test_ray_sweep_survives_a_killed_worker(tmp_path, netns):
     assert not (out / "checkpoints").exists()
     for r in rows:
         assert (out / "adapters" / r["run_id"] / "adapter_config.json").exists()
+
+
+def test_each_pack_task_declares_the_memory_its_pack_needs(monkeypatch):
+    """The tasks' `memory` option comes from the planner's estimate for that pack, capped at the
+    largest node; recorded through a stand-in for Ray that keeps what it was asked."""
+    import types
+
+    from lorainit.config import RunConfig
+    from lorainit.sweeps import estimates, ray_executor
+    from lorainit.sweeps.plan import Pack
+
+    asked = []
+
+    class Task:
+        def options(self, **options):
+            asked.append(options)
+            return self
+
+        def remote(self, runs, out, device):
+            return len(asked)
+
+    fake = types.SimpleNamespace(
+        is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 2},
+        nodes=lambda: [{"Alive": True, "Resources": {"memory": 8 * 2**30}}],
+        remote=lambda **kw: (lambda fn: Task()), wait=lambda refs, num_returns: (refs[:1], refs[1:]),
+        get=lambda ref: {"results": []}, exceptions=types.SimpleNamespace(RayError=RuntimeError))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    small = Pack([RunConfig.from_dict(dict(model="minilm", max_steps=2, lr=lr)) for lr in (1e-4, 1e-3)])
+    huge = Pack([RunConfig.from_dict(dict(model="minilm", max_steps=2, batch_size=4096))])
+    store = types.SimpleNamespace(start_pack=lambda *a: None)
+    recorded = []
+    ray_executor.run_packs([small, huge], Path("."), "cpu", store, None, lambda p, o: recorded.append(p))
+    shape = estimates.model_shape("minilm")
+    assert asked[0] == {"memory": estimates.memory_per_pack(small.runs[0], shape, 2)}
+    assert asked[1] == {"memory": 8 * 2**30}  # more than any node: a whole node
+    assert recorded == [small, huge]

@@ -186,3 +186,41 @@ def test_autocast_precisions_run_close_to_fp32(monkeypatch, precision):
 def test_cuda_precisions_are_refused_on_cpu():
     with pytest.raises(ValueError, match="precision fp16 needs a CUDA device"):
         train_pack([_run(precision="fp16")], device="cpu", show_progress=False)
+
+
+def test_divergence_needs_a_smoothed_loss_above_the_factor_or_a_non_finite_one():
+    """One batch at 12x the first loss does not stop a run; a sustained rise does, and a
+    non-finite loss stops it at once. The diverged run's final metrics are emptied, its best kept."""
+    from lorainit.train import SMOOTHING, PackTrainer
+
+    trainer = PackTrainer([_run(lr=1e-3), _run(lr=2e-3), _run(lr=4e-3)], show_progress=False)
+    assert trainer._check(0, 0.7) and trainer._check(1, 0.7) and trainer._check(2, 0.7)
+    assert trainer._check(0, 8.4)  # one unlucky batch: the average moves by (8.4 - 0.7) / 20 only
+    assert trainer.smoothed[0] == pytest.approx(0.7 + 7.7 / SMOOTHING)
+    for _ in range(5):
+        assert trainer._check(0, 0.7)
+    trainer.results[1].final, trainer.results[1].best = {"accuracy": 0.8}, {"accuracy": 0.85}
+    assert not trainer._check(1, float("nan"))
+    assert trainer.results[1].status == "diverged" and trainer.results[1].diverged_step == 1
+    assert trainer.results[1].final == {} and trainer.results[1].best == {"accuracy": 0.85}
+    steps = 0
+    while trainer._check(2, 100.0):  # a sustained rise crosses 10 x 0.7 within a few steps
+        steps += 1
+    assert 0 < steps < SMOOTHING and trainer.results[2].status == "diverged"
+    assert trainer.alive == [True, False, False]
+
+
+def test_log_every_logs_the_mean_training_loss_of_each_interval():
+    every = _run(lr=1e-3, max_steps=10, eval_every=0)
+    (one,) = train_pack([every], show_progress=False)
+    (grouped,) = train_pack([_run(lr=1e-3, max_steps=10, log_every=4)], show_progress=False)
+    losses = _losses(one)
+    assert len(losses) == 10  # 10 steps: log_every 0 logs every step up to 1,000 steps
+    logged = [(m["step"], m["value"]) for m in grouped.metrics if m["name"] == "train_loss"]
+    # steps 1-4, 5-8, then the last interval cut short at the run's end: 9-10
+    expected = [(4, sum(losses[:4]) / 4), (8, sum(losses[4:8]) / 4), (10, sum(losses[8:]) / 2)]
+    assert [s for s, _ in logged] == [s for s, _ in expected]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6, abs=0)
+    from lorainit.train import log_interval
+
+    assert log_interval(every, 168_380) == 169  # the paper's SST-2 run: 997 points

@@ -43,7 +43,7 @@ def _check_same_sweep(store: Store, sweep: Sweep) -> None:
                        "match it. Restore the base, or start the changed sweep in another --out folder")
 
 
-def _preflight(runs: list[RunConfig], device: str) -> None:
+def _preflight(runs: list[RunConfig], device: str, free: int | None = None) -> None:
     """Fail before writing anything: a model that cannot be found offline, a precision this device
     lacks, a task's data missing or holding a label out of range, a target that matches no module
     of the model (checked on its skeleton, no weights loaded), a single run that cannot fit."""
@@ -64,13 +64,12 @@ def _preflight(runs: list[RunConfig], device: str) -> None:
         if (run.model, kind) not in built:
             built[run.model, kind] = models.skeleton(run.model, *kind)
         check_targets(built[run.model, kind], run.targets)
-    _check_fits(runs, device)
+    _check_fits(runs, device, estimates.available_memory(device) if free is None else free)
 
 
-def _check_fits(runs: list[RunConfig], device: str) -> None:
-    """Refuse a run that alone would need more memory than this device has free (estimated at
+def _check_fits(runs: list[RunConfig], device: str, free: int) -> None:
+    """Refuse a run that alone would need more memory than the device has free (estimated at
     every row's full max_seq_len, so a refusal is sure, while a pass is no promise)."""
-    free = estimates.available_memory(device)
     shapes: dict[str, estimates.Shape | None] = {}
     for run in runs:
         shape = shapes.setdefault(run.model, estimates.model_shape(run.model))
@@ -153,6 +152,8 @@ def run_sweep(sweep: Sweep, out: str | Path, executor: str = "local", ray_addres
     finally:
         for lock in locks:
             lock.release()
+        if executor == "ray" and "lorainit.sweeps.ray_executor" in sys.modules:
+            sys.modules["lorainit.sweeps.ray_executor"].disconnect()  # a Ray instance started for this sweep
 
 
 def _run_sweep(sweep: Sweep, out: Path, executor: str, ray_address: str | None, device: str, dry_run: bool,
@@ -168,14 +169,20 @@ def _run_sweep(sweep: Sweep, out: Path, executor: str, ray_address: str | None, 
             existing.close()
     todo = [r for r in sweep.runs if statuses.get(r.run_id()) not in ("done", "diverged")]
     first = todo[0] if todo else sweep.runs[0]
-    pack_size = sweep.pack_size or estimates.default_pack_size(first, device, estimates.model_shape(first.model))
+    free = None  # bytes free where packs train: here, or on a Ray worker
+    if executor == "ray" and todo and not dry_run:
+        from lorainit.sweeps import ray_executor
+
+        device, free = ray_executor.worker_device(ray_address)
+    pack_size = sweep.pack_size or estimates.default_pack_size(first, device, estimates.model_shape(first.model),
+                                                               free)
     packs = plan(todo, pack_size, started)
     finished = len(sweep.runs) - len(todo)
     if dry_run:
         print(describe_plan(sweep, packs, pack_size, device, finished))
         return 0
     if todo:
-        _preflight(todo, device)
+        _preflight(todo, device, free)
 
     out.mkdir(parents=True, exist_ok=True)
     if not locks:

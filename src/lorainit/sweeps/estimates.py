@@ -93,11 +93,12 @@ def memory_per_pack(run: RunConfig, shape: Shape, runs: int) -> int:
     return base + runs * (lora + activations)
 
 
-def default_pack_size(run: RunConfig, device: str, shape: Shape | None) -> int:
-    """The most runs that fit in 60% of the available memory, at most MAX_PACK (8 when unknown)."""
+def default_pack_size(run: RunConfig, device: str, shape: Shape | None, free: int | None = None) -> int:
+    """The most runs that fit in 60% of the memory free (`free` bytes, else what `device` has
+    here), at most MAX_PACK (8 when the shape is unknown)."""
     if shape is None:
         return 8
-    budget = 0.6 * available_memory(device)
+    budget = 0.6 * (available_memory(device) if free is None else free)
     one = memory_per_pack(run, shape, 1) - 4 * shape.params
     return max(1, min(MAX_PACK, int((budget - 4 * shape.params) // max(one, 1))))
 

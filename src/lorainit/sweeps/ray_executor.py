@@ -3,37 +3,42 @@
 `lorainit sweep FILE --executor ray [--ray-address auto|HOST:PORT]`. Without an address a local
 Ray instance is started (and stopped at the end). A task whose worker dies is retried by Ray, and
 the retry resumes the pack from its last checkpoint. Workers write checkpoints and adapters into
-the sweep folder, which every node must see (a shared filesystem); they hand their results back,
-and the driver alone writes the store (through `record`). A task's entry point is
-`sweeps.worker.train_pack`, which imports nothing of the driver.
+the sweep folder, which every node must see (a shared filesystem), append their runs' metric rows
+to its store, and hand their results back; the driver records them (through `record`). A task's
+entry point is `sweeps.worker.train_pack`, which imports nothing of the driver.
+
+Each pack's task declares the memory its pack needs (Ray's `memory` resource, from the planner's
+estimate), so that Ray never puts more packs on a node than fit. The default pack size and the
+checks before any write use the device a task gets and the memory free there, read on a worker
+(`worker_device`), not the driver's.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from lorainit.errors import BadInput
-from lorainit.sweeps import worker
+from lorainit.sweeps import estimates, worker
+from lorainit.sweeps.plan import Pack
 from lorainit.sweeps.store import Store
 
 RETRIES = 3  # attempts after a worker dies, each resuming from the pack's checkpoint
+_started: list[bool] = []  # whether this process started the Ray instance it is connected to
 
 
 def _train(run_dicts: list[dict], out: str, device: str) -> dict:
     return worker.train_pack(run_dicts, out, device)
 
 
-def run_packs(packs, out: Path, device: str, store: Store, progress, record, ray_address: str | None = None) -> None:
-    """Train `packs` as Ray tasks; `record(pack, outcome)` is called in the driver as each one ends."""
+def _connect(ray_address: str | None):
+    """Ray, connected (a local instance started when no address is given)."""
     try:
         import ray
     except ImportError:
         raise BadInput("--executor ray needs Ray: pip install 'lorainit[ray]'") from None
-    if not packs:
-        return
-    started_here = not ray.is_initialized()
-    if started_here:
+    if not ray.is_initialized():
         # workers' stderr reaches the driver's: resumes and failures are reported there
         options = dict(include_dashboard=False, log_to_driver=True)
         try:
@@ -43,14 +48,57 @@ def run_packs(packs, out: Path, device: str, store: Store, progress, record, ray
                 ray.init(num_cpus=os.cpu_count(), **options)
         except ConnectionError as err:
             raise BadInput(f"could not reach a Ray cluster at {ray_address!r}: {err}") from None
+        _started.append(True)
+    return ray
+
+
+def _free_memory(device: str) -> tuple[str, int]:
+    return device, estimates.available_memory(device)
+
+
+def worker_device(ray_address: str | None) -> tuple[str, int]:
+    """The device a pack's task gets (cuda where the cluster has GPUs) and the bytes free there,
+    read by a task on a worker."""
+    ray = _connect(ray_address)
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
+    probe = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(_free_memory)
+    return ray.get(probe.remote("cuda" if gpus else "cpu"))
+
+
+def pack_memory(pack: Pack, device: str) -> int:
+    """Host bytes a pack's task declares: the whole pack's estimate on a CPU worker; on a GPU
+    worker (a whole GPU per pack) the base model's host copy while it loads. 0 when unknown."""
+    run = pack.runs[0]
+    shape = estimates.model_shape(run.model)
+    if shape is None:
+        return 0
+    if device.startswith("cuda"):
+        return 4 * shape.params
+    return estimates.memory_per_pack(run, shape, len(pack.runs))
+
+
+def run_packs(packs, out: Path, device: str, store: Store, progress, record, ray_address: str | None = None) -> None:
+    """Train `packs` as Ray tasks; `record(pack, outcome)` is called in the driver as each one ends."""
+    if not packs:
+        disconnect()
+        return
+    ray = _connect(ray_address)
     try:
         gpus = ray.cluster_resources().get("GPU", 0) > 0
+        device = "cuda" if gpus else "cpu"
         task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=RETRIES)(_train)
+        largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
         pending = {}
         for pack in packs:
             store.start_pack(pack.id, pack.run_ids)
-            pending[task.remote([r.to_dict() for r in pack.runs], str(out.resolve()),
-                                "cuda" if gpus else "cpu")] = pack
+            memory = pack_memory(pack, device)
+            if largest and memory > largest:
+                print(f"pack {pack.id} needs about {memory / 2**30:.1f} GiB, more than any node declares "
+                      f"({largest / 2**30:.1f} GiB); it asks for a whole node", file=sys.stderr)
+                memory = int(largest)
+            options = {"memory": memory} if memory else {}
+            pending[task.options(**options).remote([r.to_dict() for r in pack.runs], str(out.resolve()),
+                                                   device)] = pack
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
@@ -64,5 +112,13 @@ def run_packs(packs, out: Path, device: str, store: Store, progress, record, ray
                     outcome = {"results": [RunResult(r, status="failed", error=reason).to_dict() for r in pack.runs]}
                 record(pack, outcome)
     finally:
-        if started_here:
-            ray.shutdown()
+        disconnect()
+
+
+def disconnect() -> None:
+    """Stop the Ray instance if this process started it."""
+    if _started:
+        import ray
+
+        ray.shutdown()
+        _started.clear()

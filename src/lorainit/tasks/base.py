@@ -129,6 +129,16 @@ class Task(ABC):
         return None
 
 
+CUDA_EVAL_SCALE = 16  # a GPU's evaluation forwards hold this many times a CPU's tokens
+
+
+def eval_budget(cpu_tokens: int, device) -> int:
+    """Tokens per evaluation forward on `device`: `cpu_tokens` on a CPU, where a few thousand keep
+    the matmuls efficient and in cache; CUDA_EVAL_SCALE times that on a GPU, which needs large
+    forwards to be busy (4,096 tokens over a 22-run pack would be one row of each run)."""
+    return cpu_tokens * (CUDA_EVAL_SCALE if torch.device(device).type == "cuda" else 1)
+
+
 def token_chunks(order: list[int], lengths, runs: int, budget: int) -> list[list[int]]:
     """Consecutive indices of `order` (sorted by length, shortest first) grouped so that runs x rows
     x the chunk's longest row stays near `budget` tokens: large matmuls, bounded memory."""

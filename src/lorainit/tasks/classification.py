@@ -17,10 +17,11 @@ from lorainit import models
 from lorainit.engine import unpadded
 from lorainit.errors import BadInput
 from lorainit.tasks import glue
-from lorainit.tasks.base import Forward, Losses, Task, stack_padded, token_chunks
+from lorainit.tasks.base import Forward, Losses, Task, eval_budget, stack_padded, token_chunks
 
-# Evaluation forwards hold about this many tokens over all active runs (rows sorted by length, so
-# little padding): large enough for efficient matmuls, small enough to stay in cache and memory.
+# Evaluation forwards hold about this many tokens over all active runs on a CPU (rows sorted by
+# length, so little padding): large enough for efficient matmuls, small enough to stay in cache
+# and memory; more on a GPU (`base.eval_budget`).
 EVAL_TOKENS = 4096
 
 
@@ -108,15 +109,16 @@ class Classification(Task):
         n = len(runs)
         device = state.pack.parameters()[0].device
         order = sorted(range(len(self.eval)), key=lambda i: len(self.eval.ids[i]))
-        correct = torch.zeros(n)
-        loss_sum = torch.zeros(n)
-        for rows in token_chunks(order, [len(x) for x in self.eval.ids], n, EVAL_TOKENS):
+        correct = torch.zeros(n, device=device)
+        loss_sum = torch.zeros(n, device=device)
+        for rows in token_chunks(order, [len(x) for x in self.eval.ids], n, eval_budget(EVAL_TOKENS, device)):
             batch = self.rows_batch(self.eval, rows)
             y = batch.pop("labels").to(device)
             stacked = {key: v.repeat(n, 1).to(device) for key, v in batch.items()}
             logits = self.logits(state, stacked, shared=True).float().view(n, len(rows), -1)  # (n, b, C)
-            correct += (logits.argmax(-1) == y).sum(1).float().cpu()
-            loss_sum += F.cross_entropy(logits.transpose(1, 2), y.expand(n, -1), reduction="none").sum(1).cpu()
+            correct += (logits.argmax(-1) == y).sum(1).float()
+            loss_sum += F.cross_entropy(logits.transpose(1, 2), y.expand(n, -1), reduction="none").sum(1)
+        correct, loss_sum = correct.cpu(), loss_sum.cpu()  # one read of the device per evaluation
         return [{"accuracy": float(correct[j] / len(self.eval)), "eval_loss": float(loss_sum[j] / len(self.eval))}
                 for j in range(n)]
 

@@ -1,0 +1,115 @@
+"""A long run's history stays bounded: checkpoint size, checkpoint write time and RSS early and late.
+
+A tiny BERT classifier (2 layers, hidden 32, random weights, built from a config into a temporary
+folder) trains a pack of 2 runs on SST-2 rows for `--steps` steps, batch 4, with a checkpoint every
+`--checkpoint-every` steps, its metric rows streamed into a sweep store as a sweep's worker does.
+At each checkpoint the script records the file's size, the time `checkpoint.save` took and the
+process's current RSS, then prints them at the first checkpoint after step 1,000 and at the last, with
+their ratios, and the store's size. With `--no-sink` the rows stay on the runs' results and in
+every checkpoint, as they did before they were streamed: the growth that streaming removes.
+
+    .venv/bin/python benchmarks/history.py [--steps 50000] [--checkpoint-every 1000] [--no-sink]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import cpu_model, set_environment
+
+set_environment()
+
+import torch  # noqa: E402
+
+
+def rss_mib() -> float:
+    """This process's current resident set size in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def tiny_bert(folder: Path) -> str:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lorainit import models
+
+    _, tokenizer = models.load("minilm", "classification")
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50_000)
+    parser.add_argument("--checkpoint-every", type=int, default=1_000)
+    parser.add_argument("--no-sink", action="store_true", help="keep rows in memory and checkpoints (the old way)")
+    args = parser.parse_args()
+
+    from lorainit.config import RunConfig
+    from lorainit.engine import checkpoint
+    from lorainit.sweeps.store import MetricWriter, Store
+    from lorainit.train import PackTrainer
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = tiny_bert(tmp / "model")
+        runs = [RunConfig.from_dict(dict(model=model, task="sst2", max_steps=args.steps, max_train_samples=2000,
+                                         max_eval_samples=64, max_seq_len=32, init=init, lr=1e-3,
+                                         checkpoint_every=args.checkpoint_every, log_every=1))
+                for init in "ab"]
+        Store(tmp / "sweep").close()
+        sink = None if args.no_sink else MetricWriter(tmp / "sweep")
+        trainer = PackTrainer(runs, show_progress=False)
+        samples: list[tuple[int, int, float, float]] = []  # step, bytes, seconds, RSS MiB
+        save = checkpoint.save
+
+        def timed_save(folder, step, state):
+            start = time.perf_counter()
+            path = save(folder, step, state)
+            samples.append((step, path.stat().st_size, time.perf_counter() - start, rss_mib()))
+            return path
+
+        checkpoint.save = timed_save
+        start = time.perf_counter()
+        trainer.run(checkpoint_dir=tmp / "ckpt", sink=sink)
+        wall = time.perf_counter() - start
+        if sink is not None:
+            sink.close()
+        store_mib = (tmp / "sweep" / Store.FILE).stat().st_size / 2**20
+        wal = tmp / "sweep" / (Store.FILE + "-wal")
+        store_mib += wal.stat().st_size / 2**20 if wal.exists() else 0.0
+
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}, 1 thread")
+    print(f"{args.steps} steps of a 2-run pack, a checkpoint every {args.checkpoint_every}, "
+          f"{'rows streamed to the store' if sink is not None else 'rows kept in memory and checkpoints'}; "
+          f"{wall:.0f} s, {args.steps / wall:.0f} steps/s")
+    early = next(s for s in samples if s[0] >= 1_000)
+    late = samples[-2] if len(samples) > 1 else samples[-1]  # the last periodic one (the final is written once)
+    # write times are noisy: the median of the three checkpoints around each point
+    def around(i: int) -> float:
+        return statistics.median(s[2] for s in samples[max(0, i - 1):i + 2])
+
+    i_early, i_late = samples.index(early), samples.index(late)
+    print(f"{'':>22} {'step':>8} {'checkpoint KiB':>15} {'write ms':>9} {'RSS MiB':>8}")
+    for label, (step, size, _, rss), i in (("early", early, i_early), ("late", late, i_late)):
+        print(f"{label:>22} {step:>8} {size / 1024:>15.1f} {around(i) * 1e3:>9.2f} {rss:>8.1f}")
+    print(f"{'late / early':>22} {'':>8} {late[1] / early[1]:>15.3f} {around(i_late) / around(i_early):>9.3f} "
+          f"{late[3] / early[3]:>8.3f}")
+    print(f"store: {store_mib:.1f} MiB for {2 * args.steps} training-loss rows and the evaluations")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
