@@ -95,18 +95,20 @@ def main() -> int:
     print(f"{args.steps} steps of a 2-run pack, a checkpoint every {args.checkpoint_every}, "
           f"{'rows streamed to the store' if sink is not None else 'rows kept in memory and checkpoints'}; "
           f"{wall:.0f} s, {args.steps / wall:.0f} steps/s")
-    early = next(s for s in samples if s[0] >= 1_000)
-    late = samples[-2] if len(samples) > 1 else samples[-1]  # the last periodic one (the final is written once)
-    # write times are noisy: the median of the three checkpoints around each point
-    def around(i: int) -> float:
-        return statistics.median(s[2] for s in samples[max(0, i - 1):i + 2])
-
-    i_early, i_late = samples.index(early), samples.index(late)
-    print(f"{'':>22} {'step':>8} {'checkpoint KiB':>15} {'write ms':>9} {'RSS MiB':>8}")
-    for label, (step, size, _, rss), i in (("early", early, i_early), ("late", late, i_late)):
-        print(f"{label:>22} {step:>8} {size / 1024:>15.1f} {around(i) * 1e3:>9.2f} {rss:>8.1f}")
-    print(f"{'late / early':>22} {'':>8} {late[1] / early[1]:>15.3f} {around(i_late) / around(i_early):>9.3f} "
-          f"{late[3] / early[3]:>8.3f}")
+    # the write time is mostly the disk's fsync, noisy on a shared machine: the median of the five
+    # checkpoints from step 1,000 on, against the median of the last five periodic ones
+    periodic = samples[:-1] if len(samples) > 1 else samples  # the final one is written once, at the end
+    first = next(i for i, s in enumerate(periodic) if s[0] >= 1_000)
+    early, late = periodic[first:first + 5], periodic[-5:]
+    rows = []
+    for label, group in (("early", early), ("late", late)):
+        rows.append((label, f"{group[0][0]}-{group[-1][0]}", statistics.median(s[1] for s in group),
+                     statistics.median(s[2] for s in group), statistics.median(s[3] for s in group)))
+    print(f"{'':>14} {'steps':>13} {'checkpoint KiB':>15} {'write ms':>9} {'RSS MiB':>8}   (medians of 5)")
+    for label, steps, size, seconds, rss in rows:
+        print(f"{label:>14} {steps:>13} {size / 1024:>15.1f} {seconds * 1e3:>9.2f} {rss:>8.1f}")
+    (_, _, s0, t0, r0), (_, _, s1, t1, r1) = rows
+    print(f"{'late / early':>14} {'':>13} {s1 / s0:>15.3f} {t1 / t0:>9.3f} {r1 / r0:>8.3f}")
     print(f"store: {store_mib:.1f} MiB for {2 * args.steps} training-loss rows and the evaluations")
     return 0
 

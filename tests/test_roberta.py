@@ -145,3 +145,24 @@ def test_the_exported_adapter_reloads_in_peft_to_the_same_accuracy(roberta, tmp_
     dense = [load_file(f"{r.adapter}/adapter_model.safetensors")["base_model.model.classifier.dense.weight"]
              for r in results]
     assert not torch.equal(dense[0], dense[1])
+
+
+def test_a_llama_style_score_head_is_drawn_per_run_too(tmp_path, measured):
+    """A decoder checkpoint holds no `score`: each run's is drawn from its seed, and trained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = models.load("minilm", "classification")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    runs = [_run(str(tmp_path / "llama"), seed=s, lr=2e-3, targets=["q_proj", "v_proj"]) for s in (0, 1)]
+    trainer = PackTrainer(runs, show_progress=False)
+    assert trainer.pack.head_name == "score" and not trainer.pack.fresh
+    score = trainer.pack.head.weight.detach().clone()
+    assert not torch.equal(score[0], score[1])
+    (alone,) = train_pack(runs[1:], show_progress=False)
+    packed = trainer.run()
+    assert measured("llama_score_pack_vs_alone", _losses(packed[1]), _losses(alone)) <= 1e-5
