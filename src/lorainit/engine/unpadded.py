@@ -120,8 +120,12 @@ def forward(model: nn.Module, state: PackState, input_ids: torch.Tensor, attenti
     the first layer's adapters then run outside their modules' forward.
     """
     base = model.base_model
-    keep = attention_mask.bool()                               # (B, T)
-    rows, width = keep.shape
+    device = input_ids.device
+    # the layout is worked out on the host: one read of the mask (none on a CPU), then no device
+    # read in any layer
+    host = attention_mask.to("cpu").bool()                     # (B, T)
+    keep = host.to(device, non_blocking=True)
+    rows, width = host.shape
     n = state.num_active()
     x0 = None
     if shared and n > 1 and len(base.encoder.layer) > 1:
@@ -129,21 +133,22 @@ def forward(model: nn.Module, state: PackState, input_ids: torch.Tensor, attenti
         with _first_run_only(state):
             hidden = base.embeddings(input_ids=input_ids[:one],
                                      token_type_ids=None if token_type_ids is None else token_type_ids[:one])
-        index0 = keep[:one].flatten().nonzero().squeeze(1)
+        index0 = host[:one].flatten().nonzero().squeeze(1).to(device, non_blocking=True)
         x0 = hidden.reshape(one * width, -1).index_select(0, index0)  # (N / n, d)
         x = None
     else:
         hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # (B, T, d)
-    index = keep.flatten().nonzero().squeeze(1)                # (N,) flat slots of real tokens
+    index = host.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # (N,) flat slots of real tokens
     if x0 is None:
         x = hidden.reshape(rows * width, -1).index_select(0, index)  # (N, d)
-    per_row = keep.sum(1)                                      # (B,)
+    per_row = host.sum(1)                                      # (B,)
     tokens = per_row.view(n, -1).sum(1)                        # (n,) tokens of each run
     state.set_row_counts(tokens.tolist())
     # the heads read the first token of every row (real, since rows are right-padded)
     first = torch.cumsum(per_row, 0) - per_row                 # (B,) offsets of each row's first token
     local = first.view(n, -1) - (torch.cumsum(tokens, 0) - tokens)[:, None]  # (n, b): within each run
-    subset = RowSubset(tokens.tolist(), list(local))
+    subset = RowSubset(tokens.tolist(), [row.to(device, non_blocking=True) for row in local])
+    first = first.to(device, non_blocking=True)
     layers = base.encoder.layer
     try:
         for i, layer in enumerate(layers):

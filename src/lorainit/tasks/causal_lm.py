@@ -197,15 +197,18 @@ class CausalLM(Task):
         """The padding-free forward: the real tokens of the stacked rows end to end, (1, N), each
         row's positions restarted at 0, attention on the padded layout (`packing.FlatLayout`).
         Returns the final hidden states (N, d), the labels (N,) and the run (N,) of each token."""
-        keep = batch["attention_mask"].bool()
-        rows, width = keep.shape
-        layout = FlatLayout.of(keep)
-        per_row = keep.sum(1)
-        positions = torch.arange(width, device=keep.device).repeat(rows).index_select(0, layout.index)
+        device = batch["attention_mask"].device
+        host = batch["attention_mask"].to("cpu").bool()  # the layout is worked out on the host: one read
+        rows, width = host.shape
+        layout = FlatLayout.of(host).to(device)
+        per_row = host.sum(1)
+        positions = torch.arange(width, device=device).repeat(rows).index_select(0, layout.index)
         # a 4-d attention_mask passes through transformers' mask building untouched; the pack's
         # attention reads the layout instead
         state.flat = layout
         state.set_row_counts(per_row.view(n, -1).sum(1).tolist())
+        real = int(per_row.sum())
+        per_row = per_row.to(device, non_blocking=True)
         try:
             hidden = state.pack.model.base_model(
                 input_ids=batch["input_ids"].flatten().index_select(0, layout.index)[None],
@@ -217,7 +220,8 @@ class CausalLM(Task):
         if layout.calls == 0:
             raise RuntimeError(f"{type(state.pack.model).__name__} does not call its attention through the "
                                "attention interface, so it cannot run padding-free")
-        return hidden, batch["labels"].flatten().index_select(0, layout.index), run_of_row.repeat_interleave(per_row)
+        return hidden, batch["labels"].flatten().index_select(0, layout.index), run_of_row.repeat_interleave(
+            per_row, output_size=real)
 
     def loss(self, state, batch, forward: Forward) -> Losses:
         return Losses(*self._sums(state, batch, len(forward.runs)))
