@@ -52,7 +52,7 @@ when a check failed or a section failed to run, else 0 (skipped sections and "di
 as run).
 
 `--tiny` runs the same sections on the CPU with 2-layer, hidden-64 models and a few steps (well
-under a minute): fp32 only, so the bf16 and fp16 sections say "skipped: needs CUDA", while the
+under a minute, on one torch thread): fp32 only, so the bf16 and fp16 sections say "skipped: needs CUDA", while the
 timing sections run at that size so that their code keeps working. `--cpu-autocast` runs the
 bf16 and fp16 sections on the CPU through CPU autocast instead (their numbers are not a GPU's).
 
@@ -95,7 +95,7 @@ if importlib.util.find_spec("lorainit") is None:  # a bare checkout: the package
 
 import torch  # noqa: E402
 
-from _common import TokenCounter, clock, cuda_matmul_tf32, frozen_flop_params, peak_cuda_mib  # noqa: E402
+from _common import clock, cuda_matmul_tf32, frozen_flop_params, peak_cuda_mib  # noqa: E402
 
 SECTIONS = ("setup", "pack_fp32", "pack_bf16", "pack_fp16", "fp16_overflow", "encoder_22", "encoder_66",
             "decoder")
@@ -269,7 +269,8 @@ def build_tokenizer(texts: list[str], specials: tuple[str, ...], encoder: bool):
     ids = {s: tok.token_to_id(s) for s in specials}
     if encoder:
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", ids["<s>"]), ("</s>", ids["</s>"])])
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+            special_tokens=[("<s>", ids["<s>"]), ("</s>", ids["</s>"])])
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                        pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>",
                                        model_input_names=["input_ids", "attention_mask"])
@@ -369,7 +370,8 @@ def section_setup(kit: Kit, out: dict) -> None:
         have, want = versions.get(name), pins.get(name)
         if have and want and have.split("+")[0] != want:
             kit.notes.append(f"{name} {have} here; the project pins {want}")
-    out["device"] = torch.cuda.get_device_name(0) if kit.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    out["device"] = (torch.cuda.get_device_name(0) if kit.device == "cuda"
+                     else f"CPU ({os.cpu_count()} cores, torch threads: {torch.get_num_threads()})")
     if kit.device == "cuda":
         out["cuda"] = torch.version.cuda
         out["tf32_matmul"] = cuda_matmul_tf32()
@@ -631,22 +633,28 @@ def time_pack(kit: Kit, runs, warmup: int, steps: int, flop_params: int) -> dict
     reset_peak(kit)
     with cpu_autocast(kit):
         trainer = PackTrainer(runs, device=kit.device, show_progress=False)
-    counts: list[int] = []
+    counts: list[torch.Tensor] = []  # each step's real tokens, left on the device until the end
     token_mask = trainer.task.token_mask
 
     def counting(batch):
         mask = token_mask(batch)
-        counts.append(int(mask.sum()))
+        counts.append(mask.sum())
         return mask
 
     trainer.task.token_mask = counting
     stamps: dict[int, float] = {}
+
+    def on_step(t, losses, rate):
+        if t.step in (warmup, warmup + steps):  # the clock waits for the GPU: only at the two ends
+            stamps[t.step] = clock(kit.device)
+
     with cpu_autocast(kit):
-        trainer.run(on_step=lambda t, losses, rate: stamps.__setitem__(t.step, clock(kit.device)))
+        trainer.run(on_step=on_step)
     if warmup + steps not in stamps:
-        raise RuntimeError(f"the pack stopped after {max(stamps, default=0)} steps (all runs diverged?)")
+        raise RuntimeError(f"the pack stopped after {trainer.step} steps (all runs diverged?)")
     seconds = stamps[warmup + steps] - stamps[warmup]
-    measured = rates(kit, len(runs), steps, seconds, sum(counts[warmup:warmup + steps]), flop_params)
+    tokens = int(sum(c.item() for c in counts[warmup:warmup + steps]))
+    measured = rates(kit, len(runs), steps, seconds, tokens, flop_params)
     measured.update(runs=len(runs), timed_runs=len(runs), steps=steps, seconds=seconds, peak_gib=peak_gib(kit),
                     diverged=sum(r.status == "diverged" for r in trainer.results))
     del trainer
@@ -686,10 +694,11 @@ def autocast(kit: Kit):
     return torch.autocast(kit.device, dtype=dtype)
 
 
-def time_loop(kit: Kit, base, runs, train_size: int, loss_of, task_type: str, warmup: int, steps: int,
+def time_loop(kit: Kit, base, runs, lengths: list[int], loss_of, task_type: str, warmup: int, steps: int,
               flop_params: int) -> dict:
     """Run by run: a copy of the base model, PEFT, `torch.optim.AdamW` with clipping and the linear
-    schedule, on the batches the pack gives the run; steps warmup+1 .. warmup+steps timed."""
+    schedule, on the batches the pack gives the run (`lengths`: each training row's tokens); steps
+    warmup+1 .. warmup+steps timed, the clock read (which waits for the GPU) only at those two."""
     from transformers import get_linear_schedule_with_warmup
 
     from lorainit.engine.order import DataOrder
@@ -704,14 +713,16 @@ def time_loop(kit: Kit, base, runs, train_size: int, loss_of, task_type: str, wa
         optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
         schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(run.warmup_ratio * total), total)
         scaler = torch.amp.GradScaler(kit.device) if kit.timing_precision == "fp16" else None
-        order = DataOrder(run.seed, train_size, run.batch_size)
-        counter = TokenCounter(model.get_base_model().base_model)
+        order = DataOrder(run.seed, len(lengths), run.batch_size)
         model.train()
         for step in range(warmup + steps):
             if step == warmup:
-                start, seen = clock(kit.device), counter.real
+                start = clock(kit.device)
+            rows = order.rows_at(step)
+            if step >= warmup:
+                tokens += sum(lengths[i] for i in rows)
             with autocast(kit):
-                loss = loss_of(model, order.rows_at(step))
+                loss = loss_of(model, rows)
             if scaler is None:
                 loss.backward()
             else:
@@ -726,8 +737,6 @@ def time_loop(kit: Kit, base, runs, train_size: int, loss_of, task_type: str, wa
             schedule.step()
             optimizer.zero_grad()
         seconds += clock(kit.device) - start
-        tokens += counter.real - seen
-        counter.remove()
         del model, optimizer, schedule, params
         free(kit)
     measured = rates(kit, len(runs), steps, seconds, tokens, flop_params, one_by_one=True)
@@ -793,7 +802,8 @@ def pad_rows(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def time_trainer(kit: Kit, base, runs, rows: list[dict], pad_id: int, warmup: int, steps: int,
                  flop_params: int) -> dict:
     """Run by run: a copy of the base model, PEFT, `transformers.Trainer` for warmup+steps steps,
-    its own data order; steps warmup+1 .. warmup+steps timed from its step-end callbacks."""
+    its own data order; steps warmup+1 .. warmup+steps timed from its step-end callbacks (the
+    clock read, which waits for the GPU, only at those two), real tokens counted as it collates."""
     import transformers
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -803,19 +813,24 @@ def time_trainer(kit: Kit, base, runs, rows: list[dict], pad_id: int, warmup: in
     reset_peak(kit)
 
     class Stamps(TrainerCallback):
-        def __init__(self, counter):
-            self.counter, self.times, self.tokens = counter, [], []
+        def __init__(self):
+            self.times: dict[int, float] = {}
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(clock(kit.device))
-            self.tokens.append(self.counter.real)
+            if state.global_step in (warmup, total):
+                self.times[state.global_step] = clock(kit.device)
 
     task_type = "SEQ_CLS" if not isinstance(rows[0]["labels"], list) else "CAUSAL_LM"
     with tempfile.TemporaryDirectory(dir=kit.work) as out_dir:  # Trainer wants one; nothing is saved
         for run in runs:
             torch.manual_seed(run.seed)
             model = peft_wrap(copy.deepcopy(base), run, task_type)
-            stamps = Stamps(TokenCounter(model.get_base_model().base_model))
+            stamps, collated = Stamps(), []  # real tokens of each batch, in the order the steps take them
+
+            def collate(features):
+                collated.append(sum(len(f["input_ids"]) for f in features))
+                return pad_rows(features, pad_id)
+
             args = TrainingArguments(
                 output_dir=out_dir, max_steps=total, per_device_train_batch_size=run.batch_size,
                 learning_rate=run.lr, warmup_steps=math.ceil(run.warmup_ratio * total), lr_scheduler_type="linear",
@@ -823,15 +838,13 @@ def time_trainer(kit: Kit, base, runs, rows: list[dict], pad_id: int, warmup: in
                 save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
                 use_cpu=kit.device == "cpu", bf16=kit.timing_precision == "bf16",
                 fp16=kit.timing_precision == "fp16", dataloader_num_workers=0, remove_unused_columns=False)
-            trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=lambda f: pad_rows(f, pad_id),
-                              callbacks=[stamps])
+            trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[stamps])
             with contextlib.redirect_stdout(io.StringIO()):  # its closing summary
                 trainer.train()
-            if len(stamps.times) < total:
-                raise RuntimeError(f"Trainer stopped after {len(stamps.times)} of {total} steps")
-            seconds += stamps.times[total - 1] - stamps.times[warmup - 1]
-            tokens += stamps.tokens[total - 1] - stamps.tokens[warmup - 1]
-            stamps.counter.remove()
+            if len(stamps.times) < 2 or len(collated) < total:
+                raise RuntimeError(f"Trainer stopped after {trainer.state.global_step} of {total} steps")
+            seconds += stamps.times[total] - stamps.times[warmup]
+            tokens += sum(collated[warmup:total])
             del trainer, model
             free(kit)
     measured = rates(kit, len(runs), steps, seconds, tokens, flop_params, one_by_one=True)
@@ -871,7 +884,8 @@ def encoder_baselines(kit: Kit, out: dict, section: str, runs, pack: dict) -> No
 
     sizes, flop_params = kit.sizes, kit.flop_params["encoder"]
     baseline(kit, out, section, "loop", "PEFT + AdamW loop", len(runs), pack, lambda: time_loop(
-        kit, base, spread(runs, sizes.loop_runs), len(ids), loss_of, "SEQ_CLS", sizes.warmup, sizes.steps, flop_params))
+        kit, base, spread(runs, sizes.loop_runs), [len(x) for x in ids], loss_of, "SEQ_CLS", sizes.warmup,
+        sizes.steps, flop_params))
     rows = [{"input_ids": x, "labels": int(y)} for x, y in zip(ids, examples.labels)]
     baseline(kit, out, section, "trainer", "Trainer + PEFT", len(runs), pack, lambda: time_trainer(
         kit, base, spread(runs, sizes.trainer_runs), rows, pad_id, sizes.warmup, sizes.steps, flop_params))
@@ -943,8 +957,8 @@ def section_decoder(kit: Kit, out: dict) -> None:
         return torch.nn.functional.cross_entropy(logits[counted].float(), batch["labels"][counted])
 
     baseline(kit, out, "decoder", "loop", "PEFT + AdamW loop", len(runs), pack, lambda: time_loop(
-        kit, base, spread(runs, sizes.loop_runs), len(rows), loss_of, "CAUSAL_LM", sizes.decoder_warmup,
-        sizes.decoder_steps, flop_params))
+        kit, base, spread(runs, sizes.loop_runs), [len(x) for x in rows.ids], loss_of, "CAUSAL_LM",
+        sizes.decoder_warmup, sizes.decoder_steps, flop_params))
     # Trainer's models shift their labels themselves: the prompt's positions are -100
     hf_rows = [{"input_ids": x, "labels": [-100] * s + x[s:]} for x, s in zip(rows.ids, rows.start)]
     baseline(kit, out, "decoder", "trainer", "Trainer + PEFT", len(runs), pack, lambda: time_trainer(
@@ -1073,7 +1087,8 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU, a few steps (well under a minute)")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "runs" / "gpu_check"),
                         help="folder for gpu_check.json and gpu_check.txt (default $OUT, else runs/gpu_check)")
-    parser.add_argument("--only", help="comma-separated sections to run (setup always runs): " + ", ".join(SECTIONS[1:]))
+    parser.add_argument("--only", help="comma-separated sections to run (setup always runs): "
+                        + ", ".join(SECTIONS[1:]))
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole kit (default 470 on a GPU, 900 with --tiny)")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every section's budget")
@@ -1082,6 +1097,9 @@ def main() -> int:
                         help="precision of the timed runs and of the peak (default: bf16 on CUDA, fp32 on a CPU)")
     parser.add_argument("--cpu-autocast", action="store_true",
                         help="on the CPU, run the bf16 and fp16 sections through CPU autocast")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads on the CPU (default with --tiny: 1, enough for its tiny models, and "
+                             "robust on a busy machine, where torch's threads wait on each other many times over)")
     parser.add_argument("--workdir", help="where to build the data and models (default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
@@ -1095,6 +1113,8 @@ def main() -> int:
     if device == "cuda" and not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         parser.exit(2, f"gpu_check: no CUDA device (torch {torch.__version__}, {build}); --tiny runs on the CPU\n")
+    if args.threads or (device == "cpu" and args.tiny):
+        torch.set_num_threads(args.threads or 1)
     deadline = STARTED + (args.budget or (900 if args.tiny else 470))
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gpu_check."))
     work.mkdir(parents=True, exist_ok=True)
