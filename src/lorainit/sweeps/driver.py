@@ -60,10 +60,11 @@ def _preflight(runs: list[RunConfig], device: str, free: int | None = None) -> N
         if (run.task, run.data_dir, run.max_train_samples, run.max_eval_samples) not in checked:
             checked.add((run.task, run.data_dir, run.max_train_samples, run.max_eval_samples))
             tasks.family(run.task).check_data(run)
-        kind = tasks.family(run.task).model_kind(run)
-        if (run.model, kind) not in built:
-            built[run.model, kind] = models.skeleton(run.model, *kind)
-        check_targets(built[run.model, kind], run.targets)
+        key = (run.model, run.task)
+        if key not in built:
+            built[key] = tasks.family(run.task).skeleton(run)
+        if built[key] is not None:
+            check_targets(built[key], run.targets)
     _check_fits(runs, device, estimates.available_memory(device) if free is None else free)
 
 

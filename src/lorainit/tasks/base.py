@@ -118,9 +118,11 @@ class Task(ABC):
         """Raise BadInput if the run's data cannot be read (called before a sweep writes anything)."""
 
     @classmethod
-    def model_kind(cls, run) -> tuple[str, int]:
-        """The `models.load` kind of this task's model and its label count (for a skeleton)."""
-        return "classification", 2
+    def skeleton(cls, run):
+        """The run's model built without weights (on the meta device), for checks of its module
+        names before anything is loaded or written; None when the family cannot build one
+        cheaply (then targets are checked when the pack loads the model)."""
+        return None
 
     @classmethod
     def data_size(cls, run, split: str) -> tuple[int, float] | None:

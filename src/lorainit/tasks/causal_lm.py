@@ -288,8 +288,8 @@ class CausalLM(Task):
         return texts
 
     @classmethod
-    def model_kind(cls, run) -> tuple[str, int]:
-        return "causal_lm", 0
+    def skeleton(cls, run):
+        return models.skeleton(run.model, "causal_lm")
 
     @classmethod
     def check_data(cls, run) -> None:

@@ -129,8 +129,8 @@ class Classification(Task):
         glue.read(run.task, "eval", run.data_dir, max_rows=run.max_eval_samples)
 
     @classmethod
-    def model_kind(cls, run) -> tuple[str, int]:
-        return "classification", len(glue.TASKS[run.task].labels)
+    def skeleton(cls, run):
+        return models.skeleton(run.model, "classification", num_labels=len(glue.TASKS[run.task].labels))
 
     @classmethod
     def data_size(cls, run, split: str, sample: int = 200) -> tuple[int, float] | None:
