@@ -66,12 +66,13 @@ def cuda_matmul_tf32() -> bool:
         return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 7, device: str = "cpu") -> float:
-    """fp32 FLOP/s of one (n, n) @ (n, n) `torch.matmul` on `device`: 2 n^3 / median time.
+def matmul_peak_flops(n: int = 2048, repeats: int = 7, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of one (n, n) @ (n, n) `torch.matmul` in `dtype` on `device`: 2 n^3 / median time.
 
-    On the CPU at torch's default threads; on CUDA with torch's TF32 setting as it stands
+    On the CPU at torch's default threads; on CUDA in fp32 with torch's TF32 setting as it stands
     (see `cuda_matmul_tf32`)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.matmul(a, b)  # warm up: thread pool or cuBLAS handle, allocator
     times = []
     for _ in range(repeats):
@@ -114,6 +115,28 @@ class TokenCounter:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def peft_lora(model, rank: int, alpha: float, dropout: float, targets, task_type: str, init: str):
+    """`model` wrapped in PEFT LoRA (PEFT's Init[A] draw); for Init[B], A zeroed and B redrawn by
+    hand with PEFT's own distribution, since PEFT only offers Init[A]."""
+    import math
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    # raised inside transformers when PEFT wraps a model; nothing of the project's
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                                             target_modules=list(targets), task_type=task_type))
+    if init == "b":
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, LoraLayer):
+                    module.lora_A["default"].weight.zero_()
+                    torch.nn.init.kaiming_uniform_(module.lora_B["default"].weight, a=math.sqrt(5))
+    return model
 
 
 def peak_rss_mib() -> float:

@@ -75,12 +75,10 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,8 +92,7 @@ if importlib.util.find_spec("lorainit") is None:  # a bare checkout: the package
     sys.path.insert(0, str(REPO / "src"))
 
 import torch  # noqa: E402
-
-from _common import clock, cuda_matmul_tf32, frozen_flop_params, peak_cuda_mib  # noqa: E402
+from _common import clock, cuda_matmul_tf32, frozen_flop_params, matmul_peak_flops, peak_cuda_mib, peft_lora  # noqa: E402
 
 SECTIONS = ("setup", "pack_fp32", "pack_bf16", "pack_fp16", "fp16_overflow", "encoder_22", "encoder_66",
             "decoder")
@@ -256,7 +253,14 @@ def build_tokenizer(texts: list[str], specials: tuple[str, ...], encoder: bool):
     The encoder's frames a row as RoBERTa does (`<s> A </s>`, pairs `<s> A </s></s> B </s>`), pad
     id 1; the decoder's starts a row with `<s>` as Llama does, splits digits one by one as Llama
     does, and has no pad token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -334,19 +338,6 @@ def build_decoder(kit: Kit) -> str:
     return folder
 
 
-def matmul_peak(device: str, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
-    """FLOP/s of one (n, n) @ (n, n) matmul in `dtype` on `device`: 2 n^3 / median time."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.matmul(a, b)
-    times = []
-    for _ in range(repeats):
-        start = clock(device)
-        torch.matmul(a, b)
-        times.append(clock(device) - start)
-    return 2 * n**3 / statistics.median(times)
-
-
 def _version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
@@ -382,7 +373,7 @@ def section_setup(kit: Kit, out: dict) -> None:
     out["encoder"] = {"config": kit.sizes.encoder, "flop_params": kit.flop_params["encoder"],
                       "seconds": round(time.perf_counter() - start, 1)}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[kit.timing_precision]
-    kit.peak_flops = matmul_peak(kit.device, dtype, kit.sizes.peak_n)
+    kit.peak_flops = matmul_peak_flops(kit.sizes.peak_n, repeats=10, device=kit.device, dtype=dtype)
     out["peak"] = {"dtype": kit.timing_precision, "n": kit.sizes.peak_n, "tflops": kit.peak_flops / 1e12}
     out["rows"].append(row("setup", f"{kit.timing_precision} matmul peak", "ok", tflops=kit.peak_flops / 1e12,
                            note=f"{out['device']}; {kit.sizes.peak_n}^3 matmul"))
@@ -671,20 +662,7 @@ def free(kit: Kit) -> None:
 def peft_wrap(model, run, task_type: str):
     """PEFT LoRA with the run's rank, alpha, dropout and targets; Init[B] redrawn by hand (PEFT's
     default is Init[A]), the head trainable for classifiers."""
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
-
-    # raised inside transformers when PEFT wraps a model; nothing of the kit's
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    model = get_peft_model(model, LoraConfig(r=run.rank, lora_alpha=run.alpha, lora_dropout=run.dropout,
-                                             target_modules=list(run.targets), task_type=task_type))
-    if run.init == "b":
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, LoraLayer):
-                    module.lora_A["default"].weight.zero_()
-                    torch.nn.init.kaiming_uniform_(module.lora_B["default"].weight, a=math.sqrt(5))
-    return model
+    return peft_lora(model, run.rank, run.alpha, run.dropout, run.targets, task_type, run.init)
 
 
 def autocast(kit: Kit):

@@ -35,12 +35,19 @@ import os
 import subprocess
 import sys
 import tempfile
-import warnings
 
 import torch
-
-from _common import (TokenCounter, clock, cuda_matmul_tf32, frozen_flop_params, matmul_peak_flops, peak_cuda_mib,
-                     peak_rss_mib, set_environment)
+from _common import (
+    TokenCounter,
+    clock,
+    cuda_matmul_tf32,
+    frozen_flop_params,
+    matmul_peak_flops,
+    peak_cuda_mib,
+    peak_rss_mib,
+    peft_lora,
+    set_environment,
+)
 
 LR_EXPONENTS = 11          # lr = 2^k x 1e-5 for k = 0..10 (the paper's GLUE setting)
 INITS = ("a", "b")         # Init[A]: A random, B = 0; Init[B]: B random, A = 0
@@ -128,20 +135,7 @@ class _PackPositions:
 
 def _peft_model(model, init: str):
     """PEFT LoRA on query/value with the head trainable; Init[B] redrawn by hand (PEFT's default is Init[A])."""
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
-
-    # raised inside transformers when PEFT wraps a model; nothing of ours
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=LORA_DROPOUT,
-                                             target_modules=list(TARGETS), task_type="SEQ_CLS"))
-    if init == "b":
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, LoraLayer):
-                    module.lora_A["default"].weight.zero_()
-                    torch.nn.init.kaiming_uniform_(module.lora_B["default"].weight, a=math.sqrt(5))
-    return model
+    return peft_lora(model, RANK, ALPHA, LORA_DROPOUT, TARGETS, "SEQ_CLS", init)
 
 
 class _Rows:
