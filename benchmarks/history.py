@@ -3,8 +3,10 @@
 A tiny BERT classifier (2 layers, hidden 32, random weights, built from a config into a temporary
 folder) trains a pack of 2 runs on SST-2 rows for `--steps` steps, batch 4, with a checkpoint every
 `--checkpoint-every` steps, its metric rows streamed into a sweep store as a sweep's worker does.
-At each checkpoint the script records the file's size, the time `checkpoint.save` took and the
-process's current RSS, then prints them at the first checkpoint after step 1,000 and at the last, with
+At each checkpoint the script records the file's size, the time its state takes to serialise
+(the part that grows with what a checkpoint holds), the time `checkpoint.save` took in all (that
+includes syncing the file and its folder to disk: noisy on a shared machine) and the process's
+current RSS, then prints them at the first checkpoint after step 1,000 and at the last, with
 their ratios, and the store's size. With `--no-sink` the rows stay on the runs' results and in
 every checkpoint, as they did before they were streamed: the growth that streaming removes.
 
@@ -14,6 +16,7 @@ every checkpoint, as they did before they were streamed: the growth that streami
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import sys
 import tempfile
@@ -72,13 +75,16 @@ def main() -> int:
         Store(tmp / "sweep").close()
         sink = None if args.no_sink else MetricWriter(tmp / "sweep")
         trainer = PackTrainer(runs, show_progress=False)
-        samples: list[tuple[int, int, float, float]] = []  # step, bytes, seconds, RSS MiB
+        samples: list[tuple[int, int, float, float, float]] = []  # step, bytes, seconds, RSS MiB, serialise s
         save = checkpoint.save
 
         def timed_save(folder, step, state):
             start = time.perf_counter()
+            torch.save(state, io.BytesIO())  # the part that grows with what a checkpoint holds
+            serialise = time.perf_counter() - start
+            start = time.perf_counter()
             path = save(folder, step, state)
-            samples.append((step, path.stat().st_size, time.perf_counter() - start, rss_mib()))
+            samples.append((step, path.stat().st_size, time.perf_counter() - start, rss_mib(), serialise))
             return path
 
         checkpoint.save = timed_save
@@ -102,13 +108,15 @@ def main() -> int:
     early, late = periodic[first:first + 5], periodic[-5:]
     rows = []
     for label, group in (("early", early), ("late", late)):
-        rows.append((label, f"{group[0][0]}-{group[-1][0]}", statistics.median(s[1] for s in group),
-                     statistics.median(s[2] for s in group), statistics.median(s[3] for s in group)))
-    print(f"{'':>14} {'steps':>13} {'checkpoint KiB':>15} {'write ms':>9} {'RSS MiB':>8}   (medians of 5)")
-    for label, steps, size, seconds, rss in rows:
-        print(f"{label:>14} {steps:>13} {size / 1024:>15.1f} {seconds * 1e3:>9.2f} {rss:>8.1f}")
-    (_, _, s0, t0, r0), (_, _, s1, t1, r1) = rows
-    print(f"{'late / early':>14} {'':>13} {s1 / s0:>15.3f} {t1 / t0:>9.3f} {r1 / r0:>8.3f}")
+        rows.append((label, f"{group[0][0]}-{group[-1][0]}", *(statistics.median(s[i] for s in group)
+                                                                for i in (1, 4, 2, 3))))
+    print(f"{'':>14} {'steps':>13} {'checkpoint KiB':>15} {'serialise ms':>13} {'write ms':>9} {'RSS MiB':>8}"
+          "   (medians of 5)")
+    for label, steps, size, serialise, seconds, rss in rows:
+        print(f"{label:>14} {steps:>13} {size / 1024:>15.1f} {serialise * 1e3:>13.2f} {seconds * 1e3:>9.2f} "
+              f"{rss:>8.1f}")
+    (_, _, *a), (_, _, *b) = rows
+    print(f"{'late / early':>14} {'':>13} " + " ".join(f"{y / x:>{w}.3f}" for x, y, w in zip(a, b, (15, 13, 9, 8))))
     print(f"store: {store_mib:.1f} MiB for {2 * args.steps} training-loss rows and the evaluations")
     return 0
 
