@@ -106,6 +106,14 @@ def test_ray_sweep_survives_a_killed_worker(tmp_path, netns):
     assert not (out / "checkpoints").exists()
     for r in rows:
         assert (out / "adapters" / r["run_id"] / "adapter_config.json").exists()
+    # the workers' rows (a file per pack, for a worker on another host) reached the store, each
+    # step once, the killed pack's included
+    import sqlite3
+
+    db = sqlite3.connect(out / "store.sqlite")
+    steps = db.execute("SELECT run_id, step FROM metrics WHERE name = 'train_loss' ORDER BY run_id, step").fetchall()
+    db.close()
+    assert sorted(steps) == sorted((r["run_id"], s) for r in rows for s in range(1, 17))
 
 
 def test_each_pack_task_declares_the_memory_its_pack_needs(monkeypatch):

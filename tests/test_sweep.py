@@ -431,3 +431,58 @@ def test_a_checkpoint_that_passes_its_checksum_but_cannot_be_read_stops_the_pack
     err = capsys.readouterr().err
     assert f"checkpoint {newest} passed its checksum but could not be read" in err
     assert newest.exists()  # kept, for a person to look at; never silently restarted from step 0
+
+
+def test_where_a_folder_cannot_be_locked_a_file_in_it_is(tmp_path, monkeypatch):
+    """NFS refuses `flock` on a folder opened for reading (EBADF): the lock falls back to a file."""
+    import errno
+    import fcntl
+    import os
+    import stat as st
+
+    from lorainit.errors import BadInput
+    from lorainit.sweeps.folder import DriverLock
+
+    real = fcntl.flock
+
+    def like_nfs(fd, operation):
+        if st.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", like_nfs)
+    first = DriverLock(tmp_path)
+    assert (tmp_path / DriverLock.FALLBACK).is_file()
+    with pytest.raises(BadInput, match="in use by another sweep driver"):
+        DriverLock(tmp_path)
+    first.release()
+    DriverLock(tmp_path).release()  # free again once released
+
+
+def test_a_row_file_ignores_a_line_cut_short_and_truncates_to_a_resume(tmp_path):
+    from lorainit.sweeps.store import RowFile
+
+    rows = RowFile(tmp_path)
+    rows.write([("a", 1, "train_loss", 0.5), ("a", 2, "train_loss", float("nan")), ("b", 2, "accuracy", 1 / 3)])
+    with open(rows.path, "a") as f:
+        f.write("a\t3\ttrain_lo")  # a kill in the middle of a write
+    assert RowFile.read(rows.path)[2] == ("b", 2, "accuracy", 1 / 3)  # values round-trip exactly
+    assert len(RowFile.read(rows.path)) == 3
+    rows.truncate(["a"], after_step=1)  # run a resumes from step 1; run b is not in this pack
+    assert RowFile.read(rows.path) == [("a", 1, "train_loss", 0.5), ("b", 2, "accuracy", 1 / 3)]
+
+
+def test_a_checkpoint_of_another_format_is_skipped_not_misread(tmp_path):
+    import hashlib
+    import warnings
+
+    from lorainit.engine import checkpoint
+
+    payload = b"whatever an older version wrote"
+    old = tmp_path / "step-000000002.ckpt"
+    old.write_bytes(b"LORAINIT-CHECKPOINT 1 " + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert checkpoint.load_latest(tmp_path) is None
+    assert "written by another version of lorainit" in str(caught[0].message)
+    assert "starting the pack over" in str(caught[0].message)

@@ -134,7 +134,8 @@ def _auto(kind: str):
 
 def skeleton(spec: str, kind: str = "classification", num_labels: int = 2):
     """The model built from its config on the meta device: its modules and shapes, no weights and
-    no memory. For checks before anything is loaded or written."""
+    no memory, for checks before anything is loaded or written; None for a model that cannot be
+    built that way."""
     import torch
     from transformers import AutoConfig
 
@@ -145,8 +146,11 @@ def skeleton(spec: str, kind: str = "classification", num_labels: int = 2):
         raise ModelNotFound(f"could not read the config of model {spec!r} from {resolved.path}: {err}") from None
     if kind == "classification":
         config.num_labels = num_labels
-    with torch.device("meta"):
-        return _auto(kind).from_config(config)
+    try:
+        with torch.device("meta"):
+            return _auto(kind).from_config(config)
+    except Exception:  # an architecture that cannot be built without weights: no early check
+        return None
 
 
 def load(spec: str, kind: str = "classification", num_labels: int = 2, dtype=None, **config_overrides):

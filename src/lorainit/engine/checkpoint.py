@@ -21,7 +21,7 @@ import torch
 
 from lorainit.files import write_atomic
 
-MAGIC = b"LORAINIT-CHECKPOINT 1 "
+MAGIC = b"LORAINIT-CHECKPOINT 2 "  # 2: per-run fresh layers, divergence and logging state; no rows
 KEEP = 2  # a corrupt newest file falls back to the one before it
 _NAME = re.compile(r"^step-(\d+)\.ckpt$")
 
@@ -61,7 +61,9 @@ def read(path: str | Path) -> dict:
     blob = Path(path).read_bytes()
     header, _, payload = blob.partition(b"\n")
     if not header.startswith(MAGIC):
-        raise CorruptCheckpoint("not a lorainit checkpoint")
+        older = header.startswith(MAGIC[:-2]) and header[len(MAGIC) - 2:len(MAGIC)] != MAGIC[-2:]
+        raise CorruptCheckpoint("written by another version of lorainit, in another format" if older
+                                else "not a lorainit checkpoint")
     if hashlib.sha256(payload).hexdigest().encode() != header[len(MAGIC):]:
         raise CorruptCheckpoint("checksum mismatch (truncated or corrupt)")
     try:

@@ -48,11 +48,13 @@ class DropoutStreams:
         self._generators: dict[torch.device, list[torch.Generator]] = {}
         self.lengths: list[int] | None = None  # own padded length per active run, stacking order
         self._active: tuple[torch.Tensor | None, list[int]] = (None, self.group.tolist())
+        self.active_runs: list[int] | None = None  # the active runs on the host (None: all)
 
     def set_active(self, active: torch.Tensor | None, runs: list[int] | None) -> None:
         """The active runs' index tensor (on the model's device) and the same runs on the host, so
         that every layer's masks find their streams without reading the device."""
         self._active = (active, self.group.tolist() if runs is None else self.group[runs].tolist())
+        self.active_runs = None if runs is None else list(runs)
 
     def _groups(self, active: torch.Tensor | None) -> list[int]:
         """The stream of each active run, in stacking order."""

@@ -97,12 +97,14 @@ def _projection(module: nn.Module, x0: torch.Tensor, n: int) -> torch.Tensor:
 @contextmanager
 def _first_run_only(state: PackState):
     """Let the packed dropout see one run (the first active one) while shared rows are computed."""
-    active = state.active
+    active, runs = state.active, state.streams.active_runs
     state.active = active[:1] if active is not None else torch.zeros(1, dtype=torch.long)
+    state.streams.set_active(state.active, [runs[0] if runs is not None else 0])  # no device read
     try:
         yield
     finally:
         state.active = active
+        state.streams.set_active(active, runs)
 
 
 def forward(model: nn.Module, state: PackState, input_ids: torch.Tensor, attention_mask: torch.Tensor,

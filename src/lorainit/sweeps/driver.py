@@ -22,7 +22,7 @@ from lorainit.sweeps import estimates, folder, worker
 from lorainit.sweeps.file import Sweep
 from lorainit.sweeps.plan import Pack, plan
 from lorainit.sweeps.progress import Progress
-from lorainit.sweeps.store import FINISHED, Store
+from lorainit.sweeps.store import FINISHED, RowFile, Store
 
 EXECUTORS = ("local", "ray")
 
@@ -70,13 +70,14 @@ def _preflight(runs: list[RunConfig], device: str, free: int | None = None) -> N
 
 def _check_fits(runs: list[RunConfig], device: str, free: int) -> None:
     """Refuse a run that alone would need more memory than the device has free (estimated at
-    every row's full max_seq_len, so a refusal is sure, while a pass is no promise)."""
+    every row's full max_seq_len, without attention scores a fused kernel never stores: a
+    refusal is sure, while a pass is no promise)."""
     shapes: dict[str, estimates.Shape | None] = {}
     for run in runs:
         shape = shapes.setdefault(run.model, estimates.model_shape(run.model))
         if shape is None:
             continue
-        need = estimates.memory_per_pack(run, shape, 1)
+        need = estimates.memory_per_pack(run, shape, 1, scores=False)
         if need > free:
             raise BadInput(f"run {run.run_id()} ({run.model}, batch_size {run.batch_size}, max_seq_len "
                            f"{run.max_seq_len}) needs about {need / 2**30:.1f} GiB, and {device} has "
@@ -188,6 +189,10 @@ def _run_sweep(sweep: Sweep, out: Path, executor: str, ray_address: str | None, 
     out.mkdir(parents=True, exist_ok=True)
     if not locks:
         locks.append(folder.DriverLock(out))
+        if existing is None and (made := Store.peek(out)) is not None:
+            # another driver made this folder's store while this one checked: start again, locked
+            made.close()
+            return _run_sweep(sweep, out, executor, ray_address, device, dry_run, show_progress, locks)
     locks[0].announce()
     store = Store(out)
     try:
@@ -234,7 +239,8 @@ def record_pack(store: Store, out: Path, pack: Pack, outcome: dict, progress: Pr
     results = [RunResult.from_dict(d) for d in outcome["results"]]
     if outcome.get("resumed_at") is not None:
         print(f"pack {pack.id} resumed from its checkpoint at step {outcome['resumed_at']}", file=sys.stderr)
-    store.record(results)
+    row_file = folder.checkpoints(out, pack.id) / RowFile.NAME  # a Ray worker's rows
+    store.record(results, RowFile.read(row_file) if row_file.exists() else None)
     _write_tables(store, out)
     if not any(res.status == "failed" for res in results):
         checkpoint.clear(folder.checkpoints(out, pack.id))

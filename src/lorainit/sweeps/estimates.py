@@ -68,7 +68,7 @@ def available_memory(device: str) -> int:
     if device.startswith("cuda"):
         import torch
 
-        return int(torch.cuda.mem_get_info()[0])
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
     meminfo = Path("/proc/meminfo")
     for line in meminfo.read_text().splitlines() if meminfo.is_file() else ():
         if line.startswith("MemAvailable:"):
@@ -76,16 +76,18 @@ def available_memory(device: str) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))  # free pages, without /proc
 
 
-def memory_per_pack(run: RunConfig, shape: Shape, runs: int) -> int:
+def memory_per_pack(run: RunConfig, shape: Shape, runs: int, scores: bool = True) -> int:
     """Estimated peak bytes of a pack of `runs` runs like `run`: the base model in fp32, each
     run's LoRA factors with gradients and AdamW moments, and each run's activations (about
     34 h + 5 heads T bytes per token per layer at 16 bits, twice that in fp32; with
-    gradient_checkpointing, each layer's input and one layer's activations)."""
+    gradient_checkpointing, each layer's input and one layer's activations). `scores=False` leaves
+    out the attention scores (5 heads T), which a fused attention kernel never stores: a lower
+    bound, for refusing only runs that surely cannot fit."""
     width = 4 if run.precision == "fp32" else 2
     base = 4 * shape.params
     lora = 4 * 4 * run.rank * 2 * shape.hidden * shape.layers * len(run.targets)  # A and B, x4 states
     tokens = run.batch_size * run.max_seq_len
-    per_layer = tokens * (34 * shape.hidden + 5 * shape.heads * run.max_seq_len) * width // 2
+    per_layer = tokens * (34 * shape.hidden + (5 * shape.heads * run.max_seq_len if scores else 0)) * width // 2
     if run.gradient_checkpointing:  # each layer's input is kept; one layer's activations at a time
         activations = tokens * shape.layers * shape.hidden * width + per_layer
     else:

@@ -27,9 +27,14 @@ class DriverLock:
     as it was; once every check has passed, `announce()` writes `DIR/driver.lock`, naming the
     holder (pid, host, since when) for any driver turned away. The kernel frees the lock when its
     holder exits, however it exits, so a killed driver's folder can be resumed at once.
+
+    Where a folder cannot be locked (NFS emulates `flock` with write locks, which a folder opened
+    for reading cannot take), an empty `DIR/.driver-lock` file is locked instead; where nothing can
+    be locked, the driver warns and goes on unguarded.
     """
 
     FILE = "driver.lock"
+    FALLBACK = ".driver-lock"
 
     def __init__(self, out: str | Path):
         import fcntl
@@ -41,7 +46,14 @@ class DriverLock:
         self.out = Path(out)
         self.fd: int | None = os.open(self.out, os.O_RDONLY)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise
+            except OSError:  # this filesystem cannot lock a folder: lock a file in it
+                os.close(self.fd)
+                self.fd = os.open(self.out / self.FALLBACK, os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
             self.fd = None
@@ -52,6 +64,13 @@ class DriverLock:
                 who = "it is still starting"
             raise BadInput(f"{out} is in use by another sweep driver ({who}); wait for it to finish "
                            "or stop it, then run again") from None
+        except OSError as err:
+            import warnings
+
+            os.close(self.fd)
+            self.fd = None
+            warnings.warn(f"{out}: cannot lock this folder ({err}); nothing stops a second driver here",
+                          stacklevel=2)
 
     def announce(self) -> None:
         """Name this driver as the holder, in `DIR/driver.lock`."""

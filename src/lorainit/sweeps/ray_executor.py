@@ -4,7 +4,9 @@
 Ray instance is started (and stopped at the end). A task whose worker dies is retried by Ray, and
 the retry resumes the pack from its last checkpoint. Workers write checkpoints and adapters into
 the sweep folder, which every node must see (a shared filesystem), append their runs' metric rows
-to its store, and hand their results back; the driver records them (through `record`). A task's
+to a file in their pack's checkpoint folder (`store.RowFile`: a store's SQLite WAL needs every
+writer on one host), and hand their results back; the driver records them with the rows (through
+`record`). A task's
 entry point is `sweeps.worker.train_pack`, which imports nothing of the driver.
 
 Each pack's task declares the memory its pack needs (Ray's `memory` resource, from the planner's
@@ -29,7 +31,7 @@ _started: list[bool] = []  # whether this process started the Ray instance it is
 
 
 def _train(run_dicts: list[dict], out: str, device: str) -> dict:
-    return worker.train_pack(run_dicts, out, device)
+    return worker.train_pack(run_dicts, out, device, rows="file")  # a worker may be on another host
 
 
 def _connect(ray_address: str | None):

@@ -4,7 +4,9 @@ The sweep's driver writes the sweep, its runs and their statuses; it records a p
 one transaction, so a kill leaves either all of a pack's results or none of them. A pack's worker
 (a Ray task, the in-process loop) writes one table only: it appends its runs' metric rows as they
 are made, through its own `MetricWriter` connection, so that a long run's history lives on disk,
-not in memory or in its checkpoints.
+not in memory or in its checkpoints. A Ray worker, which may run on another host, appends them
+to a file in its pack's checkpoint folder instead (`RowFile`: SQLite's WAL needs every writer on
+one host), and the driver moves them into the store when it records the pack.
 
 Tables:
   sweeps     name, the base run and grid as given, the file's text, created/updated times
@@ -19,6 +21,7 @@ Tables:
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -131,10 +134,14 @@ class Store:
             self.db.executemany("UPDATE runs SET status = 'running', pack = ?, updated = ? WHERE run_id = ?",
                                 [(pack_id, time.time(), r) for r in run_ids])
 
-    def record(self, results: list) -> None:
-        """Store finished runs (`lorainit.train.RunResult`s): status, metrics, artifacts. Replaces, never duplicates."""
+    def record(self, results: list, rows: list[tuple[str, int, str, float]] | None = None) -> None:
+        """Store finished runs (`lorainit.train.RunResult`s): status, metrics, artifacts. Replaces, never
+        duplicates. `rows`: the runs' whole metric history from a `RowFile`, replacing what the store held."""
         now = time.time()
         with self._tx():
+            if rows is not None:
+                self.db.executemany("DELETE FROM metrics WHERE run_id = ?", [(r.config.run_id(),) for r in results])
+                self.db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", rows)
             for res in results:
                 run_id = res.config.run_id()
                 self.db.execute(
@@ -198,7 +205,8 @@ class MetricWriter:
     `lorainit.train.MetricSink`). Its own connection: the driver may read the store meanwhile."""
 
     def __init__(self, folder: str | Path):
-        self.db = sqlite3.connect(Path(folder) / Store.FILE, timeout=60, isolation_level=None)
+        path = (Path(folder) / Store.FILE).resolve()
+        self.db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60, isolation_level=None)  # never creates one
         self.db.execute("PRAGMA synchronous=FULL")
 
     def write(self, rows: list[tuple[str, int, str, float]]) -> None:
@@ -212,6 +220,44 @@ class MetricWriter:
 
     def close(self) -> None:
         self.db.close()
+
+
+class RowFile:
+    """A pack's metric rows appended to `metrics.tsv` in its checkpoint folder (a
+    `lorainit.train.MetricSink`), for a worker that may not share the driver's host. Each write is
+    synced; a line cut short by a kill is ignored on reading, and a resume truncates the file to
+    its checkpoint's step, so the file holds the pack's whole history exactly once."""
+
+    NAME = "metrics.tsv"
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / self.NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, rows: list[tuple[str, int, str, float]]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(f"{run_id}\t{step}\t{name}\t{value!r}\n" for run_id, step, name, value in rows)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate(self, run_ids: list[str], after_step: int) -> None:
+        if self.path.exists():
+            ids = set(run_ids)
+            kept = [r for r in self.read(self.path) if not (r[0] in ids and r[1] > after_step)]
+            write_text_atomic(self.path, "".join(f"{a}\t{s}\t{n}\t{v!r}\n" for a, s, n, v in kept))
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def read(path: str | Path) -> list[tuple[str, int, str, float]]:
+        rows = []
+        for line in Path(path).read_text(encoding="utf-8").splitlines(keepends=True):
+            parts = line.rstrip("\n").split("\t")
+            if not line.endswith("\n") or len(parts) != 4:
+                continue  # the last line of a write a kill cut short
+            rows.append((parts[0], int(parts[1]), parts[2], float(parts[3])))
+        return rows
 
 
 class _Transaction:

@@ -11,11 +11,14 @@ from __future__ import annotations
 from lorainit.config import RunConfig
 from lorainit.sweeps import folder
 from lorainit.sweeps.plan import Pack
-from lorainit.sweeps.store import MetricWriter
+from lorainit.sweeps.store import MetricWriter, RowFile
 
 
-def train_pack(run_dicts: list[dict], out: str, device: str | None, on_step=None, on_eval=None) -> dict:
-    """Train one pack in sweep folder `out`: resume from its checkpoints, write its adapters.
+def train_pack(run_dicts: list[dict], out: str, device: str | None, on_step=None, on_eval=None,
+               rows: str = "store") -> dict:
+    """Train one pack in sweep folder `out`: resume from its checkpoints, write its adapters, and
+    its metric rows into the folder's store (`rows="store"`, on the driver's host) or into its
+    checkpoint folder's `RowFile` (`rows="file"`, a worker that may be on another host).
 
     Returns {"results": [RunResult dicts], "resumed_at": the step it resumed from, or None}. A pack
     that raises marks its runs failed with the error, and the sweep goes on.
@@ -25,7 +28,7 @@ def train_pack(run_dicts: list[dict], out: str, device: str | None, on_step=None
     runs = [RunConfig.from_dict(d) for d in run_dicts]
     pack_id = Pack(runs).id
     resumed_at = None
-    sink = MetricWriter(out)
+    sink = MetricWriter(out) if rows == "store" else RowFile(folder.checkpoints(out, pack_id))
     try:
         trainer = PackTrainer(runs, device=device, show_progress=False)
         results = trainer.run(adapters_dir=folder.adapters(out), checkpoint_dir=folder.checkpoints(out, pack_id),

@@ -35,7 +35,7 @@ from lorainit.tasks.base import Forward, Losses, Task, eval_budget, stack_padded
 IGNORE = -100           # a label that does not count
 LOSS_CHUNK = 1024       # counted tokens per projection + cross-entropy chunk (49k vocab: ~200 MB in fp32)
 EVAL_TOKENS = 8192      # tokens per evaluation forward, over all active runs, on a CPU (`base.eval_budget`)
-GENERATE_ROWS = 64      # rows (runs x questions) per generation batch on a CPU (x CUDA_EVAL_SCALE on a GPU)
+GENERATE_ROWS = 64      # rows (runs x questions) per generation batch (a 7B model's KV cache bounds it on a GPU)
 STOP = "\n\nQuestion:"  # a generation that starts the next question is cut there
 PADDING_FREE = True     # transformers decoders train on their real tokens only (`packing.FlatLayout`)...
 PADDING_FREE_ABOVE = 0.05  # ...when padding to the longest row would be more than this share of a batch
@@ -263,7 +263,7 @@ class CausalLM(Task):
         model = state.pack.model
         device = state.pack.parameters()[0].device
         encoded = [self.tokenizer(p)["input_ids"] for p in prompts]
-        per_chunk = max(1, eval_budget(GENERATE_ROWS, device) // n)
+        per_chunk = max(1, GENERATE_ROWS // n)
         texts: list[list[str]] = [[] for _ in range(n)]
         chunks = range(0, len(encoded), per_chunk)
         for lo in tqdm(chunks, desc=f"generating ({n} runs x {len(encoded)} questions)", unit="batch",
