@@ -207,7 +207,7 @@ class MetricWriter:
     def __init__(self, folder: str | Path):
         path = (Path(folder) / Store.FILE).resolve()
         # mode=rw: a wrong folder is an error, never a new empty store
-        self.db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60, isolation_level=None)
+        self.db = sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True, timeout=60, isolation_level=None)
         self.db.execute("PRAGMA synchronous=FULL")
 
     def write(self, rows: list[tuple[str, int, str, float]]) -> None:
