@@ -183,10 +183,11 @@ class PackTrainer:
         per_run = losses.means()  # (n,) each run's mean over its own counted rows or tokens
         read = torch.cat([per_run.detach().double(), tokens.sum().double().reshape(1)]).cpu().tolist()
         values, seen = read[:-1], int(read[-1])
-        stepping = [k for j, k in enumerate(active) if self._check(k, values[j])]
+        ok = [self._check(k, value) for k, value in zip(active, values)]
+        stepping = [k for k, passed in zip(active, ok) if passed]
         self.optimizer.zero_grad()
         if stepping:
-            keep = [j for j, k in enumerate(active) if k in stepping]
+            keep = [j for j, passed in enumerate(ok) if passed]
             kept = per_run if len(keep) == len(active) else per_run.index_select(
                 0, torch.tensor(keep).to(per_run.device, non_blocking=True))  # (m,) losses of the runs that step
             mask = torch.zeros(self.K, dtype=torch.bool)
@@ -205,7 +206,7 @@ class PackTrainer:
                 self.scaler.update(found_inf, mask)
         self.step += 1
         for j, k in enumerate(active):
-            if k in stepping:
+            if ok[j]:
                 self.results[k].steps = self.step
                 self.interval[k][0] += values[j]
                 self.interval[k][1] += 1

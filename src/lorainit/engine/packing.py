@@ -62,10 +62,6 @@ class FlatLayout:
         """The layout of right-padded rows whose real tokens `keep` (rows, width) marks."""
         return cls(keep.flatten().nonzero().squeeze(1), keep)
 
-    def to(self, device) -> "FlatLayout":
-        """The same layout with its tensors on `device` (worked out on the host, read there never)."""
-        return FlatLayout(self.index.to(device, non_blocking=True), self.keep.to(device, non_blocking=True))
-
     @property
     def rows(self) -> int:
         return self.keep.shape[0]

@@ -59,13 +59,13 @@ def _packed(pack: LoRAPack, k: int) -> dict[str, torch.Tensor]:
 
 def _head_tensors(pack: LoRAPack, k: int) -> dict[str, torch.Tensor]:
     """Every tensor under the saved modules, with the packed ones taken from run k."""
-    packed = _packed(pack, k)
+    packed, saved = _packed(pack, k), _saved_modules(pack)
     out = {}
-    for top in _saved_modules(pack):
+    for top in saved:
         for name, tensor in pack.model.get_submodule(top).named_parameters(prefix=top):
             if name not in packed:  # the packed (K, ...) tensors themselves are replaced below
                 out[name] = tensor
-    return out | {name: t for name, t in packed.items() if any(name.startswith(f"{m}.") for m in _saved_modules(pack))}
+    return out | {name: t for name, t in packed.items() if any(name.startswith(f"{m}.") for m in saved)}
 
 
 def export_run(pack: LoRAPack, k: int, folder: str | os.PathLike, base_model: str) -> Path:

@@ -126,7 +126,7 @@ def forward(model: nn.Module, state: PackState, input_ids: torch.Tensor, attenti
     # the layout is worked out on the host: one read of the mask (none on a CPU), then no device
     # read in any layer
     host = attention_mask.to("cpu").bool()                     # (B, T)
-    keep = host.to(device, non_blocking=True)
+    keep = attention_mask.bool()
     rows, width = host.shape
     n = state.num_active()
     x0 = None

@@ -154,8 +154,10 @@ def run_sweep(sweep: Sweep, out: str | Path, executor: str = "local", ray_addres
     finally:
         for lock in locks:
             lock.release()
-        if executor == "ray" and "lorainit.sweeps.ray_executor" in sys.modules:
-            sys.modules["lorainit.sweeps.ray_executor"].disconnect()  # a Ray instance started for this sweep
+        if executor == "ray":
+            from lorainit.sweeps import ray_executor  # imports Ray only to connect
+
+            ray_executor.disconnect()  # a Ray instance started for this sweep
 
 
 def _run_sweep(sweep: Sweep, out: Path, executor: str, ray_address: str | None, device: str, dry_run: bool,

@@ -9,7 +9,16 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import socket
+import time
+import warnings
 from pathlib import Path
+
+from lorainit.errors import BadInput
+from lorainit.files import write_text_atomic
 
 
 def checkpoints(out: str | Path, pack_id: str) -> Path:
@@ -37,26 +46,11 @@ class DriverLock:
     FALLBACK = ".driver-lock"
 
     def __init__(self, out: str | Path):
-        import fcntl
-        import json
-        import os
-
-        from lorainit.errors import BadInput
-
         self.out = Path(out)
-        self.fd: int | None = os.open(self.out, os.O_RDONLY)
+        self.fd: int | None = None
         try:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise
-            except OSError:  # this filesystem cannot lock a folder: lock a file in it
-                os.close(self.fd)
-                self.fd = os.open(self.out / self.FALLBACK, os.O_RDWR | os.O_CREAT, 0o644)
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.fd = self._lock()
         except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
             try:
                 holder = json.loads((self.out / self.FILE).read_text())
                 who = f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
@@ -65,29 +59,36 @@ class DriverLock:
             raise BadInput(f"{out} is in use by another sweep driver ({who}); wait for it to finish "
                            "or stop it, then run again") from None
         except OSError as err:
-            import warnings
-
-            os.close(self.fd)
-            self.fd = None
             warnings.warn(f"{out}: cannot lock this folder ({err}); nothing stops a second driver here",
                           stacklevel=2)
 
+    def _lock(self) -> int:
+        """A descriptor holding the lock: on the folder, or where the filesystem cannot lock a
+        folder, on the fallback file in it. BlockingIOError if another process holds it."""
+        fd = os.open(self.out, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            os.close(fd)
+            raise
+        except OSError:
+            os.close(fd)  # this filesystem cannot lock a folder (NFS): lock a file in it
+        fd = os.open(self.out / self.FALLBACK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
     def announce(self) -> None:
         """Name this driver as the holder, in `DIR/driver.lock`."""
-        import json
-        import os
-        import socket
-        import time
-
-        from lorainit.files import write_text_atomic
-
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())}
         write_text_atomic(self.out / self.FILE, json.dumps(holder) + "\n")
 
     def release(self) -> None:
-        import os
-
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the lock
             self.fd = None

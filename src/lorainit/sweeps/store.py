@@ -234,21 +234,30 @@ class RowFile:
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / self.NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = None  # opened for appending at the first write
+
+    @staticmethod
+    def _lines(rows) -> str:
+        return "".join(f"{run_id}\t{step}\t{name}\t{value!r}\n" for run_id, step, name, value in rows)
 
     def write(self, rows: list[tuple[str, int, str, float]]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.writelines(f"{run_id}\t{step}\t{name}\t{value!r}\n" for run_id, step, name, value in rows)
-            f.flush()
-            os.fsync(f.fileno())
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write(self._lines(rows))
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def truncate(self, run_ids: list[str], after_step: int) -> None:
+        self.close()  # the file is replaced: later writes append to the new one
         if self.path.exists():
             ids = set(run_ids)
             kept = [r for r in self.read(self.path) if not (r[0] in ids and r[1] > after_step)]
-            write_text_atomic(self.path, "".join(f"{a}\t{s}\t{n}\t{v!r}\n" for a, s, n, v in kept))
+            write_text_atomic(self.path, self._lines(kept))
 
     def close(self) -> None:
-        pass
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     @staticmethod
     def read(path: str | Path) -> list[tuple[str, int, str, float]]:

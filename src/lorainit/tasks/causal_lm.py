@@ -200,7 +200,7 @@ class CausalLM(Task):
         device = batch["attention_mask"].device
         host = batch["attention_mask"].to("cpu").bool()  # the layout is worked out on the host: one read
         rows, width = host.shape
-        layout = FlatLayout.of(host).to(device)
+        layout = FlatLayout(FlatLayout.of(host).index.to(device, non_blocking=True), batch["attention_mask"].bool())
         per_row = host.sum(1)
         positions = torch.arange(width, device=device).repeat(rows).index_select(0, layout.index)
         # a 4-d attention_mask passes through transformers' mask building untouched; the pack's
