@@ -95,7 +95,7 @@ def test_ray_sweep_survives_a_killed_worker(tmp_path, netns):
         if proc.poll() is None:
             proc.kill()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert killed is not None, "no Ray worker was caught running a pack"
+    assert killed is not None, f"no Ray worker was caught running a pack; the sweep said: {stderr[-3000:]}"
     assert proc.returncode == 0, stderr[-3000:]
     assert "A worker died or was killed while executing a task" in stdout + stderr
     # the retried task picked its pack up from the checkpoint (workers' output reaches the driver's)

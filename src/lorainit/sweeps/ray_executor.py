@@ -63,7 +63,9 @@ def worker_device(ray_address: str | None) -> tuple[str, int]:
     read by a task on a worker."""
     ray = _connect(ray_address)
     gpus = ray.cluster_resources().get("GPU", 0) > 0
-    probe = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(_free_memory)
+    # max_calls=1: the probe's worker exits once it has answered, so it holds no torch (or CUDA
+    # context) of its own, and every pack starts on a worker like every other's
+    probe = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_calls=1)(_free_memory)
     return ray.get(probe.remote("cuda" if gpus else "cpu"))
 
 
