@@ -29,6 +29,13 @@ def set_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def import_model_code() -> None:
+    """Import transformers' model-building code (seconds on a CPU), so that a timed section that
+    starts after it counts loading and work, not the library's import; each variant calls it
+    before its clock starts, whether or not it imports `Trainer` (which pulls this code in too)."""
+    import transformers.modeling_utils  # noqa: F401
+
+
 def cpu_model() -> str:
     """The CPU's model name, family/model numbers and widest vector extension (from /proc/cpuinfo)."""
     try:

@@ -12,7 +12,8 @@ memory is its own: RSS on the CPU, `torch.cuda.max_memory_allocated()` on CUDA. 
 measures the device's fp32 matmul peak (on CUDA with torch's TF32 setting as it stands, which it
 prints), then prints one row per variant and the ratios. On CUDA every clock read waits for the
 GPU's queued work. Wall time covers the whole variant: loading and tokenising, every model
-load, training and evaluation. Training time covers the training steps only. Achieved FLOP/s is
+load, training and evaluation; not the import of transformers' model code, which every variant
+does before its clock starts (the Trainer variant's import of `Trainer` pulls it in anyway). Training time covers the training steps only. Achieved FLOP/s is
 4 x (frozen non-embedding parameters) x (non-padding training tokens) / training time: the
 frozen weights' forward plus backward-to-the-input multiply-adds, with neither attention's
 T^2 work nor the LoRA factors counted. Tokens are counted from the attention masks actually fed.
@@ -40,6 +41,7 @@ import torch
 from _common import (
     TokenCounter,
     clock,
+    import_model_code,
     cuda_matmul_tf32,
     frozen_flop_params,
     matmul_peak_flops,
@@ -90,6 +92,7 @@ def bench_pack(args: argparse.Namespace) -> dict:
     from lorainit.train import PackTrainer
 
     runs = [RunConfig.from_dict(run_fields(args) | {"lr": lr, "init": init}) for lr, init in grid(args.runs)]
+    import_model_code()
     start = clock(args.device)
     trainer = PackTrainer(runs, device=args.device, show_progress=False)  # loads the model and the data
     load_s = clock(args.device) - start
@@ -187,6 +190,7 @@ def bench_trainer(args: argparse.Namespace) -> dict:
     from lorainit import models
 
     transformers.logging.set_verbosity_error()
+    import_model_code()
     start = clock(args.device)
     rows = _Rows(args)
     train_s = eval_s = 0.0
@@ -249,6 +253,7 @@ def bench_loop(args: argparse.Namespace) -> dict:
     from lorainit.engine.order import DataOrder
     from lorainit.tasks.classification import collate
 
+    import_model_code()
     start = clock(args.device)
     rows = _Rows(args)
     train_labels = torch.tensor(rows.train_ex.labels)
@@ -364,12 +369,12 @@ def ratios(results: dict[str, dict], peak_flops: float) -> dict:
 def print_ratios(r: dict) -> None:
     if "wall_trainer_over_pack" in r:
         print(f"pack vs Trainer+PEFT: {r['wall_trainer_over_pack']:.2f}x wall "
-              f"({r['train_trainer_over_pack']:.2f}x training time); target >= 3x")
+              f"({r['train_trainer_over_pack']:.2f}x training time); target >= 3.5x")
     if "wall_loop_over_pack" in r:
         print(f"pack vs plain loop:   {r['wall_loop_over_pack']:.2f}x wall "
               f"({r['train_loop_over_pack']:.2f}x training time)")
     if "pack_flops_of_peak" in r:
-        print(f"pack training FLOP/s: {r['pack_flops_of_peak']:.1%} of the matmul peak; target >= 50%")
+        print(f"pack training FLOP/s: {r['pack_flops_of_peak']:.1%} of the matmul peak; target >= 55%")
 
 
 def main() -> None:

@@ -226,3 +226,17 @@ def test_active_subset_computes_only_those_runs(minilm, sst2_batch, measured):
     assert measured("subset", part[1], full[0]) <= 1e-5
     with pytest.raises(ValueError, match="subset"):
         pack.set_active([3])
+
+
+def test_every_run_in_order_uses_the_parameters_whole(minilm):
+    """All K runs in stacking order is the full pack: no index, so no gather and no scatter-add."""
+    model, _ = minilm
+    pack = _moved_pack(model, 3, "a")
+    layers = list(pack.layers.values())
+    pack.set_active([0, 1, 2])
+    assert all(layer.active is None for layer in layers) and pack.head.active is None
+    pack.set_active([1, 2])
+    assert all(layer.active.tolist() == [1, 2] for layer in layers)
+    pack.set_active([2, 1, 0])  # every run, out of order: still indexed
+    assert all(layer.active.tolist() == [2, 1, 0] for layer in layers)
+    pack.set_active(None)

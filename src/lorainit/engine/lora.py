@@ -463,8 +463,12 @@ class LoRAPack:
     # -- batches ----------------------------------------------------------------------------
 
     def set_active(self, runs: list[int] | torch.Tensor | None) -> None:
-        """Declare which runs the next batches hold, in stacking order (None: all K)."""
+        """Declare which runs the next batches hold, in stacking order (None: all K). Every run in
+        order is the same as None: the layers then use their parameters whole, with no gather in
+        the forward and no scatter of the gradients in the backward."""
         idx, host = None, None
+        if runs is not None and torch.as_tensor(runs).tolist() == list(range(self.num_runs)):
+            runs = None
         if runs is not None:
             host = torch.as_tensor(runs, dtype=torch.long)
             if host.numel() == 0 or int(host.min()) < 0 or int(host.max()) >= self.num_runs:
