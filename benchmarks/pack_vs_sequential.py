@@ -13,10 +13,11 @@ measures the device's fp32 matmul peak (on CUDA with torch's TF32 setting as it 
 prints), then prints one row per variant and the ratios. On CUDA every clock read waits for the
 GPU's queued work. Wall time covers the whole variant: loading and tokenising, every model
 load, training and evaluation; not the import of transformers' model code, which every variant
-does before its clock starts (the Trainer variant's import of `Trainer` pulls it in anyway). Training time covers the training steps only. Achieved FLOP/s is
-4 x (frozen non-embedding parameters) x (non-padding training tokens) / training time: the
-frozen weights' forward plus backward-to-the-input multiply-adds, with neither attention's
-T^2 work nor the LoRA factors counted. Tokens are counted from the attention masks actually fed.
+does before its clock starts (the Trainer variant's import of `Trainer` pulls it in anyway).
+Training time covers the training steps only. Achieved FLOP/s is 4 x (frozen non-embedding
+parameters) x (non-padding training tokens) / training time: the frozen weights' forward plus
+backward-to-the-input multiply-adds, with neither attention's T^2 work nor the LoRA factors
+counted. Tokens are counted from the attention masks actually fed.
 For the pack the figure is the rate of the work a full forward would do, not of the arithmetic
 done: its last layer computes only each row's first token (the one the classifier reads), about
 an eighth of this count on SST-2 batches, and runs that hold the same rows (one seed here)
@@ -41,9 +42,9 @@ import torch
 from _common import (
     TokenCounter,
     clock,
-    import_model_code,
     cuda_matmul_tf32,
     frozen_flop_params,
+    import_model_code,
     matmul_peak_flops,
     peak_cuda_mib,
     peak_rss_mib,

@@ -109,7 +109,7 @@ def _first_run_only(state: PackState):
 
 def forward(model: nn.Module, state: PackState, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             token_type_ids: torch.Tensor | None = None, every_token: bool = False,
-            shared: bool = False) -> torch.Tensor:
+            shared: bool = False, host_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (rows, labels) of a BERT/RoBERTa classifier, computing token-wise work on real tokens.
 
     Rows are right-padded (real tokens first), stacked adapter-major over the active runs. The
@@ -120,12 +120,15 @@ def forward(model: nn.Module, state: PackState, input_ids: torch.Tensor, attenti
     evaluation, or a pack of one seed): the embeddings and the first layer's frozen projections
     are then computed once, not once per run. The caller keeps it off while probes record, as
     the first layer's adapters then run outside their modules' forward.
+
+    `host_mask` is `attention_mask` on the host, where the caller has it: the layout is then
+    worked out without reading the device at all.
     """
     base = model.base_model
     device = input_ids.device
-    # the layout is worked out on the host: one read of the mask (none on a CPU), then no device
-    # read in any layer
-    host = attention_mask.to("cpu").bool()                     # (B, T)
+    # the layout is worked out on the host (one read of the mask if the caller has no host copy),
+    # then no device read in any layer
+    host = (attention_mask.to("cpu") if host_mask is None else host_mask).bool()  # (B, T)
     keep = attention_mask.bool()
     rows, width = host.shape
     n = state.num_active()

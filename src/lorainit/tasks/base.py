@@ -153,11 +153,27 @@ def token_chunks(order: list[int], lengths, runs: int, budget: int) -> list[list
     return chunks + ([current] if current else [])
 
 
+class OnDevice(dict):
+    """A batch's tensors on the device, keeping the host tensors they were copied from (`host`),
+    so that a forward works out its token layout (which slots are real, which count) on the host
+    and never waits on the device for it."""
+
+    def __init__(self, host: dict[str, torch.Tensor], device):
+        super().__init__({key: t.to(device) for key, t in host.items()})
+        self.host = host
+
+
+def host_tensor(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """batch[key] on the host: the copy an `OnDevice` batch keeps, else read from the device."""
+    host = getattr(batch, "host", None)
+    return host[key] if host is not None and key in host else batch[key].to("cpu")
+
+
 def stack_padded(batches: list[dict[str, torch.Tensor]], pad_values: dict[str, int], device
-                 ) -> tuple[dict[str, torch.Tensor], list[int]]:
+                 ) -> tuple[OnDevice, list[int]]:
     """Right-pad every (rows, T) tensor of each batch to the longest T, with `pad_values[key]`
     (0 for keys not named), and concatenate; (rows,) tensors are concatenated as they are.
-    Returns the stacked batch and each batch's own T (its `input_ids` width)."""
+    Returns the stacked batch on `device` and each batch's own T (its `input_ids` width)."""
     lengths = [b["input_ids"].shape[1] for b in batches]
     width = max(lengths)
     out = {}
@@ -166,5 +182,5 @@ def stack_padded(batches: list[dict[str, torch.Tensor]], pad_values: dict[str, i
         if parts[0].dim() >= 2:
             value = pad_values.get(key, 0)
             parts = [F.pad(p, (0, width - p.shape[1]), value=value) for p in parts]
-        out[key] = torch.cat(parts).to(device)
-    return out, lengths
+        out[key] = torch.cat(parts)
+    return OnDevice(out, device), lengths

@@ -30,7 +30,7 @@ import torch
 from lorainit import models
 from lorainit.engine.packing import FlatLayout
 from lorainit.tasks import lm_data
-from lorainit.tasks.base import Forward, Losses, Task, eval_budget, stack_padded, token_chunks
+from lorainit.tasks.base import Forward, Losses, OnDevice, Task, eval_budget, host_tensor, stack_padded, token_chunks
 
 IGNORE = -100           # a label that does not count
 LOSS_CHUNK = 1024       # counted tokens per projection + cross-entropy chunk (49k vocab: ~200 MB in fp32)
@@ -177,38 +177,65 @@ class CausalLM(Task):
         return batch["attention_mask"].bool()
 
     def _sums(self, state, batch: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each of the n runs' summed counted-token loss and its count, on a stacked batch."""
-        model = state.pack.model
-        labels = batch["labels"]
-        run_of = torch.arange(n, device=labels.device).repeat_interleave(labels.shape[0] // n)  # (n*b,)
-        if self.padding_free:
-            hidden, labels, run_of = self._hidden_flat(state, batch, run_of, n)  # (N, d), (N,), (N,)
-        else:
-            hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      use_cache=False).last_hidden_state  # (n*b, T, d)
-            run_of = run_of[:, None].expand_as(labels)
-        counted = labels != IGNORE
-        run_of = run_of[counted]                                           # each counted token's run
-        losses = token_losses(hidden[counted], model.get_output_embeddings().weight, labels[counted])  # (N,)
-        sums = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, run_of, losses)
-        return sums, torch.bincount(run_of, minlength=n)
+        """Each of the n runs' summed counted-token loss and its count, on a stacked batch.
 
-    def _hidden_flat(self, state, batch: dict[str, torch.Tensor], run_of_row: torch.Tensor, n: int):
+        Which tokens count, and whose they are, is worked out on the host from the batch's host
+        labels: the device sees only index gathers, never a boolean mask or a count it would have
+        to report back. Each run's sum is a reduction over its own tokens, laid out (n, most
+        counted tokens of a run) with zeros after its own; no atomic adds, so it is the same on
+        every call on a GPU too."""
+        model = state.pack.model
+        device = batch["labels"].device
+        labels = host_tensor(batch, "labels")                              # (n*b, T), host
+        rows, width = labels.shape
+        run_of = torch.arange(n).repeat_interleave(rows // n * width)     # each slot's run, host
+        if self.padding_free:
+            hidden, slots = self._hidden_flat(state, batch, n)            # (N, d), (N,) host slots
+        else:
+            hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=self._mask(batch),
+                                      use_cache=False).last_hidden_state.flatten(0, 1)  # (n*b*T, d)
+            slots = None
+        flat = labels.flatten() if slots is None else labels.flatten()[slots]
+        counted = (flat != IGNORE).nonzero().squeeze(1)                   # rows of `hidden` that count
+        owner = (run_of if slots is None else run_of[slots])[counted]     # their runs, run-major
+        counts = torch.bincount(owner, minlength=n)                       # (n,)
+        where = counted if slots is None else slots[counted]              # their slots in the batch
+        targets = batch["labels"].flatten().index_select(0, where.to(device, non_blocking=True))
+        losses = token_losses(hidden.index_select(0, counted.to(device, non_blocking=True)),
+                              model.get_output_embeddings().weight, targets)  # (N,)
+        widest = int(counts.max()) if n else 0
+        seat = torch.arange(len(owner)) - (torch.cumsum(counts, 0) - counts)[owner] + owner * widest
+        table = losses.new_zeros(n * widest).index_copy(0, seat.to(device, non_blocking=True), losses)
+        return table.view(n, widest).sum(1), counts.to(device, non_blocking=True)
+
+    @staticmethod
+    def _mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The attention mask to give a padded decoder forward, decided on the host: None when no
+        row is padded (causal attention alone), else (rows, 1, T, T), causal and real keys only.
+        Given the 2-d mask, transformers would ask the device whether every entry is 1."""
+        if host_tensor(batch, "attention_mask").bool().all():
+            return None
+        keep = batch["attention_mask"].bool()
+        width = keep.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=keep.device).tril()
+        return causal & keep[:, None, None, :]
+
+    def _hidden_flat(self, state, batch: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The padding-free forward: the real tokens of the stacked rows end to end, (1, N), each
         row's positions restarted at 0, attention on the padded layout (`packing.FlatLayout`).
-        Returns the final hidden states (N, d), the labels (N,) and the run (N,) of each token."""
+        Returns the final hidden states (N, d) and, on the host, each one's flat slot (N,) in the
+        padded (rows, width) batch."""
         device = batch["attention_mask"].device
-        host = batch["attention_mask"].to("cpu").bool()  # the layout is worked out on the host: one read
+        host = host_tensor(batch, "attention_mask").bool()  # the layout is worked out on the host
         rows, width = host.shape
-        layout = FlatLayout(FlatLayout.of(host).index.to(device, non_blocking=True), batch["attention_mask"].bool())
+        slots = FlatLayout.of(host).index
+        layout = FlatLayout(slots.to(device, non_blocking=True), batch["attention_mask"].bool())
         per_row = host.sum(1)
-        positions = torch.arange(width, device=device).repeat(rows).index_select(0, layout.index)
+        positions = torch.arange(width).repeat(rows)[slots].to(device, non_blocking=True)
         # a 4-d attention_mask passes through transformers' mask building untouched; the pack's
         # attention reads the layout instead
         state.flat = layout
         state.set_row_counts(per_row.view(n, -1).sum(1).tolist())
-        real = int(per_row.sum())
-        per_row = per_row.to(device, non_blocking=True)
         try:
             hidden = state.pack.model.base_model(
                 input_ids=batch["input_ids"].flatten().index_select(0, layout.index)[None],
@@ -220,8 +247,7 @@ class CausalLM(Task):
         if layout.calls == 0:
             raise RuntimeError(f"{type(state.pack.model).__name__} does not call its attention through the "
                                "attention interface, so it cannot run padding-free")
-        return hidden, batch["labels"].flatten().index_select(0, layout.index), run_of_row.repeat_interleave(
-            per_row, output_size=real)
+        return hidden, slots
 
     def loss(self, state, batch, forward: Forward) -> Losses:
         return Losses(*self._sums(state, batch, len(forward.runs)))
@@ -230,13 +256,14 @@ class CausalLM(Task):
         n = len(runs)
         device = state.pack.parameters()[0].device
         order = sorted(range(len(self.eval)), key=lambda i: len(self.eval.ids[i]))
-        sums = torch.zeros(n, dtype=torch.float64)
-        counts = torch.zeros(n, dtype=torch.float64)
+        sums = torch.zeros(n, dtype=torch.float64, device=device)
+        counts = torch.zeros(n, dtype=torch.float64, device=device)
         for chunk in token_chunks(order, [len(x) for x in self.eval.ids], n, eval_budget(EVAL_TOKENS, device)):
             batch = collate(self.eval, chunk, self.pad_id)
-            s, c = self._sums(state, {k: v.repeat(n, 1).to(device) for k, v in batch.items()}, n)
-            sums += s.double().cpu()
-            counts += c.double().cpu()
+            s, c = self._sums(state, OnDevice({k: v.repeat(n, 1) for k, v in batch.items()}, device), n)
+            sums += s.double()
+            counts += c.double()
+        sums, counts = sums.cpu(), counts.cpu()  # one read of the device per evaluation
         results = []
         for j in range(n):
             loss = float(sums[j] / counts[j])

@@ -17,7 +17,7 @@ from lorainit import models
 from lorainit.engine import unpadded
 from lorainit.errors import BadInput
 from lorainit.tasks import glue
-from lorainit.tasks.base import Forward, Losses, Task, eval_budget, stack_padded, token_chunks
+from lorainit.tasks.base import Forward, Losses, OnDevice, Task, eval_budget, host_tensor, stack_padded, token_chunks
 
 # Evaluation forwards hold about this many tokens over all active runs on a CPU (rows sorted by
 # length, so little padding): large enough for efficient matmuls, small enough to stay in cache
@@ -95,7 +95,8 @@ class Classification(Task):
         """(rows, labels) of a stacked batch (its labels, if any, are ignored)."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         if self.unpadded:
-            return unpadded.forward(state.pack.model, state, **inputs, every_token=every_token, shared=shared)
+            return unpadded.forward(state.pack.model, state, **inputs, every_token=every_token, shared=shared,
+                                    host_mask=host_tensor(batch, "attention_mask"))
         return state.pack.model(**inputs).logits
 
     def loss(self, state, batch, forward: Forward) -> Losses:
@@ -114,7 +115,7 @@ class Classification(Task):
         for rows in token_chunks(order, [len(x) for x in self.eval.ids], n, eval_budget(EVAL_TOKENS, device)):
             batch = self.rows_batch(self.eval, rows)
             y = batch.pop("labels").to(device)
-            stacked = {key: v.repeat(n, 1).to(device) for key, v in batch.items()}
+            stacked = OnDevice({key: v.repeat(n, 1) for key, v in batch.items()}, device)
             logits = self.logits(state, stacked, shared=True).float().view(n, len(rows), -1)  # (n, b, C)
             correct += (logits.argmax(-1) == y).sum(1).float()
             loss_sum += F.cross_entropy(logits.transpose(1, 2), y.expand(n, -1), reduction="none").sum(1)
