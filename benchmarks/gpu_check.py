@@ -79,6 +79,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -634,20 +635,37 @@ def time_pack(kit: Kit, runs, warmup: int, steps: int, flop_params: int) -> dict
 
     trainer.task.token_mask = counting
     stamps: dict[int, float] = {}
+    # On CUDA, torch's sync debug mode warns at every operation that makes the host wait for the
+    # GPU: counted over the timed steps, that is the host reads per step (the trainer makes one)
+    syncs: list[int] = []
 
     def on_step(t, losses, rate):
         if t.step in (warmup, warmup + steps):  # the clock waits for the GPU: only at the two ends
             stamps[t.step] = clock(kit.device)
+            if kit.device == "cuda":
+                torch.cuda.set_sync_debug_mode("warn" if t.step == warmup else "default")
+                syncs.append(len(seen))
 
-    with cpu_autocast(kit):
-        trainer.run(on_step=on_step)
+    with cpu_autocast(kit), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            trainer.run(on_step=on_step)
+        finally:
+            if kit.device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    for w in seen:  # the others were the run's own: shown as they would have been
+        if "synchroniz" not in str(w.message):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if warmup + steps not in stamps:
         raise RuntimeError(f"the pack stopped after {trainer.step} steps (all runs diverged?)")
     seconds = stamps[warmup + steps] - stamps[warmup]
     tokens = int(sum(c.item() for c in counts[warmup:warmup + steps]))
+    if len(syncs) == 2:
+        syncs = [sum("synchroniz" in str(w.message) for w in seen[:i]) for i in syncs]
     measured = rates(kit, len(runs), steps, seconds, tokens, flop_params)
     measured.update(runs=len(runs), timed_runs=len(runs), steps=steps, seconds=seconds, peak_gib=peak_gib(kit),
-                    diverged=sum(r.status == "diverged" for r in trainer.results))
+                    diverged=sum(r.status == "diverged" for r in trainer.results),
+                    syncs_per_step=(syncs[1] - syncs[0]) / steps if len(syncs) == 2 else None)
     del trainer
     free(kit)
     return measured
@@ -839,7 +857,8 @@ def timing_row(section: str, variant: str, measured: dict, total_runs: int, pack
     speedup = pack["run_steps_per_s"] / measured["run_steps_per_s"] if pack and pack is not measured else None
     return row(section, variant, "ok", runs=total_runs, steps_per_s=measured["steps_per_s"],
                run_steps_per_s=measured["run_steps_per_s"], pack_x=speedup, tflops=measured["tflops"],
-               of_peak=measured["of_peak"], peak_gib=measured.get("peak_gib"), note=note)
+               of_peak=measured["of_peak"], peak_gib=measured.get("peak_gib"),
+               syncs=measured.get("syncs_per_step"), note=note)
 
 
 def encoder_baselines(kit: Kit, out: dict, section: str, runs, pack: dict) -> None:
@@ -969,7 +988,7 @@ RUNNERS = {"setup": section_setup,
 
 COLUMNS = (("section", 14, "s"), ("variant", 29, "s"), ("status", 11, "s"), ("runs", 4, "d"),
            ("steps_per_s", 8, ".2f"), ("run_steps_per_s", 9, ".1f"), ("pack_x", 7, ".2f"), ("tflops", 8, ".3g"),
-           ("of_peak", 7, ".1%"), ("peak_gib", 7, ".1f"), ("diff", 8, ".1e"), ("bound", 8, ".1e"),
+           ("of_peak", 7, ".1%"), ("peak_gib", 7, ".1f"), ("syncs", 5, ".1f"), ("diff", 8, ".1e"), ("bound", 8, ".1e"),
            ("seconds", 6, ".0f"), ("note", 0, "s"))
 HEADERS = {"steps_per_s": "steps/s", "run_steps_per_s": "run-st/s", "pack_x": "pack x", "tflops": "TFLOP/s",
            "of_peak": "of peak", "peak_gib": "GPU GiB", "seconds": "s"}
@@ -1006,6 +1025,8 @@ def legend(kit: Kit, report: dict) -> str:
                 if peak else "no peak measured"),
              "diff / bound: pack vs alone, max |pack - alone| / max |alone| over the loss curves "
              "(fp16_overflow: its pack-mates against the same pack without the overflow, bound: that pack twice); "
+             "syncs: on CUDA, the pack's operations per timed step that made the host wait for the GPU "
+             "(torch's sync debug mode; the trainer reads the losses once a step)",
              "s: the section's seconds"]
     parts += [f"note: {n}" for n in kit.notes]
     return "\n".join(parts)

@@ -24,7 +24,11 @@ an eighth of this count on SST-2 batches, and runs that hold the same rows (one 
 compute the embeddings and the first layer's frozen projections once, not once per run.
 
     .venv/bin/python benchmarks/pack_vs_sequential.py [--device cpu|cuda] [--steps 40] [--runs 22]
-        [--eval-rows 200] [--train-rows 2000] [--only pack|trainer|loop] [--json]
+        [--eval-rows 200] [--train-rows 2000] [--only pack|trainer|loop] [--json] [--rounds 1]
+
+With `--rounds R` every variant is measured R times, the three interleaved round by round, and
+the ratios' medians are given with their range: on a shared machine one variant's time can move
+by a fifth between rounds minutes apart.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +47,7 @@ import torch
 from _common import (
     TokenCounter,
     clock,
+    cpu_model,
     cuda_matmul_tf32,
     frozen_flop_params,
     import_model_code,
@@ -388,10 +394,14 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=2000, help="the first N SST-2 training rows")
     parser.add_argument("--only", choices=VARIANTS, help="measure one variant, in this process")
     parser.add_argument("--json", action="store_true", help="print one JSON line of results instead")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every variant this many times, interleaved, and give the medians")
     args = parser.parse_args()
     if not 1 <= args.runs <= 2 * LR_EXPONENTS:
         parser.error(f"--runs must be between 1 and {2 * LR_EXPONENTS}")
-    for name in ("steps", "eval_rows", "train_rows"):
+    if args.only and args.rounds != 1:
+        parser.error("--rounds needs every variant (no --only)")
+    for name in ("steps", "eval_rows", "train_rows", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -406,20 +416,35 @@ def main() -> None:
     peak_flops = matmul_peak_flops(MATMUL_N[args.device], device=args.device)  # before any variant, in this process
     if args.only:
         results = {args.only: measure(args.only, args)}
-    else:
-        results = {name: measure_in_subprocess(name, args) for name in VARIANTS}
-    summary = ratios(results, peak_flops)
-    if args.json:
         info = {"peak_flops": peak_flops, "threads": torch.get_num_threads(), "load_average": load}
         if args.device == "cuda":
             info.update(device=torch.cuda.get_device_name(0), tf32=cuda_matmul_tf32())
-        print(json.dumps(info | {"variants": results, "ratios": summary}))
+        print(json.dumps(info | {"variants": results, "ratios": ratios(results, peak_flops)}))
         return
     print(f"{len(grid(args.runs))} runs x {args.steps} steps of batch {BATCH_SIZE}, MiniLM on SST-2 "
           f"({args.train_rows} training rows), eval on {args.eval_rows} dev rows")
-    print(f"load average at the start: {load:.2f} on {os.cpu_count()} cores")
-    print_table(results, peak_flops, args.device)
-    print_ratios(summary)
+    if args.device == "cpu":
+        print(f"CPU: {cpu_model()}")
+    summaries = []
+    for r in range(args.rounds):
+        if r:  # each round's peak beside its own timings: the machine's speed drifts
+            load, peak_flops = os.getloadavg()[0], matmul_peak_flops(MATMUL_N[args.device], device=args.device)
+        results = {name: measure_in_subprocess(name, args) for name in VARIANTS}
+        summaries.append(ratios(results, peak_flops))
+        if args.rounds > 1:
+            print(f"\nround {r + 1} of {args.rounds}")
+        print(f"load average at the start: {load:.2f} on {os.cpu_count()} cores")
+        print_table(results, peak_flops, args.device)
+        print_ratios(summaries[-1])
+    if args.json:
+        print(json.dumps({"rounds": summaries}))
+    if args.rounds > 1:
+        print(f"\nmedians over {args.rounds} rounds (lowest-highest):")
+        for key in summaries[0]:
+            values = [s[key] for s in summaries]
+            fmt = "{:.1%}" if key.endswith("of_peak") else "{:.2f}x"
+            print(f"  {key}: {fmt.format(statistics.median(values))} "
+                  f"({fmt.format(min(values))}-{fmt.format(max(values))})")
 
 
 if __name__ == "__main__":
