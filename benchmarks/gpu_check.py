@@ -581,7 +581,8 @@ def section_overflow(kit: Kit, out: dict) -> None:
 def grid_runs(kit: Kit, seeds=(0,), **shared):
     specs = [{"lr": lr, "init": init, "seed": seed} for seed in seeds for lr in LR_GRID for init in "ab"]
     return runs_from(kit, specs, precision=kit.timing_precision, max_eval_samples=8,
-                     max_steps=kit.sizes.warmup + kit.sizes.steps + 1, divergence_factor=NEVER_DIVERGED, **shared)
+                     max_steps=kit.sizes.warmup + kit.sizes.steps + PROFILED_STEPS + 1,
+                     divergence_factor=NEVER_DIVERGED, **shared)
 
 
 def spread(items: list, count: int) -> list:
@@ -617,6 +618,18 @@ def peak_gib(kit: Kit) -> float | None:
     return peak_cuda_mib() / 1024 if kit.device == "cuda" else None
 
 
+PROFILED_STEPS = 3  # after the timed steps, on CUDA: the share of a step the GPU spends in kernels
+
+
+def gpu_busy(profiler, seconds: float) -> float:
+    """The GPU's kernel time over `seconds` of wall time, from a CUDA profile of those seconds:
+    well under 1 means the GPU waits on the host (the step is launch-bound, and capturing it in a
+    CUDA graph or `torch.compile` is worth measuring)."""
+    events = profiler.key_averages()
+    kernel_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    return kernel_us / 1e6 / seconds
+
+
 def time_pack(kit: Kit, runs, warmup: int, steps: int, flop_params: int) -> dict:
     """A pack through `PackTrainer.run`: steps warmup+1 .. warmup+steps timed (the first and the
     last step record probes, and are outside), real tokens counted from the task's token masks."""
@@ -639,12 +652,29 @@ def time_pack(kit: Kit, runs, warmup: int, steps: int, flop_params: int) -> dict
     # GPU: counted over the timed steps, that is the host reads per step (the trainer makes one)
     syncs: list[int] = []
 
+    profiled = warmup + steps + PROFILED_STEPS
+    profile: dict = {}
+
     def on_step(t, losses, rate):
         if t.step in (warmup, warmup + steps):  # the clock waits for the GPU: only at the two ends
             stamps[t.step] = clock(kit.device)
             if kit.device == "cuda":
                 torch.cuda.set_sync_debug_mode("warn" if t.step == warmup else "default")
                 syncs.append(len(seen))
+        if kit.device == "cuda" and t.step in (warmup + steps, profiled):
+            try:  # a diagnostic: its failure costs the column, not the timing
+                if t.step == warmup + steps:
+                    profile["p"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    profile["p"].__enter__()
+                    profile["start"] = clock(kit.device)
+                elif "p" in profile:
+                    seconds = clock(kit.device) - profile["start"]
+                    done = profile.pop("p")
+                    done.__exit__(None, None, None)
+                    profile["busy"] = gpu_busy(done, seconds)
+            except Exception as err:  # noqa: BLE001
+                profile.pop("p", None)
+                kit.notes.append(f"the GPU-busy profile failed: {type(err).__name__}: {err}")
 
     with cpu_autocast(kit), warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -665,7 +695,8 @@ def time_pack(kit: Kit, runs, warmup: int, steps: int, flop_params: int) -> dict
     measured = rates(kit, len(runs), steps, seconds, tokens, flop_params)
     measured.update(runs=len(runs), timed_runs=len(runs), steps=steps, seconds=seconds, peak_gib=peak_gib(kit),
                     diverged=sum(r.status == "diverged" for r in trainer.results),
-                    syncs_per_step=(syncs[1] - syncs[0]) / steps if len(syncs) == 2 else None)
+                    syncs_per_step=(syncs[1] - syncs[0]) / steps if len(syncs) == 2 else None,
+                    gpu_busy=profile.get("busy"))
     del trainer
     free(kit)
     return measured
@@ -858,7 +889,7 @@ def timing_row(section: str, variant: str, measured: dict, total_runs: int, pack
     return row(section, variant, "ok", runs=total_runs, steps_per_s=measured["steps_per_s"],
                run_steps_per_s=measured["run_steps_per_s"], pack_x=speedup, tflops=measured["tflops"],
                of_peak=measured["of_peak"], peak_gib=measured.get("peak_gib"),
-               syncs=measured.get("syncs_per_step"), note=note)
+               syncs=measured.get("syncs_per_step"), busy=measured.get("gpu_busy"), note=note)
 
 
 def encoder_baselines(kit: Kit, out: dict, section: str, runs, pack: dict) -> None:
@@ -931,7 +962,7 @@ def section_decoder(kit: Kit, out: dict) -> None:
     k = sizes.decoder_runs
     lrs = [1e-4 * 30 ** (i / max(1, (k + 1) // 2 - 1)) for i in range((k + 1) // 2)]
     grid = [{"lr": lr, "init": init} for lr in lrs for init in "ab"][:k]
-    total = sizes.decoder_warmup + sizes.decoder_steps + 1
+    total = sizes.decoder_warmup + sizes.decoder_steps + PROFILED_STEPS + 1
     runs = [RunConfig.from_dict({"model": kit.decoder, "task": "gsm8k", "data_dir": kit.gsm8k_dir, "batch_size": 4,
                                  "max_seq_len": sizes.decoder_seq_len, "max_steps": total, "max_eval_samples": 2,
                                  "max_new_tokens": 4, "precision": kit.timing_precision, "save_adapters": False,
@@ -988,7 +1019,8 @@ RUNNERS = {"setup": section_setup,
 
 COLUMNS = (("section", 14, "s"), ("variant", 29, "s"), ("status", 11, "s"), ("runs", 4, "d"),
            ("steps_per_s", 8, ".2f"), ("run_steps_per_s", 9, ".1f"), ("pack_x", 7, ".2f"), ("tflops", 8, ".3g"),
-           ("of_peak", 7, ".1%"), ("peak_gib", 7, ".1f"), ("syncs", 5, ".1f"), ("diff", 8, ".1e"), ("bound", 8, ".1e"),
+           ("of_peak", 7, ".1%"), ("peak_gib", 7, ".1f"), ("syncs", 5, ".1f"), ("busy", 5, ".0%"),
+           ("diff", 8, ".1e"), ("bound", 8, ".1e"),
            ("seconds", 6, ".0f"), ("note", 0, "s"))
 HEADERS = {"steps_per_s": "steps/s", "run_steps_per_s": "run-st/s", "pack_x": "pack x", "tflops": "TFLOP/s",
            "of_peak": "of peak", "peak_gib": "GPU GiB", "seconds": "s"}
@@ -1026,7 +1058,9 @@ def legend(kit: Kit, report: dict) -> str:
              "diff / bound: pack vs alone, max |pack - alone| / max |alone| over the loss curves "
              "(fp16_overflow: its pack-mates against the same pack without the overflow, bound: that pack twice); "
              "syncs: on CUDA, the pack's operations per timed step that made the host wait for the GPU "
-             "(torch's sync debug mode; the trainer reads the losses once a step)",
+             "(torch's sync debug mode; the trainer reads the losses once a step); busy: on CUDA, the "
+             f"GPU's kernel time over the wall time of {PROFILED_STEPS} profiled steps after the timed ones "
+             "(well under 100%: launch-bound, where capturing the step is worth measuring)",
              "s: the section's seconds"]
     parts += [f"note: {n}" for n in kit.notes]
     return "\n".join(parts)
