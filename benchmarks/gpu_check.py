@@ -625,8 +625,8 @@ def gpu_busy(profiler, seconds: float) -> float:
     """The GPU's kernel time over `seconds` of wall time, from a CUDA profile of those seconds:
     well under 1 means the GPU waits on the host (the step is launch-bound, and capturing it in a
     CUDA graph or `torch.compile` is worth measuring)."""
-    events = profiler.key_averages()
-    kernel_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    cuda = torch.autograd.DeviceType.CUDA
+    kernel_us = sum(e.time_range.elapsed_us() for e in profiler.events() if e.device_type == cuda)
     return kernel_us / 1e6 / seconds
 
 
@@ -683,6 +683,8 @@ def time_pack(kit: Kit, runs, warmup: int, steps: int, flop_params: int) -> dict
         finally:
             if kit.device == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
+            if "p" in profile:  # the pack stopped inside the profiled steps
+                profile.pop("p").__exit__(None, None, None)
     for w in seen:  # the others were the run's own: shown as they would have been
         if "synchroniz" not in str(w.message):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -393,7 +393,9 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=200, help="the first N SST-2 dev rows")
     parser.add_argument("--train-rows", type=int, default=2000, help="the first N SST-2 training rows")
     parser.add_argument("--only", choices=VARIANTS, help="measure one variant, in this process")
-    parser.add_argument("--json", action="store_true", help="print one JSON line of results instead")
+    parser.add_argument("--json", action="store_true",
+                        help="with --only, print one JSON line of its results instead of the table; "
+                             "without, add a JSON line of each round's ratios after the tables")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every variant this many times, interleaved, and give the medians")
     args = parser.parse_args()

@@ -159,6 +159,32 @@ def test_attention_dropout_with_grouped_query_heads_in_a_pack_equals_runs_alone(
     assert abs(_losses(without)[-1] - _losses(packed[0])[-1]) > 1e-4  # the dropout did act
 
 
+def test_attention_dropout_on_rows_without_padding_stays_causal():
+    """WikiText-2 blocks are all one length, so their padded forward gets no mask at all; with
+    attention dropout on, the pack's own attention must still hide the later tokens. Changing each
+    row's last token changes nothing before it, under the same dropout draws."""
+    run = _run(task="wikitext2", max_seq_len=16, dropout=0.0)
+    trainer = PackTrainer([run], show_progress=False, model_overrides={"attention_dropout": 0.5})
+    batch, lengths = trainer._batch([0])
+    assert trainer.task._mask(batch) is None  # no row is padded
+    trainer.state.set_batch([0], lengths)
+    trainer.model.train()
+
+    def hidden(ids, fresh_streams=True):
+        if fresh_streams:  # every call draws the same dropout masks
+            trainer.state.streams.set_state({})
+        with torch.no_grad():
+            return trainer.model.base_model(input_ids=ids, attention_mask=None, use_cache=False).last_hidden_state
+
+    ids = batch["input_ids"]
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % trainer.model.config.vocab_size
+    a, b = hidden(ids), hidden(changed)
+    assert torch.equal(a[:, :-1], b[:, :-1])  # the same arithmetic on the same inputs: bit for bit
+    assert not torch.allclose(a[:, -1], b[:, -1])
+    assert not torch.allclose(a, hidden(ids, fresh_streams=False))  # the dropout did act
+
+
 def test_gradient_checkpointing_of_a_decoder_pack_changes_no_number(measured):
     """Padding-free GSM8K rows, LoRA and attention dropout, two seeds: the recomputed layers see
     the forward's dropout draws and token layout."""

@@ -6,6 +6,10 @@ the GPU. Here the batch's device tensors are a tensor subclass that counts such 
 tensor computed from them is one too: a read anywhere downstream of the batch, in the model or in
 the loss, is counted, on a CPU as it would happen on a GPU. The layouts are worked out from the
 host copies the batch keeps (`tasks.base.OnDevice`), which are plain tensors.
+
+What this cannot see: work outside `__torch_function__` (autograd's backward, which runs in
+C++), the optimiser and loss scaler on plain parameters, and host-to-device copies (on CUDA the
+batch's are pinned and asynchronous). On a GPU the kit's `syncs` column counts all of them.
 """
 
 from __future__ import annotations

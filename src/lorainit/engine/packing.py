@@ -194,6 +194,11 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                                       dropout=dropout, **kwargs)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
+    if attention_mask is None and getattr(module, "is_causal", False) and query.shape[2] > 1:
+        # no mask stands for causal attention alone (SDPA's is_causal); the explicit softmax needs
+        # it spelled out, queries being the last positions
+        q_len, kv_len = query.shape[2], key.shape[2]
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
     return attend(query, key, value, attention_mask, scaling, dropout, state), None
 
 

@@ -156,10 +156,16 @@ def token_chunks(order: list[int], lengths, runs: int, budget: int) -> list[list
 class OnDevice(dict):
     """A batch's tensors on the device, keeping the host tensors they were copied from (`host`),
     so that a forward works out its token layout (which slots are real, which count) on the host
-    and never waits on the device for it."""
+    and never waits on the device for it.
+
+    On CUDA the host tensors are pinned and copied asynchronously: a blocking copy would wait for
+    every kernel queued before it (the previous step's backward), where this one is queued behind
+    them. The pinned tensors stay alive in `host` until the batch is dropped."""
 
     def __init__(self, host: dict[str, torch.Tensor], device):
-        super().__init__({key: t.to(device) for key, t in host.items()})
+        if torch.device(device).type == "cuda":
+            host = {key: t.pin_memory() for key, t in host.items()}
+        super().__init__({key: t.to(device, non_blocking=True) for key, t in host.items()})
         self.host = host
 
 

@@ -101,8 +101,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):
-        losses = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32),
-                             device=hidden.device)
+        losses = hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         w = weight.to(hidden.dtype)
         for i in range(0, hidden.shape[0], chunk):
@@ -181,9 +180,8 @@ class CausalLM(Task):
 
         Which tokens count, and whose they are, is worked out on the host from the batch's host
         labels: the device sees only index gathers, never a boolean mask or a count it would have
-        to report back. Each run's sum is a reduction over its own tokens, laid out (n, most
-        counted tokens of a run) with zeros after its own; no atomic adds, so it is the same on
-        every call on a GPU too."""
+        to report back. Each run's sum is the reduction of its own block of tokens, as alone; no
+        atomic adds, so it is the same on every call on a GPU too."""
         model = state.pack.model
         device = batch["labels"].device
         labels = host_tensor(batch, "labels")                              # (n*b, T), host
@@ -203,10 +201,10 @@ class CausalLM(Task):
         targets = batch["labels"].flatten().index_select(0, where.to(device, non_blocking=True))
         losses = token_losses(hidden.index_select(0, counted.to(device, non_blocking=True)),
                               model.get_output_embeddings().weight, targets)  # (N,)
-        widest = int(counts.max()) if n else 0
-        seat = torch.arange(len(owner)) - (torch.cumsum(counts, 0) - counts)[owner] + owner * widest
-        table = losses.new_zeros(n * widest).index_copy(0, seat.to(device, non_blocking=True), losses)
-        return table.view(n, widest).sum(1), counts.to(device, non_blocking=True)
+        # each run's tokens are one block (runs are stacked in order): its sum is the reduction it
+        # would have alone, over the same tokens
+        sums = torch.stack([part.sum() for part in losses.split(counts.tolist())])
+        return sums, counts.to(device, non_blocking=True)
 
     @staticmethod
     def _mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
