@@ -16,8 +16,9 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The embedding tables a token only indexes into: no multiply-adds, so no FLOPs.
-EMBEDDING_TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+# The embedding tables a token only indexes into: no multiply-adds, so no FLOPs (BERT's, and a
+# decoder's token embedding).
+EMBEDDING_TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings", "embed_tokens")
 
 
 def set_environment() -> None:
@@ -93,8 +94,9 @@ def frozen_flop_params(model: nn.Module) -> int:
     """Parameters of a transformers model's frozen body that do multiply-adds per token.
 
     The body is `model.base_model` (for BERT: `bert`, without the task head), less its embedding
-    tables and any LoRA factors injected into it (named `lora_A`, `lora_B`). The pooler is counted although it sees only the first token of a row (for MiniLM
-    148k of 10.8M parameters, so the figure overstates FLOPs by about 1.4%)."""
+    tables and any LoRA factors injected into it (named `lora_A`, `lora_B`). The pooler is counted
+    although it sees only the first token of a row (for MiniLM 148k of 10.8M parameters, so the
+    figure overstates FLOPs by about 1.4%)."""
     return sum(p.numel() for name, p in model.base_model.named_parameters()
                if not any(part in name for part in (*EMBEDDING_TABLES, "lora_A", "lora_B")))
 

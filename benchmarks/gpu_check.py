@@ -285,13 +285,6 @@ def build_tokenizer(texts: list[str], specials: tuple[str, ...], encoder: bool):
                                    model_input_names=["input_ids", "attention_mask"])
 
 
-def body_flop_params(model) -> int:
-    """Frozen body parameters that multiply per token: `frozen_flop_params` less a decoder's
-    token embedding (an index, like the encoder's tables)."""
-    embedding = sum(p.numel() for n, p in model.base_model.named_parameters() if "embed_tokens" in n)
-    return frozen_flop_params(model) - embedding
-
-
 def build_encoder(kit: Kit) -> str:
     """The RoBERTa-shaped classifier with random weights and its tokenizer, saved to one folder."""
     from transformers import AutoModelForSequenceClassification, RobertaConfig
@@ -304,7 +297,7 @@ def build_encoder(kit: Kit) -> str:
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config)
-    kit.flop_params["encoder"] = body_flop_params(model)
+    kit.flop_params["encoder"] = frozen_flop_params(model)
     return save(model, tokenizer, kit.work / "models" / "encoder")
 
 
@@ -332,7 +325,7 @@ def build_decoder(kit: Kit) -> str:
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    kit.flop_params["decoder"] = body_flop_params(model)
+    kit.flop_params["decoder"] = frozen_flop_params(model)
     folder = save(model, tokenizer, kit.work / "models" / "decoder")
     del model
     gc.collect()
@@ -441,8 +434,10 @@ def relative(ours, reference) -> float:
     reference = torch.as_tensor(reference, dtype=torch.float64)
     if ours.shape != reference.shape:
         return math.inf
-    scale = reference.abs().max().item() if reference.numel() else 0.0
-    return (ours - reference).abs().max().item() / (scale if scale > 0 else 1.0) if reference.numel() else 0.0
+    if not reference.numel():
+        return 0.0
+    scale = reference.abs().max().item()
+    return (ours - reference).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
 def tensor_distance(ours: dict, reference: dict) -> float:
@@ -717,10 +712,10 @@ def peft_wrap(model, run, task_type: str):
 
 
 def autocast(kit: Kit):
-    if kit.timing_precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if kit.timing_precision == "bf16" else torch.float16
-    return torch.autocast(kit.device, dtype=dtype)
+    """The trainer's own autocast for the timing precision, for the runs done one by one."""
+    from lorainit import train
+
+    return train._autocast(kit.timing_precision, torch.device(kit.device))
 
 
 def time_loop(kit: Kit, base, runs, lengths: list[int], loss_of, task_type: str, warmup: int, steps: int,
@@ -897,15 +892,13 @@ def timing_row(section: str, variant: str, measured: dict, total_runs: int, pack
 def encoder_baselines(kit: Kit, out: dict, section: str, runs, pack: dict) -> None:
     """PEFT + AdamW and Trainer + PEFT, a few of `runs` each, against the pack's rate."""
     from lorainit import models
-    from lorainit.tasks import glue
-    from lorainit.tasks.classification import collate
+    from lorainit.tasks.classification import collate, read_split
 
     first = runs[0]
     base, tokenizer = models.load(kit.encoder, "classification", num_labels=2)
     base.to(kit.device)
-    examples = glue.read("sst2", "train", kit.glue_dir, max_rows=first.max_train_samples)
-    ids, _ = glue.encode(examples, tokenizer, first.max_seq_len)
-    labels = torch.tensor(examples.labels)
+    train_rows = read_split(first, "train", tokenizer)
+    ids, labels = train_rows.ids, train_rows.labels
     pad_id = tokenizer.pad_token_id
 
     def loss_of(model, idx):
@@ -916,7 +909,7 @@ def encoder_baselines(kit: Kit, out: dict, section: str, runs, pack: dict) -> No
     baseline(kit, out, section, "loop", "PEFT + AdamW loop", len(runs), pack, lambda: time_loop(
         kit, base, spread(runs, sizes.loop_runs), [len(x) for x in ids], loss_of, "SEQ_CLS", sizes.warmup,
         sizes.steps, flop_params))
-    rows = [{"input_ids": x, "labels": int(y)} for x, y in zip(ids, examples.labels)]
+    rows = [{"input_ids": x, "labels": int(y)} for x, y in zip(ids, labels.tolist())]
     baseline(kit, out, section, "trainer", "Trainer + PEFT", len(runs), pack, lambda: time_trainer(
         kit, base, spread(runs, sizes.trainer_runs), rows, pad_id, sizes.warmup, sizes.steps, flop_params))
     kit.baseline_rates.update({key: out[key]["run_steps_per_s"] for key in ("loop", "trainer") if key in out})

@@ -61,7 +61,7 @@ def read(path: str | Path) -> dict:
     blob = Path(path).read_bytes()
     header, _, payload = blob.partition(b"\n")
     if not header.startswith(MAGIC):
-        older = header.startswith(MAGIC[:-2]) and header[len(MAGIC) - 2:len(MAGIC)] != MAGIC[-2:]
+        older = header.startswith(MAGIC[:-2])  # the same name, another format number
         raise CorruptCheckpoint("written by another version of lorainit, in another format" if older
                                 else "not a lorainit checkpoint")
     if hashlib.sha256(payload).hexdigest().encode() != header[len(MAGIC):]:

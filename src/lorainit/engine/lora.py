@@ -466,11 +466,11 @@ class LoRAPack:
         """Declare which runs the next batches hold, in stacking order (None: all K). Every run in
         order is the same as None: the layers then use their parameters whole, with no gather in
         the forward and no scatter of the gradients in the backward."""
-        idx, host = None, None
-        if runs is not None and torch.as_tensor(runs).tolist() == list(range(self.num_runs)):
-            runs = None
-        if runs is not None:
-            host = torch.as_tensor(runs, dtype=torch.long)
+        idx = None
+        host = None if runs is None else torch.as_tensor(runs, dtype=torch.long)
+        if host is not None and host.tolist() == list(range(self.num_runs)):
+            host = None
+        if host is not None:
             if host.numel() == 0 or int(host.min()) < 0 or int(host.max()) >= self.num_runs:
                 raise ValueError(f"active runs {host.tolist()} must be a non-empty subset of 0..{self.num_runs - 1}")
             idx = host.to(self.parameters()[0].device, non_blocking=True)

@@ -49,6 +49,14 @@ class PackedDropout(nn.Module):
         return self.state.streams.apply(x, keep)
 
 
+def causal_mask(keep: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, width, width) bool for right-padded rows whose real tokens `keep` (rows, width)
+    marks: each query sees the keys up to itself that are real."""
+    width = keep.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=keep.device).tril()
+    return causal & keep[:, None, None, :]
+
+
 @dataclass
 class FlatLayout:
     """Where the real tokens of a padded (rows, width) batch sit when laid end to end."""
@@ -72,8 +80,7 @@ class FlatLayout:
 
     def mask(self) -> torch.Tensor:
         """(rows, 1, width, width) bool: causal, and real keys only."""
-        causal = torch.ones(self.width, self.width, dtype=torch.bool, device=self.keep.device).tril()
-        return causal & self.keep[:, None, None, :]
+        return causal_mask(self.keep)
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """(1, heads, N, d) -> (rows, heads, width, d), zeros where there is no token."""

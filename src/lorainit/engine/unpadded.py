@@ -132,18 +132,19 @@ def forward(model: nn.Module, state: PackState, input_ids: torch.Tensor, attenti
     keep = attention_mask.bool()
     rows, width = host.shape
     n = state.num_active()
+    slots = host.flatten().nonzero().squeeze(1)                # (N,) flat slots of real tokens, host
     x0 = None
     if shared and n > 1 and len(base.encoder.layer) > 1:
         one = rows // n                                        # run 0's rows: every run's
         with _first_run_only(state):
             hidden = base.embeddings(input_ids=input_ids[:one],
                                      token_type_ids=None if token_type_ids is None else token_type_ids[:one])
-        index0 = host[:one].flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+        index0 = slots[:int(host[:one].sum())].to(device, non_blocking=True)  # run 0's: the first slots
         x0 = hidden.reshape(one * width, -1).index_select(0, index0)  # (N / n, d)
         x = None
     else:
         hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # (B, T, d)
-    index = host.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # (N,) flat slots of real tokens
+    index = slots.to(device, non_blocking=True)
     if x0 is None:
         x = hidden.reshape(rows * width, -1).index_select(0, index)  # (N, d)
     per_row = host.sum(1)                                      # (B,)

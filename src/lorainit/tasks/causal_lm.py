@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from lorainit import models
-from lorainit.engine.packing import FlatLayout
+from lorainit.engine.packing import FlatLayout, causal_mask
 from lorainit.tasks import lm_data
 from lorainit.tasks.base import Forward, Losses, OnDevice, Task, eval_budget, host_tensor, stack_padded, token_chunks
 
@@ -186,7 +186,6 @@ class CausalLM(Task):
         device = batch["labels"].device
         labels = host_tensor(batch, "labels")                              # (n*b, T), host
         rows, width = labels.shape
-        run_of = torch.arange(n).repeat_interleave(rows // n * width)     # each slot's run, host
         if self.padding_free:
             hidden, slots = self._hidden_flat(state, batch, n)            # (N, d), (N,) host slots
         else:
@@ -195,9 +194,9 @@ class CausalLM(Task):
             slots = None
         flat = labels.flatten() if slots is None else labels.flatten()[slots]
         counted = (flat != IGNORE).nonzero().squeeze(1)                   # rows of `hidden` that count
-        owner = (run_of if slots is None else run_of[slots])[counted]     # their runs, run-major
-        counts = torch.bincount(owner, minlength=n)                       # (n,)
         where = counted if slots is None else slots[counted]              # their slots in the batch
+        owner = where // (rows // n * width)                              # their runs: blocks of slots
+        counts = torch.bincount(owner, minlength=n)                       # (n,)
         targets = batch["labels"].flatten().index_select(0, where.to(device, non_blocking=True))
         losses = token_losses(hidden.index_select(0, counted.to(device, non_blocking=True)),
                               model.get_output_embeddings().weight, targets)  # (N,)
@@ -213,10 +212,7 @@ class CausalLM(Task):
         Given the 2-d mask, transformers would ask the device whether every entry is 1."""
         if host_tensor(batch, "attention_mask").bool().all():
             return None
-        keep = batch["attention_mask"].bool()
-        width = keep.shape[1]
-        causal = torch.ones(width, width, dtype=torch.bool, device=keep.device).tril()
-        return causal & keep[:, None, None, :]
+        return causal_mask(batch["attention_mask"].bool())
 
     def _hidden_flat(self, state, batch: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The padding-free forward: the real tokens of the stacked rows end to end, (1, N), each
@@ -229,7 +225,7 @@ class CausalLM(Task):
         slots = FlatLayout.of(host).index
         layout = FlatLayout(slots.to(device, non_blocking=True), batch["attention_mask"].bool())
         per_row = host.sum(1)
-        positions = torch.arange(width).repeat(rows)[slots].to(device, non_blocking=True)
+        positions = (slots % width).to(device, non_blocking=True)
         # a 4-d attention_mask passes through transformers' mask building untouched; the pack's
         # attention reads the layout instead
         state.flat = layout
