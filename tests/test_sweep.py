@@ -472,6 +472,36 @@ def test_a_row_file_ignores_a_line_cut_short_and_truncates_to_a_resume(tmp_path)
     assert RowFile.read(rows.path) == [("a", 1, "train_loss", 0.5), ("b", 2, "accuracy", 1 / 3)]
 
 
+def test_a_pack_resumed_under_the_other_executor_finds_its_history_where_it_appends(tmp_path):
+    """A Ray worker appends its rows to the pack's row file, the in-process executor to the store:
+    a pack killed under one and resumed under the other gets its history moved across first."""
+    from lorainit.config import RunConfig
+    from lorainit.sweeps import driver, folder
+    from lorainit.sweeps.plan import Pack
+    from lorainit.sweeps.store import RowFile, Store
+
+    pack = Pack([RunConfig.from_dict({"lr": lr, "max_steps": 4}) for lr in (1e-3, 2e-3)])
+    a, b = pack.run_ids
+    store = Store(tmp_path)
+    row_file = folder.checkpoints(tmp_path, pack.id) / RowFile.NAME
+    history = [(a, 1, "train_loss", 0.5), (b, 1, "train_loss", 0.25), (a, 2, "train_loss", 0.125)]
+    written = RowFile(row_file.parent)  # killed under Ray: the rows are in its file only
+    written.write(history)
+    written.close()
+    driver._rows_where_the_executor_writes(store, tmp_path, [pack], "local")
+    assert store.metrics(a) == [(1, "train_loss", 0.5), (2, "train_loss", 0.125)]
+    assert store.metrics(b) == [(1, "train_loss", 0.25)]
+    assert not row_file.exists()  # never read again over the store's newer rows
+    driver._rows_where_the_executor_writes(store, tmp_path, [pack], "ray")  # killed in-process; now Ray
+    assert sorted(RowFile.read(row_file)) == sorted(history)
+    driver._rows_where_the_executor_writes(store, tmp_path, [pack], "ray")  # its own file: left alone
+    assert sorted(RowFile.read(row_file)) == sorted(history)
+    other = Pack([RunConfig.from_dict({"lr": 3e-3, "max_steps": 4})])  # no checkpoint folder: nothing to resume
+    driver._rows_where_the_executor_writes(store, tmp_path, [other], "ray")
+    assert not folder.checkpoints(tmp_path, other.id).exists()
+    store.close()
+
+
 def test_a_checkpoint_of_another_format_is_skipped_not_misread(tmp_path):
     import hashlib
     import warnings

@@ -209,6 +209,7 @@ def _run_sweep(sweep: Sweep, out: Path, executor: str, ray_address: str | None, 
                 notes.append(f"{kept} runs no longer in the file are kept")
             print(f"continuing sweep {sweep.name!r} in {out}: " + ", ".join(notes), file=sys.stderr)
         _clear_finished_checkpoints(store, out)
+        _rows_where_the_executor_writes(store, out, packs, executor)
         progress = Progress(len(todo), enabled=show_progress)
         if packs:
             progress.start(packs)
@@ -250,6 +251,24 @@ def record_pack(store: Store, out: Path, pack: Pack, outcome: dict, progress: Pr
         if res.status == "failed":
             print(f"run {res.config.run_id()} failed: {res.error}", file=sys.stderr)
     progress.finished(pack.id, [r.status for r in results])
+
+
+def _rows_where_the_executor_writes(store: Store, out: Path, packs: list[Pack], executor: str) -> None:
+    """Put each pack's metric history where this sweep's executor appends to it: a Ray worker to
+    its pack's `RowFile`, the in-process executor to the store. A pack killed under one executor
+    and resumed under the other has its rows on the other side; the worker then truncates them to
+    its checkpoint's step and appends, as it would have under one executor."""
+    for pack in packs:
+        path = folder.checkpoints(out, pack.id) / RowFile.NAME
+        if executor == "ray" and path.parent.is_dir() and not path.exists():
+            rows = [(run_id, *row) for run_id in pack.run_ids for row in store.metrics(run_id)]
+            if rows:
+                sink = RowFile(path.parent)
+                sink.write(rows)
+                sink.close()
+        elif executor != "ray" and path.exists():
+            store.replace_metrics(pack.run_ids, RowFile.read(path))
+            path.unlink()
 
 
 def _run_packs_here(packs: list[Pack], out: Path, device: str, store: Store, progress: Progress, record,

@@ -140,8 +140,7 @@ class Store:
         now = time.time()
         with self._tx():
             if rows is not None:
-                self.db.executemany("DELETE FROM metrics WHERE run_id = ?", [(r.config.run_id(),) for r in results])
-                self.db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", rows)
+                self._replace_metrics([r.config.run_id() for r in results], rows)
             for res in results:
                 run_id = res.config.run_id()
                 self.db.execute(
@@ -156,6 +155,15 @@ class Store:
                 if res.adapter:
                     self.db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, 'adapter', ?)",
                                     (run_id, res.adapter))
+
+    def replace_metrics(self, run_ids: list[str], rows: list[tuple[str, int, str, float]]) -> None:
+        """Replace these runs' whole metric history with `rows`, in one transaction."""
+        with self._tx():
+            self._replace_metrics(run_ids, rows)
+
+    def _replace_metrics(self, run_ids: list[str], rows: list[tuple[str, int, str, float]]) -> None:
+        self.db.executemany("DELETE FROM metrics WHERE run_id = ?", [(r,) for r in run_ids])
+        self.db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", rows)
 
     def metrics(self, run_id: str) -> list[tuple[int, str, float]]:
         return self.db.execute("SELECT step, name, value FROM metrics WHERE run_id = ? ORDER BY step, name",
