@@ -1,24 +1,26 @@
-"""Shared fixtures: the real MiniLM weights and real GLUE rows, loaded once per session.
+"""Shared fixtures (the real MiniLM weights and real GLUE rows, loaded once per session), and the
+rule that a CI run skips nothing.
 
-Where the rows come from, first found: $LORAINIT_DATA (a folder holding glue/SST-2/, glue/QNLI/,
-glue/MNLI/ as GLUE's TSV files), the data folder laid beside the checkout (../shared/data), or the
-Hugging Face hub's GLUE parquet files, fetched once into the hub cache when the hub can be reached.
-With none of them, the tests that need rows skip with one line saying how to provide them; under
-CI=true they fail instead, since CI must run every test.
+Where the rows come from, first found: $LORAINIT_DATA, the data folder laid beside the checkout
+(../shared/data), or the slices lorainit ships (`lorainit.slices`: glue/SST-2, gsm8k/,
+wikitext-2/ in the same layout). The slices are the first rows of each set, in file order, so a
+test that reads no more rows than a slice holds sees the same rows from any of the three. Tests
+that need more (QNLI, MNLI) skip with one line naming the data and how to provide it; under
+CI=true any skip fails the run instead, since CI must run every test.
 """
 
 import copy
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-# The tests themselves never reach a hub (the one fetch of GLUE rows happens before, in a child).
+# The tests never reach a hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _BESIDE = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not os.environ.get("LORAINIT_DATA") and (_BESIDE / "glue").is_dir():
-    os.environ["LORAINIT_DATA"] = str(_BESIDE)
+if not os.environ.get("LORAINIT_DATA"):
+    from lorainit import slices
+
+    os.environ["LORAINIT_DATA"] = str(_BESIDE if (_BESIDE / "glue").is_dir() else slices.ROOT)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -28,44 +30,53 @@ from lorainit.tasks import glue  # noqa: E402
 from lorainit.tasks.classification import collate  # noqa: E402
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-HOW = "set LORAINIT_DATA to a folder holding glue/SST-2/, glue/QNLI/, glue/MNLI/ (GLUE TSVs), or reach the hub"
+# A full run of the suite collects at least this many tests: a run that skips nothing must not get
+# there by collecting fewer. Raise it when tests are added.
+MIN_COLLECTED = 227
 
 
-def _fetch_from_hub() -> str | None:
-    """Fetch every GLUE file the tests read into the hub cache, in a child process that may go
-    online; None when that worked, else why not."""
-    files = [f"{task}/{split}-00000-of-00001.parquet"
-             for task, spec in glue.TASKS.items() for split in ("train", spec.hub_eval_split)]
-    code = ("import sys\nfrom huggingface_hub import hf_hub_download\n"
-            f"for name in {files!r}:\n    hf_hub_download({glue.HUB_DATASET!r}, name, repo_type='dataset')\n")
-    env = os.environ | {"HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "10", "HF_HUB_DOWNLOAD_TIMEOUT": "30"}
-    try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        return "the hub did not answer in time"
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        return f"the hub could not be reached ({last.split(':')[0].rpartition('.')[2]})"  # the error's class
-    return None
+def skip_or_fail(message: str) -> None:
+    """Skip a test that cannot run here, with one line saying what it needs; fail under CI."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run every test, but: {message}")
+    pytest.skip(message)
+
+
+def needs_data(*folders: str) -> Path:
+    """$LORAINIT_DATA, if it holds every one of `folders` (e.g. 'glue/MNLI'); else skip naming them."""
+    root = Path(os.environ["LORAINIT_DATA"])
+    missing = [f for f in folders if not (root / f).is_dir()]
+    if missing:
+        skip_or_fail(f"needs {', '.join(f + '/' for f in missing)} under LORAINIT_DATA ({root} has "
+                     f"{'none of them' if len(missing) == len(folders) else 'not all'}): set LORAINIT_DATA to a "
+                     "folder laid out as glue/SST-2/, glue/QNLI/, glue/MNLI/ (GLUE's TSV files), gsm8k/, wikitext-2/")
+    return root
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skip is a failure (a skip inside a test, a fixture or a marker alike)."""
+    report = yield
+    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome, report.longrepr = "failed", f"CI must run every test, but it skipped: {reason}"
+    return report
+
+
+def pytest_collection_finish(session):
+    """Under CI=true the whole suite (pytest run with no paths) collects at least MIN_COLLECTED tests."""
+    whole = not session.config.args or [Path(a).resolve() for a in session.config.args] == [
+        Path(session.config.rootpath, "tests").resolve()]
+    if os.environ.get("CI") and whole and len(session.items) < MIN_COLLECTED:
+        raise pytest.UsageError(f"collected {len(session.items)} tests, fewer than the {MIN_COLLECTED} "
+                                "this suite had: a test was lost")
 
 
 @pytest.fixture(scope="session")
 def glue_data() -> str:
-    """'folder' or 'hub': where this session's GLUE rows come from. Skips (fails under CI) without."""
-    folder = os.environ.get("LORAINIT_DATA")
-    if folder:
-        missing = [spec.folder for spec in glue.TASKS.values() if not (Path(folder) / "glue" / spec.folder).is_dir()]
-        if not missing:
-            return "folder"
-        why = f"LORAINIT_DATA={folder} holds no glue/{missing[0]}/"
-    else:
-        why = _fetch_from_hub()
-        if why is None:
-            return "hub"
-    message = f"no GLUE rows: {why}; {HOW}"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    """'folder': SST-2 rows are under $LORAINIT_DATA (always, with the shipped slice at worst)."""
+    needs_data("glue/SST-2")
+    return "folder"
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +95,7 @@ def minilm(_minilm):
 @pytest.fixture(scope="session")
 def sst2_rows(glue_data):
     """The first 8 rows of the real SST-2 dev set: (texts, labels)."""
-    ex = glue.read("sst2", "eval", max_rows=8)
-    return ex
+    return glue.read("sst2-slice", "eval", max_rows=8)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from conftest import needs_data
 from lorainit import models
 from lorainit.config import RunConfig
 from lorainit.engine.lora import LoRAConfig, LoRAPack
@@ -33,16 +34,8 @@ def _losses(result):
 
 
 @pytest.fixture(scope="module")
-def lm_data_folder(glue_data):
-    import os
-    from pathlib import Path
-
-    root = os.environ.get("LORAINIT_DATA")
-    if not root or not (Path(root) / "gsm8k").is_dir() or not (Path(root) / "wikitext-2").is_dir():
-        message = "no GSM8K / WikiText-2 rows: set LORAINIT_DATA to a folder holding gsm8k/ and wikitext-2/"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+def lm_data_folder():
+    needs_data("gsm8k", "wikitext-2")
 
 
 def test_gsm8k_rows_count_the_answer_only_and_wikitext_blocks_are_contiguous():

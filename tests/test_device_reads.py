@@ -14,11 +14,10 @@ batch's are pinned and asynchronous). On a GPU the kit's `syncs` column counts a
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from conftest import needs_data
 from lorainit.config import RunConfig
 from lorainit.tasks import causal_lm
 from lorainit.tasks.base import Forward, OnDevice
@@ -112,13 +111,7 @@ def test_a_decoder_step_reads_the_device_once(task, glue_data, monkeypatch):
     """SmolLM2 on GSM8K (uneven rows: padding-free) and WikiText-2 (blocks of one length: padded):
     which tokens count, and whose, comes from the host labels."""
     monkeypatch.setattr(causal_lm, "PADDING_FREE", True)
-    from lorainit.tasks import lm_data
-
-    if lm_data.data_root(task, None) is None:
-        message = f"no {task} rows: set LORAINIT_DATA to a folder holding them"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    needs_data({"gsm8k": "gsm8k", "wikitext2": "wikitext-2"}[task])
     trainer = _trainer(model="smollm2-135m", task=task, max_seq_len=200 if task == "gsm8k" else 48, dropout=0.1)
     assert trainer.task.padding_free is (task == "gsm8k")
     assert _forward_reads(trainer) == []

@@ -1,14 +1,14 @@
 """GLUE files are read in file order, and bad files get errors naming the file, row and column."""
 
-import os
-from pathlib import Path
 
 import pytest
 
+from conftest import needs_data
 from lorainit.tasks import glue
 
 
-def test_reads_real_rows_in_file_order(glue_data):
+def test_reads_real_rows_in_file_order():
+    root = needs_data("glue/SST-2", "glue/QNLI", "glue/MNLI") / "glue"
     ex = glue.read("sst2", "train", max_rows=3)
     assert len(ex.texts) == 3 and all(len(t) == 1 and t[0] for t in ex.texts) and set(ex.labels) <= {0, 1}
     qnli = glue.read("qnli", "eval", max_rows=2)
@@ -16,16 +16,15 @@ def test_reads_real_rows_in_file_order(glue_data):
     mnli = glue.read("mnli", "eval", max_rows=5)
     assert all(len(t) == 2 for t in mnli.texts) and set(mnli.labels) <= {0, 1, 2}
     assert len(glue.read("sst2", "eval").labels) == 872  # the GLUE validation split, in any copy
-    if glue_data == "folder":  # the first rows as the files hold them, split here by hand
-        root = Path(os.environ["LORAINIT_DATA"]) / "glue"
-        header, *lines = (root / "SST-2" / "train.tsv").read_text(encoding="utf-8").splitlines()[:4]
-        cells = [dict(zip(header.split("\t"), line.split("\t"))) for line in lines]
-        assert ex.texts == [(c["sentence"].strip(),) for c in cells]
-        assert ex.labels == [int(c["label"]) for c in cells]
-        header, line = (root / "MNLI" / "dev_matched.tsv").read_text(encoding="utf-8").splitlines()[:2]
-        cell = dict(zip(header.split("\t"), line.split("\t")))
-        assert mnli.texts[0] == (cell["sentence1"].strip(), cell["sentence2"].strip())
-        assert mnli.labels[0] == glue.TASKS["mnli"].labels.index(cell["gold_label"].strip())
+    # the first rows as the files hold them, split here by hand
+    header, *lines = (root / "SST-2" / "train.tsv").read_text(encoding="utf-8").splitlines()[:4]
+    cells = [dict(zip(header.split("\t"), line.split("\t"))) for line in lines]
+    assert ex.texts == [(c["sentence"].strip(),) for c in cells]
+    assert ex.labels == [int(c["label"]) for c in cells]
+    header, line = (root / "MNLI" / "dev_matched.tsv").read_text(encoding="utf-8").splitlines()[:2]
+    cell = dict(zip(header.split("\t"), line.split("\t")))
+    assert mnli.texts[0] == (cell["sentence1"].strip(), cell["sentence2"].strip())
+    assert mnli.labels[0] == glue.TASKS["mnli"].labels.index(cell["gold_label"].strip())
 
 
 def _write(root, task_folder, name, text):
@@ -62,9 +61,10 @@ def _hub_parquet(folder, task, split, examples):
     return path
 
 
-def test_without_a_folder_rows_come_from_the_hub_files(tmp_path, monkeypatch, glue_data):
+def test_without_a_folder_rows_come_from_the_hub_files(tmp_path, monkeypatch):
     import huggingface_hub
 
+    needs_data("glue/SST-2", "glue/QNLI", "glue/MNLI")
     tsv = {(task, split): glue.read(task, split, max_rows=50) for task in glue.TASKS for split in ("train", "eval")}
     asked = []
 

@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from lorainit import tasks
+from lorainit import slices, tasks
 from lorainit.errors import BadInput
 
 INITS = ("a", "b")
@@ -31,7 +31,8 @@ class RunConfig:
     """One LoRA finetuning run. Fields that must agree for runs to share a pack are marked (pack)."""
 
     model: str = "minilm"                 # (pack) model spec: alias, local folder or hub id
-    task: str = "sst2"                    # (pack) a registered task: sst2 | qnli | mnli | gsm8k | wikitext2
+    task: str = "sst2"                    # (pack) a registered task: sst2 | qnli | mnli | gsm8k | wikitext2,
+    #                                       or a slice shipped with lorainit: sst2-slice | gsm8k-slice | wikitext2-slice
     data_dir: str | None = None           # (pack) the task's data folder; default $LORAINIT_DATA or hub
     init: str = "a"                       # a: A random, B = 0 (Init[A]); b: B random, A = 0 (Init[B])
     init_variance: str = "kaiming"        # kaiming (PEFT's) | gaussian (the theory's)
@@ -118,6 +119,9 @@ class RunConfig:
                 raise BadInput(f"{where}: {key} must be >= 1, got {getattr(self, key)!r}")
         if not self.targets:
             raise BadInput(f"{where}: targets is empty; name at least one module, e.g. query")
+        if self.data_dir is not None and slices.folder(self.task) is not None:
+            raise BadInput(f"{where}: task {self.task} reads the rows shipped with lorainit, so data_dir is not "
+                           f"used; for a folder of your own use task {slices.base(self.task)}")
 
     def to_dict(self) -> dict:
         return {f: _plain(v) for f, v in dataclasses.asdict(self).items()}

@@ -122,7 +122,7 @@ def seconds_per_pack(pack: Pack, shape: Shape | None, flops_per_s: float) -> flo
     evals = steps // run.eval_every + (steps % run.eval_every > 0) if run.eval_every else 1
     work = 4 * shape.matmul_params * train[1] * run.batch_size * steps
     work += 2 * shape.matmul_params * evaluation[1] * evaluation[0] * evals
-    if run.task == "gsm8k":  # greedy generation: up to max_new_tokens one-token forwards per question
+    if slices.base(run.task) == "gsm8k":  # greedy generation: up to max_new_tokens one-token forwards per question
         work += 2 * shape.matmul_params * run.max_new_tokens * evaluation[0] * evals
     return work * len(pack.runs) / flops_per_s
 

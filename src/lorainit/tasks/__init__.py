@@ -4,7 +4,7 @@ This is the one list of task names. Run validation, the planner, the dry run's e
 store and `results.csv` all read it. A family is a `tasks.base.Task` subclass, named here by
 "module:Class" and imported only when a pack needs it, so that reading the registry stays cheap.
 
-    tasks.names()          -> ('sst2', 'qnli', 'mnli', 'gsm8k', 'wikitext2')
+    tasks.names()          -> ('sst2', 'qnli', 'mnli', 'gsm8k', 'wikitext2', 'sst2-slice', ...)
     tasks.get('sst2')      -> TaskInfo(name='sst2', family='lorainit.tasks.classification:Classification', ...)
     tasks.family('sst2')   -> the Classification class
     tasks.register(...)    -> add a task (and its family) at run time
@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from lorainit import slices
 from lorainit.errors import BadInput
 from lorainit.tasks import glue
 
@@ -112,3 +113,8 @@ for _name in glue.TASKS:
 # Causal language modelling on decoder LLMs, whose attention projections are q_proj ... o_proj.
 register("gsm8k", "lorainit.tasks.causal_lm:CausalLM", (EXACT_MATCH, EVAL_LOSS), ("q_proj", "v_proj"))
 register("wikitext2", "lorainit.tasks.causal_lm:CausalLM", (PERPLEXITY, EVAL_LOSS), ("q_proj", "v_proj"))
+# The slices lorainit ships (lorainit.slices): each a task of its own name, trained and scored as
+# the task it is cut from, reading its rows from the package.
+for _name in slices.SLICES:
+    _full = get(slices.base(_name))
+    register(_name, _full.family, _full.metrics, _full.default_targets)

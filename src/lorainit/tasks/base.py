@@ -97,6 +97,19 @@ class Task(ABC):
         """Every metric of each of `runs` (stacking order) on the evaluation rows. The trainer has
         set the model to eval mode and the pack's active runs; the task forwards as it needs."""
 
+    def trivial_losses(self, state, runs: list[int]) -> list[float]:
+        """Each of `runs`' trivial loss, the eval loss a run must beat to have learned
+        (`lorainit.sweeps.outcome`), taken at step 0. By default the run's own eval loss as its model
+        is now, before any update; a family that can say it without a model (classification: the
+        label prior's) overrides this. The trainer has set the model to eval mode and the runs."""
+        return [m["eval_loss"] for m in self.evaluate(state, runs)]
+
+    @classmethod
+    def trivial_loss_of(cls, run) -> float | None:
+        """The trivial loss of `run` from its data alone, for a store written before it was
+        recorded; None where it needs the model (a decoder's step-0 loss) or the data is not here."""
+        return None
+
     def checkpoint_base(self, state) -> None:
         """Recompute the frozen base's layers in the backward instead of keeping their activations
         (the run field `gradient_checkpointing`). Every dropout draw is replayed in the recompute,

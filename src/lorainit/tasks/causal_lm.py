@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorainit import models
+from lorainit import models, slices
 from lorainit.engine.packing import FlatLayout, causal_mask
 from lorainit.tasks import lm_data
 from lorainit.tasks.base import Forward, Losses, OnDevice, Task, eval_budget, host_tensor, stack_padded, token_chunks
@@ -136,6 +136,11 @@ def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
 
 
+def _data_dir(run) -> str | None:
+    """The folder a run reads: a shipped slice's own, else its `data_dir` (None: LORAINIT_DATA or the hub)."""
+    return slices.data_dir(run.task, run.data_dir)
+
+
 class CausalLM(Task):
     """A decoder LLM trained on its counted tokens: GSM8K answers or WikiText-2 blocks."""
 
@@ -144,8 +149,8 @@ class CausalLM(Task):
         self.model, self.tokenizer, self.fresh_weights = models.load_with_fresh(
             run.model, "causal_lm", **(model_overrides or {}))
         self.pad_id = self.tokenizer.pad_token_id
-        self.questions = (lm_data.read_gsm8k("eval", run.data_dir, max_rows=run.max_eval_samples)
-                          if run.task == "gsm8k" else None)  # scored by generation, and their answers' loss
+        self.questions = (lm_data.read_gsm8k("eval", _data_dir(run), max_rows=run.max_eval_samples)
+                          if slices.base(run.task) == "gsm8k" else None)  # scored by generation, and their answers' loss
         self.train = self.read(run, "train", self.tokenizer)
         self.eval = (encode_gsm8k(self.questions, self.tokenizer, run.max_seq_len) if self.questions is not None
                      else self.read(run, "eval", self.tokenizer))
@@ -158,9 +163,9 @@ class CausalLM(Task):
     @staticmethod
     def read(run, split: str, tokenizer) -> Rows:
         limit = run.max_train_samples if split == "train" else run.max_eval_samples
-        if run.task == "gsm8k":
-            return encode_gsm8k(lm_data.read_gsm8k(split, run.data_dir, max_rows=limit), tokenizer, run.max_seq_len)
-        text, where = lm_data.wikitext_file(split, run.data_dir)
+        if slices.base(run.task) == "gsm8k":
+            return encode_gsm8k(lm_data.read_gsm8k(split, _data_dir(run), max_rows=limit), tokenizer, run.max_seq_len)
+        text, where = lm_data.wikitext_file(split, _data_dir(run))
         if split == "train" and where.endswith("valid.txt"):
             print(f"wikitext2: no train.txt, training on {where}", file=sys.stderr)
         rows = encode_blocks(text, tokenizer, run.max_seq_len)
@@ -247,7 +252,26 @@ class CausalLM(Task):
         return Losses(*self._sums(state, batch, len(forward.runs)))
 
     def evaluate(self, state, runs: list[int]) -> list[dict[str, float]]:
-        n = len(runs)
+        results = []
+        for loss in self._eval_losses(state, len(runs)):
+            metrics = {"eval_loss": loss}
+            if slices.base(self.run.task) == "wikitext2":
+                metrics["perplexity"] = math.exp(loss) if loss < 700 else float("inf")
+            results.append(metrics)
+        if self.questions is not None:
+            texts = self.generate(state, len(runs), [lm_data.gsm8k_prompt(q.question) for q in self.questions],
+                                  self.run.max_new_tokens)
+            for j, generated in enumerate(texts):
+                hits = sum(lm_data.exact_match(t, q.answer) for t, q in zip(generated, self.questions))
+                results[j]["exact_match"] = hits / len(self.questions)
+        return results
+
+    def trivial_losses(self, state, runs: list[int]) -> list[float]:
+        """The runs' own eval loss before any update, without generating."""
+        return self._eval_losses(state, len(runs))
+
+    def _eval_losses(self, state, n: int) -> list[float]:
+        """Each of the n active runs' mean loss over the evaluation rows' counted tokens."""
         device = state.pack.parameters()[0].device
         order = sorted(range(len(self.eval)), key=lambda i: len(self.eval.ids[i]))
         sums = torch.zeros(n, dtype=torch.float64, device=device)
@@ -258,20 +282,7 @@ class CausalLM(Task):
             sums += s.double()
             counts += c.double()
         sums, counts = sums.cpu(), counts.cpu()  # one read of the device per evaluation
-        results = []
-        for j in range(n):
-            loss = float(sums[j] / counts[j])
-            metrics = {"eval_loss": loss}
-            if self.run.task == "wikitext2":
-                metrics["perplexity"] = math.exp(loss) if loss < 700 else float("inf")
-            results.append(metrics)
-        if self.questions is not None:
-            texts = self.generate(state, n, [lm_data.gsm8k_prompt(q.question) for q in self.questions],
-                                  self.run.max_new_tokens)
-            for j in range(n):
-                hits = sum(lm_data.exact_match(t, q.answer) for t, q in zip(texts[j], self.questions))
-                results[j]["exact_match"] = hits / len(self.questions)
-        return results
+        return [float(sums[j] / counts[j]) for j in range(n)]
 
     def generate(self, state, n: int, prompts: list[str], max_new_tokens: int) -> list[list[str]]:
         """Greedy continuations of `prompts` by each of the n active runs: texts[run][prompt].
@@ -279,16 +290,13 @@ class CausalLM(Task):
         One batched generation per chunk of prompts, every run's copy of the rows through its own
         adapters, left-padded (transformers derives the positions from the mask), with a KV cache;
         a row stops at EOS, at the start of a next question, or after `max_new_tokens`."""
-        from tqdm.auto import tqdm
-
         model = state.pack.model
         device = state.pack.parameters()[0].device
         encoded = [self.tokenizer(p)["input_ids"] for p in prompts]
         per_chunk = max(1, GENERATE_ROWS // n)
         texts: list[list[str]] = [[] for _ in range(n)]
         chunks = range(0, len(encoded), per_chunk)
-        for lo in tqdm(chunks, desc=f"generating ({n} runs x {len(encoded)} questions)", unit="batch",
-                       disable=not sys.stderr.isatty(), leave=False):
+        for lo in chunks:  # no display of its own: the caller's one display says it is evaluating
             part = encoded[lo:lo + per_chunk]
             width = max(len(x) for x in part)
             ids = torch.full((len(part), width), self.pad_id, dtype=torch.long)
@@ -314,25 +322,25 @@ class CausalLM(Task):
 
     @classmethod
     def check_data(cls, run) -> None:
-        if run.task == "gsm8k":
+        if slices.base(run.task) == "gsm8k":
             for split in ("train", "eval"):
-                lm_data.read_gsm8k(split, run.data_dir, max_rows=1)
+                lm_data.read_gsm8k(split, _data_dir(run), max_rows=1)
         else:
             for split in ("train", "eval"):
-                lm_data.wikitext_file(split, run.data_dir)
+                lm_data.wikitext_file(split, _data_dir(run))
 
     @classmethod
     def data_size(cls, run, split: str) -> tuple[int, float] | None:
         """(rows, tokens per row) from the local files, the tokens guessed at ~4 characters each."""
-        if lm_data.data_root(run.task, run.data_dir) is None:
+        if lm_data.data_root(slices.base(run.task), _data_dir(run)) is None:
             return None
         try:
-            if run.task == "gsm8k":
-                rows = lm_data.read_gsm8k(split, run.data_dir)
+            if slices.base(run.task) == "gsm8k":
+                rows = lm_data.read_gsm8k(split, _data_dir(run))
                 tokens = sum(len(r.question) + len(r.answer) + 20 for r in rows) / len(rows) / 4
                 count = len(rows)
             else:
-                text, _ = lm_data.wikitext_file(split, run.data_dir)
+                text, _ = lm_data.wikitext_file(split, _data_dir(run))
                 count, tokens = max(1, len(text) // 4 // run.max_seq_len), run.max_seq_len
         except Exception:  # noqa: BLE001 - an estimate, never an error
             return None

@@ -8,12 +8,13 @@ their own padded forward.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
-from lorainit import models
+from lorainit import models, slices
 from lorainit.engine import unpadded
 from lorainit.errors import BadInput
 from lorainit.tasks import glue
@@ -60,17 +61,30 @@ def read_split(run, split: str, tokenizer) -> Split:
     return Split(ids, type_ids, torch.tensor(examples.labels))
 
 
+def prior_loss(train_labels: list[int], eval_labels: list[int], num_labels: int) -> float:
+    """Mean cross-entropy on `eval_labels` of the constant prediction p(y) = the training labels'
+    frequencies (add-one smoothed, so that a label unseen in training costs a finite loss): the
+    loss of a classifier that learned nothing from its inputs. Equal to the prior's entropy where
+    both splits share one prior (ln 2 for a balanced binary task)."""
+    counts = [1] * num_labels
+    for y in train_labels:
+        counts[y] += 1
+    total = sum(counts)
+    return -sum(math.log(counts[y] / total) for y in eval_labels) / len(eval_labels)
+
+
 class Classification(Task):
     """A sequence classifier with `len(labels)` outputs, trained on a GLUE task's rows."""
 
     def __init__(self, run, model_overrides: dict | None = None):
         super().__init__(run, model_overrides)
-        num_labels = len(glue.TASKS[run.task].labels)
+        num_labels = len(glue.TASKS[slices.base(run.task)].labels)
         self.model, self.tokenizer, self.fresh_weights = models.load_with_fresh(
             run.model, "classification", num_labels=num_labels, **(model_overrides or {}))
         self.pad_id = self.tokenizer.pad_token_id
         self.train = read_split(run, "train", self.tokenizer)
         self.eval = read_split(run, "eval", self.tokenizer)
+        self.prior_loss = prior_loss(self.train.labels.tolist(), self.eval.labels.tolist(), num_labels)
         # BERT-family classifiers skip padding in every token-wise op (see engine/unpadded.py)
         self.unpadded = unpadded.supports(self.model)
 
@@ -123,6 +137,19 @@ class Classification(Task):
         return [{"accuracy": float(correct[j] / len(self.eval)), "eval_loss": float(loss_sum[j] / len(self.eval))}
                 for j in range(n)]
 
+    def trivial_losses(self, state, runs: list[int]) -> list[float]:
+        """Always predicting the training rows' label prior: no model needed."""
+        return [self.prior_loss] * len(runs)
+
+    @classmethod
+    def trivial_loss_of(cls, run) -> float | None:
+        try:
+            train = glue.read(run.task, "train", run.data_dir, max_rows=run.max_train_samples).labels
+            evaluated = glue.read(run.task, "eval", run.data_dir, max_rows=run.max_eval_samples).labels
+        except BadInput:
+            return None
+        return prior_loss(train, evaluated, len(glue.TASKS[slices.base(run.task)].labels))
+
     @classmethod
     def check_data(cls, run) -> None:
         """Every row the run will read: each label must be one of the task's."""
@@ -131,16 +158,16 @@ class Classification(Task):
 
     @classmethod
     def skeleton(cls, run):
-        return models.skeleton(run.model, "classification", num_labels=len(glue.TASKS[run.task].labels))
+        return models.skeleton(run.model, "classification", num_labels=len(glue.TASKS[slices.base(run.task)].labels))
 
     @classmethod
     def data_size(cls, run, split: str, sample: int = 200) -> tuple[int, float] | None:
         """(rows, mean tokens per row) of a split in a local data folder, the tokens guessed from the
         first rows' characters (about 4 per token, plus 2 special tokens); None without local files."""
-        root = glue.glue_root(run.data_dir)
+        root = glue.glue_root(slices.data_dir(run.task, run.data_dir))
         if root is None:  # the hub: an estimate downloads nothing
             return None
-        spec = glue.TASKS[run.task]
+        spec = glue.TASKS[slices.base(run.task)]
         path = root / spec.folder / f"{'train' if split == 'train' else spec.eval_split}.tsv"
         try:
             texts = glue.read(run.task, split, run.data_dir, max_rows=sample).texts

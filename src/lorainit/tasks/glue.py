@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorainit import slices
 from lorainit.errors import BadInput
 
 
@@ -109,11 +110,12 @@ def read_parquet(path: Path, task: str, max_rows: int | None = None) -> Examples
 
 
 def read(task: str, split: str, data_dir: str | None = None, max_rows: int | None = None) -> Examples:
-    """Read the first `max_rows` rows (file order) of `split` ('train' or 'eval') of a GLUE task."""
-    if task not in TASKS:
+    """Read the first `max_rows` rows (file order) of `split` ('train' or 'eval') of a GLUE task
+    (or of a slice of one shipped with lorainit, e.g. `sst2-slice`, from its own folder)."""
+    if slices.base(task) not in TASKS:
         raise DataError(f"unknown GLUE task {task!r}; expected one of {', '.join(TASKS)}")
-    spec = TASKS[task]
-    root = glue_root(data_dir)
+    spec = TASKS[slices.base(task)]
+    root = glue_root(slices.data_dir(task, data_dir))
     if root is None:
         return read_parquet(hub_file(task, split), task, max_rows)
     fname = "train" if split == "train" else spec.eval_split
