@@ -66,7 +66,7 @@ def log_interval(run: RunConfig, total: int) -> int:
 @dataclass
 class RunResult:
     config: RunConfig
-    status: str = "done"                  # done | diverged | failed
+    status: str = "done"                  # done | diverged | failed (whether it learned: sweeps.outcome)
     diverged_step: int | None = None      # 1-based step at which the run diverged
     steps: int = 0                        # optimiser steps taken
     final: dict = field(default_factory=dict)   # metric -> value at the end
@@ -75,13 +75,14 @@ class RunResult:
     seconds: float = 0.0
     adapter: str | None = None
     error: str | None = None              # why a failed run failed
+    trivial_loss: float | None = None     # the eval loss it must beat to have learned (sweeps.outcome)
 
     def to_dict(self) -> dict:
         """Plain values (the config as a dict): for checkpoints and for results crossing processes."""
         return {"config": self.config.to_dict(), "status": self.status, "diverged_step": self.diverged_step,
                 "steps": self.steps, "final": dict(self.final), "best": dict(self.best),
                 "metrics": [dict(m) for m in self.metrics], "seconds": self.seconds, "adapter": self.adapter,
-                "error": self.error}
+                "error": self.error, "trivial_loss": self.trivial_loss}
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunResult":
@@ -287,6 +288,27 @@ class PackTrainer:
             res.final = dict(values)
         return measured
 
+    @torch.inference_mode()
+    def record_trivial(self) -> None:
+        """Each run's trivial loss at step 0 (`Task.trivial_losses`), as its metric row
+        `trivial_loss` and on its result. Runs whose adapters start at zero and share a seed
+        compute one function at step 0 (the base with that seed's frozen draws), so one of them
+        is evaluated for all: one evaluation per seed, without generation."""
+        first = {}
+        for k, run in enumerate(self.runs):
+            first.setdefault(run.seed, k)
+        active = sorted(first.values())
+        self.state.set_batch(active, None)
+        self.model.eval()
+        try:
+            with _autocast(self.runs[0].precision, self.device):
+                values = dict(zip(active, self.task.trivial_losses(self.state, active)))
+        finally:
+            self.state.set_batch(None, None)
+        for k, run in enumerate(self.runs):
+            self.results[k].trivial_loss = values[first[run.seed]]
+            self._emit(k, 0, "trivial_loss", values[first[run.seed]])
+
     # -- checkpoints ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -350,7 +372,7 @@ class PackTrainer:
             self.flush()  # a pack that fails keeps the rows it made (a resume replaces those past its checkpoint)
 
     def _run(self, adapters_dir, checkpoint_dir, on_step, on_eval) -> list[RunResult]:
-        from tqdm.auto import tqdm
+        from lorainit.display import ProgressDisplay
 
         first = self.runs[0]
         if checkpoint_dir is not None and (saved := checkpoint.load_latest(checkpoint_dir)) is not None:
@@ -358,11 +380,13 @@ class PackTrainer:
             self.resumed_at = self.step
         if self.sink is not None:
             self.sink.truncate([r.run_id() for r in self.runs], self.step)
+        if self.step == 0 and not self.finished:
+            self.record_trivial()
         session = time.perf_counter()
         start = session - self.seconds  # seconds count across resumes
         tokens = 0  # real tokens trained in this session
-        bar = tqdm(total=self.total, initial=self.step, desc=f"pack of {self.K}", unit="step",
-                   disable=not self.show_progress or self.finished)
+        bar = ProgressDisplay(f"pack of {self.K}", self.total, "step", initial=self.step,
+                              enabled=self.show_progress and not self.finished)
         while not self.finished and self.step < self.total and any(self.alive):
             log = first.eval_every > 0 and (self.step + 1) % first.eval_every == 0
             # probes at the first and last step and at every evaluation
@@ -373,9 +397,8 @@ class PackTrainer:
                     on_eval(self)
                 self.evaluate()
             rate = tokens / max(time.perf_counter() - session, 1e-9)
-            bar.set_postfix(loss=f"{sum(losses.values()) / max(1, len(losses)):.4f}", tok_s=f"{rate:.0f}",
-                            alive=sum(self.alive))
-            bar.update()
+            bar.update(1, f"loss {sum(losses.values()) / max(1, len(losses)):.4f}, {rate:.0f} tok/s, "
+                          f"{sum(self.alive)} alive")
             if on_step is not None:
                 on_step(self, losses, rate)
             if (checkpoint_dir is not None and first.checkpoint_every > 0 and self.step < self.total

@@ -13,6 +13,7 @@ import numpy as np
 
 from lorainit.report.findings import INIT_NAMES, Finding
 from lorainit.report.sweep import Group, finite
+from lorainit.sweeps import outcome
 from lorainit.theory.toy_figures import _plt
 
 COLORS = {"a": "tab:blue", "b": "tab:orange"}
@@ -38,7 +39,7 @@ def metric_vs_lr(findings: list[Finding], out: Path, stem: str) -> list[Path]:
     plt = _plt()
     fig, axes = plt.subplots(1, len(findings), figsize=(5.2 * len(findings), 3.9), squeeze=False)
     for ax, f in zip(axes[0], findings):
-        failed_x = []
+        failed_x, unlearned = [], False
         for init, cells in f.cells.items():
             color, name = _color(init), INIT_NAMES.get(init, init)
             lrs = [c.lr for c in cells if c.complete]
@@ -47,6 +48,12 @@ def metric_vs_lr(findings: list[Finding], out: Path, stem: str) -> list[Path]:
             for c in cells:
                 vals = c.values
                 ax.scatter([c.lr] * len(vals), vals, color=color, s=12, alpha=0.5)
+                flat = [r.final[f.metric.name] for r in c.runs if r.status in outcome.NOT_LEARNED
+                        and finite(r.final.get(f.metric.name))]
+                if flat:  # trained to the end without learning: shown, hollow, never on the line
+                    ax.scatter([c.lr] * len(flat), flat, facecolors="none", edgecolors=color, s=28, lw=1,
+                               label=None if unlearned else "did not learn or collapsed (a seed)")
+                    unlearned = True
                 if c.diverged or c.failed:
                     failed_x.append(c.lr)
             best = f.inits[init].best_lr
@@ -66,13 +73,15 @@ def metric_vs_lr(findings: list[Finding], out: Path, stem: str) -> list[Path]:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
-    fig.suptitle("Final metric against learning rate; dotted: each init's best lr", fontsize=10)
+    fig.suptitle("Final metric against learning rate; line: lrs where every seed learned; dotted: each init's "
+                 "best lr", fontsize=10)
     fig.tight_layout()
     return _save(fig, out, stem)
 
 
 def heatmap(finding: Finding, out: Path, stem: str) -> list[Path]:
-    """(init, lr) -> mean final metric; cells with a diverged, failed or unfinished seed say so."""
+    """(init, lr) -> mean final metric where every seed learned; cells where a seed did not learn,
+    collapsed, diverged or failed say so (with the mean of the seeds that trained to the end)."""
     plt = _plt()
     f = finding
     lrs = sorted({c.lr for cells in f.cells.values() for c in cells})
@@ -85,8 +94,10 @@ def heatmap(finding: Finding, out: Path, stem: str) -> list[Path]:
             if c.complete:
                 grid[i, j] = c.mean
                 labels[i][j] = f"{c.mean:.3g}"
-            elif c.diverged or c.failed:
-                labels[i][j] = f"diverged\n{c.diverged + c.failed}/{len(c.runs)}"
+            elif c.label():
+                values = c.trained_values
+                labels[i][j] = "\n".join(c.label().rsplit(" ", 1)) + (
+                    f"\n({sum(values) / len(values):.3g})" if values else "")
             else:
                 labels[i][j] = "running" if c.unfinished else "-"
     fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(lrs) + 2), 0.8 * len(inits) + 1.8))
@@ -197,6 +208,7 @@ def curves(group: Group, metric_names: list[str], out: Path, stem: str) -> list[
             ax.set_title(f"{INIT_NAMES.get(init, init)}: {name}", fontsize=9)
             ax.grid(alpha=0.3)
         fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[:, j].tolist(), label="learning rate")
-    fig.suptitle(f"{group.title}: per run, dashed = diverged or failed (x: where it stopped)", fontsize=10)
+    fig.suptitle(f"{group.title}: per run, dashed = did not learn, collapsed, diverged or failed "
+                 "(x: where a diverged or failed run stopped)", fontsize=10)
     return _save(fig, out, stem)
 

@@ -2,20 +2,25 @@
 
 For each group (task and further grid axes) and each of the task's metrics, a cell is one
 (init, lr): its runs are its seeds, its value their final metric. A cell is a candidate for the
-optimum only when every one of its seeds finished training (status done): a cell where any seed
-diverged or failed is unstable at that lr, and cells still pending or running are unknown.
+optimum only when every one of its seeds learned (status done, `lorainit.sweeps.outcome`): a cell
+where any seed diverged, failed, collapsed or did not learn does not work at that lr, and cells
+still pending or running are unknown.
 
-Per init: the best lr (best mean over seeds, with min-max), and the largest lr at which no seed
-diverged. Across inits: the ratio of optimal lrs A / B, and the paper's two claims, each judged
-against the seeds' spread:
+Per init: the best lr (best mean over seeds, with min-max), each seed's own best lr, and the
+largest lr at which every seed learned. Across inits, the paper's two claims, each judged against
+the seeds:
 
-- "Init[A]'s optimal lr >= Init[B]'s" holds when every seed's optimum for A is at or above every
-  seed's optimum for B; it does not hold when every seed's A optimum is below every B optimum;
-  otherwise the seeds disagree: within seed noise.
-- "Init[A]'s best metric >= Init[B]'s" compares the two best means: the difference counts when it
-  is larger than the seeds' spread there (the mean of the two cells' min-max widths).
+- "Init[A]'s optimal lr > Init[B]'s" HOLDS when every seed's own Init[A] optimum is above every
+  seed's own Init[B] optimum; is EQUAL when every seed's optimum is one and the same lr for both
+  inits; DOES NOT HOLD in the mirror case (every A optimum below every B optimum); and is WITHIN
+  SEED NOISE otherwise. With one seed the same rules apply (so HOLDS needs a strict >), and the
+  verdict says that the spread is unknown.
+- "Init[A]'s best <metric> > Init[B]'s" compares the seeds' values in each init's best cell: it
+  HOLDS when every A seed beats every B seed, DOES NOT HOLD in the mirror case, is EQUAL when every
+  value is the same, and is WITHIN SEED NOISE when the two ranges overlap. With one seed a gap is
+  no evidence either way: SPREAD UNKNOWN.
 
-With one seed the spread is unknown: the verdict is the comparison itself, and says so.
+A tie, a gap inside the seeds' spread, or any metric gap with one seed is never HOLDS.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ import statistics
 from dataclasses import dataclass, field
 
 from lorainit.report.sweep import Group, Run, finite
+from lorainit.sweeps import outcome
 from lorainit.tasks import Metric
 
-HOLDS, FAILS, NOISE = "holds", "does not hold", "within seed noise"
+HOLDS, FAILS, EQUAL, NOISE, UNKNOWN = "holds", "does not hold", "equal", "within seed noise", "spread unknown"
 INIT_NAMES = {"a": "Init[A]", "b": "Init[B]"}
+# what a run that did not learn is called in notes, by its status
+NOT_LEARNED = {"did_not_learn": "did not learn", "collapsed": "collapsed", "diverged": "diverged", "failed": "failed"}
 
 
 @dataclass
@@ -36,33 +44,54 @@ class Cell:
     init: str
     lr: float
     runs: list[Run]
+    metric: str = ""
 
     @property
     def values(self) -> list[float]:
         return [r.final[self.metric] for r in self.runs if r.status == "done" and finite(r.final.get(self.metric))]
 
-    metric: str = ""
+    @property
+    def trained_values(self) -> list[float]:
+        """The metric of every seed that trained to the end, whether or not it learned."""
+        return [r.final[self.metric] for r in self.runs
+                if r.status in ("done", *outcome.NOT_LEARNED) and finite(r.final.get(self.metric))]
 
     @property
     def complete(self) -> bool:
-        """Every seed trained to the end with a finite metric."""
+        """Every seed learned, with a finite metric."""
         return bool(self.runs) and all(r.status == "done" for r in self.runs) and len(self.values) == len(self.runs)
+
+    def count(self, *statuses: str) -> int:
+        return sum(r.status in statuses for r in self.runs)
 
     @property
     def diverged(self) -> int:
-        return sum(r.status == "diverged" for r in self.runs)
+        return self.count("diverged")
 
     @property
     def failed(self) -> int:
-        return sum(r.status == "failed" for r in self.runs)
+        return self.count("failed")
+
+    @property
+    def unlearned(self) -> int:
+        """Seeds that trained to the end and did not learn, or learned and fell back."""
+        return self.count("did_not_learn", "collapsed")
 
     @property
     def unfinished(self) -> int:
-        return sum(r.status not in ("done", "diverged", "failed") for r in self.runs)
+        return sum(r.status not in outcome.SHOWN for r in self.runs)
 
     @property
     def mean(self) -> float | None:
         return statistics.fmean(self.values) if self.values else None
+
+    def label(self) -> str | None:
+        """How a cell that does not work says so, e.g. 'did not learn 3/3', 'diverged 1/3'; None otherwise."""
+        for status in ("diverged", "failed", "collapsed", "did_not_learn"):
+            if self.count(status):
+                bad = sum(r.status in NOT_LEARNED for r in self.runs)
+                return f"{NOT_LEARNED[status]} {bad}/{len(self.runs)}"
+        return None
 
 
 @dataclass
@@ -73,15 +102,16 @@ class InitFinding:
     best_min: float | None
     best_max: float | None
     seeds: int
-    largest_stable_lr: float | None        # no seed diverged at this lr (nor failed)
+    largest_learned_lr: float | None        # every seed learned at this lr (none diverged, failed or did not learn)
     seed_optima: list[float] = field(default_factory=list)  # each seed's own best lr
+    best_values: list[float] = field(default_factory=list)  # the seeds' values at the best lr
     tie: float | None = None                # every lr gave this same value: there is no optimum
 
 
 @dataclass
 class Claim:
     text: str
-    verdict: str                            # HOLDS, FAILS, NOISE, or "unknown"
+    verdict: str                            # HOLDS, EQUAL, FAILS, NOISE or UNKNOWN
     detail: str
 
 
@@ -116,7 +146,7 @@ def _init_finding(init: str, cells: list[Cell], metric: Metric) -> InitFinding:
     candidates = [(c.lr, c.mean) for c in cells if c.complete]
     tie = len(candidates) > 1 and len({v for _, v in candidates}) == 1
     best = None if tie else _best(metric, candidates)  # every lr alike (an exact match of 0): no optimum
-    stable = [c.lr for c in cells if c.runs and c.diverged == 0 and c.failed == 0 and c.unfinished == 0]
+    learned = [c.lr for c in cells if c.complete]
     seeds = sorted({r.seed for c in cells for r in c.runs})
     optima = []
     for seed in seeds:
@@ -127,7 +157,7 @@ def _init_finding(init: str, cells: list[Cell], metric: Metric) -> InitFinding:
     cell = next((c for c in cells if best and c.lr == best[0]), None)
     return InitFinding(init, best[0] if best else None, best[1] if best else None,
                        min(cell.values) if cell else None, max(cell.values) if cell else None,
-                       len(seeds), max(stable) if stable else None, optima,
+                       len(seeds), max(learned) if learned else None, optima, cell.values if cell else [],
                        candidates[0][1] if tie else None)
 
 
@@ -139,11 +169,14 @@ def judge(group: Group, metric: Metric) -> Finding:
     if unfinished:
         notes.append(f"{unfinished} of {len(group.runs)} runs are not finished: these findings may change")
     for init, cs in cells.items():
-        bad = [c for c in cs if c.diverged or c.failed]
+        bad = [(c, c.label()) for c in cs if c.label()]
         if bad:
-            parts = [f"{_lr(c.lr)} ({c.diverged + c.failed} of {len(c.runs)} seeds)" for c in bad]
-            notes.append(f"{INIT_NAMES.get(init, init)} diverged or failed at lr {', '.join(parts)}; "
-                         "those lrs are not candidates for its optimum")
+            notes.append(f"{INIT_NAMES.get(init, init)} at lr " + ", ".join(f"{_lr(c.lr)}: {label}" for c, label in bad)
+                         + " seeds; those lrs are not candidates for its optimum")
+    if any(c.unlearned for cs in cells.values() for c in cs):
+        notes.append(f"a run did not learn when its final eval loss is not more than {outcome.MARGIN:.0%} below "
+                     "the trivial predictor's (the label prior's for classification, its own step-0 loss for a "
+                     "decoder); it collapsed when an earlier evaluation was")
     a, b = inits.get("a"), inits.get("b")
     claims, ratio = [], None
     if a and b and a.best_lr and b.best_lr:
@@ -156,41 +189,55 @@ def judge(group: Group, metric: Metric) -> Finding:
     elif a.tie is not None or b.tie is not None:
         notes.append(f"every lr gives one init the same {metric.name}: no optimum, so nothing to compare")
     else:
-        notes.append("an init has no learning rate at which every seed finished: no optimum to compare")
+        notes.append("an init has no learning rate at which every seed learned: no optimum to compare")
     return Finding(group, metric, cells, inits, ratio, claims, notes)
 
 
+def _order(above: list[float], below: list[float]) -> str:
+    """HOLDS when every value of `above` is above every value of `below`, FAILS in the mirror case,
+    EQUAL when every value is one and the same, else NOISE."""
+    if min(above) > max(below):
+        return HOLDS
+    if max(above) < min(below):
+        return FAILS
+    if len(set(above) | set(below)) == 1:
+        return EQUAL
+    return NOISE
+
+
 def _claim_lr(a: InitFinding, b: InitFinding, one_seed: bool) -> Claim:
-    text = "Init[A]'s optimal lr >= Init[B]'s"
+    text = "Init[A]'s optimal lr > Init[B]'s"
     octaves = math.log2(a.best_lr / b.best_lr)
     detail = f"{_lr(a.best_lr)} against {_lr(b.best_lr)} ({octaves:+.1f} octaves)"
+    if not (a.seed_optima and b.seed_optima):
+        return Claim(text, NOISE, detail + "; no seed has an optimum of its own for both inits")
+    verdict = _order(a.seed_optima, b.seed_optima)
     if one_seed:
-        return Claim(text, HOLDS if a.best_lr >= b.best_lr else FAILS, detail + "; one seed, so the spread is unknown")
+        return Claim(text, verdict, detail + "; one seed, so the spread is unknown")
     detail += (f"; the seeds' own optima: A {', '.join(map(_lr, sorted(a.seed_optima)))}, "
                f"B {', '.join(map(_lr, sorted(b.seed_optima)))}")
-    if a.seed_optima and b.seed_optima and min(a.seed_optima) >= max(b.seed_optima):
-        return Claim(text, HOLDS, detail)
-    if a.seed_optima and b.seed_optima and max(a.seed_optima) < min(b.seed_optima):
-        return Claim(text, FAILS, detail)
-    return Claim(text, NOISE, detail)
+    return Claim(text, verdict, detail)
 
 
 def _claim_metric(a: InitFinding, b: InitFinding, metric: Metric, one_seed: bool) -> Claim:
-    text = f"Init[A]'s best {metric.name} >= Init[B]'s"
-    gain = (a.best_mean - b.best_mean) * (1 if metric.higher_is_better else -1)  # > 0: A is better
+    text = f"Init[A]'s best {metric.name} > Init[B]'s"
+    sign = 1 if metric.higher_is_better else -1
+    gain = (a.best_mean - b.best_mean) * sign  # > 0: A is better
     winner = "A" if gain > 0 else "B" if gain < 0 else "neither"
     detail = f"{_num(a.best_mean)} against {_num(b.best_mean)} ({winner} better by {_num(abs(gain))})"
     if one_seed:
-        return Claim(text, HOLDS if gain >= 0 else FAILS, detail + "; one seed, so the spread is unknown")
-    spread = ((a.best_max - a.best_min) + (b.best_max - b.best_min)) / 2
-    detail += f"; seed spread {_num(spread)}"
-    if abs(gain) <= spread:
-        return Claim(text, NOISE, detail)
-    return Claim(text, HOLDS if gain > 0 else FAILS, detail)
+        return Claim(text, EQUAL if gain == 0 else UNKNOWN,
+                     detail + "; one seed, so the spread is unknown and a gap is no evidence either way")
+    detail += f"; the seeds at the best lrs: A {_range(a.best_values)}, B {_range(b.best_values)}"
+    return Claim(text, _order([v * sign for v in a.best_values], [v * sign for v in b.best_values]), detail)
 
 
 def _lr(value: float) -> str:
     return f"{value:.3g}"
+
+
+def _range(values: list[float]) -> str:
+    return f"{_num(min(values))}–{_num(max(values))}" if values else "-"
 
 
 def _num(value: float | None) -> str:
@@ -205,7 +252,7 @@ def headline(f: Finding) -> str:
     for init, i in f.inits.items():
         if i.best_lr is not None:
             parts.append(f"{INIT_NAMES.get(init, init)} is best at lr {_lr(i.best_lr)} ({f.metric.name} {_num(i.best_mean)})")
-    text = "; ".join(parts) or "no init has an lr at which every seed finished"
+    text = "; ".join(parts) or "no init has an lr at which every seed learned"
     if f.lr_ratio is not None:
         text += f". Init[A]'s optimal lr is {f.lr_ratio:.3g}x Init[B]'s"
     if f.claims:
@@ -222,13 +269,13 @@ def summary_lines(f: Finding) -> list[str]:
             lines.append(f"{name}: every lr gives {f.metric.name} {_num(i.tie)}: no optimum")
             continue
         if i.best_lr is None:
-            lines.append(f"{name}: no lr at which every seed finished")
+            lines.append(f"{name}: no lr at which every seed learned")
             continue
         spread = (f" (seeds {_num(i.best_min)}–{_num(i.best_max)}, {i.seeds} seeds)" if i.seeds > 1
                   else " (one seed)")
-        stable = _lr(i.largest_stable_lr) if i.largest_stable_lr is not None else "none"
+        learned = _lr(i.largest_learned_lr) if i.largest_learned_lr is not None else "none"
         lines.append(f"{name}: best lr {_lr(i.best_lr)}, {f.metric.name} {_num(i.best_mean)}{spread}; "
-                     f"largest lr with no seed diverged: {stable}")
+                     f"largest lr at which every seed learned: {learned}")
     if f.lr_ratio is not None:
         lines.append(f"optimal lr ratio Init[A] / Init[B]: {f.lr_ratio:.3g}")
     for c in f.claims:

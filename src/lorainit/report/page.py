@@ -9,13 +9,16 @@ from pathlib import Path
 
 from lorainit.files import write_text_atomic
 from lorainit.report.findings import INIT_NAMES, headline, summary_lines
+from lorainit.sweeps import outcome
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; margin-top: 2em; }
-.verdict { font-weight: bold; } .holds { color: #176317; } .fails { color: #a11; } .noise { color: #8a6d00; }
+.verdict { font-weight: bold; } .holds { color: #176317; } .fails { color: #a11; } .noise, .unknown { color: #8a6d00; }
+.equal { color: #555; }
 table { border-collapse: collapse; font-size: 0.85em; } td, th { border: 1px solid #ccc; padding: 2px 6px; }
 th { background: #f3f3f3; } tr.diverged td, tr.failed td { background: #fbe3e3; }
+tr.did_not_learn td, tr.collapsed td { background: #fdf1dc; }
 tr.pending td, tr.running td { background: #eef; color: #555; }
 figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 .columns { display: flex; gap: 2em; } .columns > div { flex: 1; min-width: 0; }
@@ -29,9 +32,10 @@ def _status_line(report) -> str:
     total = len(sweep.runs)
     if total == 0:
         return "The store holds no runs yet: nothing to report."
-    done, diverged, failed = sweep.count("done"), sweep.count("diverged"), sweep.count("failed")
-    left = total - done - diverged - failed
-    line = f"{total} runs: {done} done, {diverged} diverged, {failed} failed"
+    counts = {status: sweep.count(status) for status in outcome.SHOWN}
+    left = total - sum(counts.values())
+    line = f"{total} runs: " + ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in counts.items()
+                                        if n or status in ("done", "diverged"))
     if left:
         line += f"; {left} not finished ({sweep.count('running')} running, {sweep.count('pending')} pending)"
     return line
@@ -48,7 +52,8 @@ def findings_text(report) -> str:
 
 
 def _verdict_class(verdict: str) -> str:
-    return {"holds": "holds", "does not hold": "fails", "within seed noise": "noise"}.get(verdict, "")
+    return {"holds": "holds", "does not hold": "fails", "within seed noise": "noise", "equal": "equal",
+            "spread unknown": "unknown"}.get(verdict, "")
 
 
 def _findings_html(report) -> str:
@@ -134,8 +139,8 @@ def _cells_md(report) -> str:
                 elif c.complete:
                     spread = f" ({min(c.values):.4g}–{max(c.values):.4g})" if len(c.values) > 1 else ""
                     row.append(f"{c.mean:.4g}{spread}")
-                elif c.diverged or c.failed:
-                    row.append(f"diverged {c.diverged + c.failed}/{len(c.runs)}")
+                elif c.label():
+                    row.append(c.label())
                 else:
                     row.append("not finished")
             rows.append(row)

@@ -2,7 +2,8 @@
 
 The store is opened read-only (`mode=ro`), so a report can be built while the sweep runs (the
 store is in WAL mode: the reader sees the last committed transaction) and never changes it.
-Runs not finished yet are kept, marked by their status.
+Runs not finished yet are kept, marked by their status. A run that trained to the end is shown as
+done, did_not_learn or collapsed, judged from its stored numbers (`lorainit.sweeps.outcome`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 from lorainit import tasks
 from lorainit.errors import BadInput
-from lorainit.sweeps.store import FINISHED, Store
+from lorainit.sweeps import outcome
+from lorainit.sweeps.store import Store
 
 STORE = Store.FILE
 # fields that place a run in the lr x init picture, not in a group of its own
@@ -33,6 +35,7 @@ class Run:
     final: dict
     error: str | None
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # train_loss, eval metrics
+    trivial_loss: float | None = None      # the eval loss it had to beat to have learned (sweeps.outcome)
     probes: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> step -> mean over layers
 
     @property
@@ -87,8 +90,8 @@ class Sweep:
 
 
 def finished(group: "Group") -> bool:
-    """Whether any run of the group has finished (done, diverged or failed)."""
-    return any(r.status in FINISHED for r in group.runs)
+    """Whether any run of the group has finished (done, did_not_learn, collapsed, diverged or failed)."""
+    return any(r.status in outcome.SHOWN for r in group.runs)
 
 
 def load(folder: str | Path) -> Sweep:
@@ -130,6 +133,13 @@ def _read(db: sqlite3.Connection, folder: Path) -> Sweep:
             run.series.setdefault(metric, []).append((step, value))
     for (run_id, probe, step), values in layers.items():
         by_id[run_id].probes.setdefault(probe, {})[step] = sum(values) / len(values)
+    judge = outcome.Judge()
+    for run in runs:  # a run trained to the end: did it learn?
+        trivial = run.series.pop("trivial_loss", None)
+        run.trivial_loss = trivial[0][1] if trivial else (
+            judge.trivial_from_data(run.config) if run.status == "done" and "eval_loss" in run.final else None)
+        run.status = judge.status(run.config, run.status, run.final.get("eval_loss"),
+                                  [v for _, v in run.series.get("eval_loss", [])], run.trivial_loss)
     return Sweep(folder, name, runs, _groups(runs, grid))
 
 

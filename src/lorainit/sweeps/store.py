@@ -11,7 +11,8 @@ one host), and the driver moves them into the store when it records the pack.
 Tables:
   sweeps     name, the base run and grid as given, the file's text, created/updated times
   runs       run_id (hash of the resolved config), its config, status (pending, running, done,
-             diverged, failed), pack, diverged_step, steps, seconds, final and best metrics, error
+             diverged, failed: how training ended; whether a done run learned is worked out on
+             reading, see `outcome`), pack, diverged_step, steps, seconds, final and best metrics, error
   metrics    (run_id, step, name) -> value: evaluations, training losses and probe rows
              (`probe/<layer>/<z_a_rms|lora_out_rms|a_norm|b_norm>`)
   artifacts  (run_id, kind) -> path, e.g. the PEFT adapter folder
@@ -30,6 +31,7 @@ from lorainit import tasks
 from lorainit.config import RunConfig
 from lorainit.errors import BadInput
 from lorainit.files import csv_text, write_text_atomic
+from lorainit.sweeps import outcome
 
 FINISHED = ("done", "diverged", "failed")
 STATUSES = ("pending", "running", *FINISHED)
@@ -184,11 +186,21 @@ class Store:
         """results.csv's columns: run_id, every run field, status, diverged_step, final_ and best_ of
         each metric of the runs' tasks (from the task registry), steps, seconds."""
         return ["run_id", *RunConfig.field_names(), "status", "diverged_step",
-                *tasks.metric_columns(self._tasks()), "steps", "seconds"]
+                *tasks.metric_columns(self._tasks()), "trivial_loss", "steps", "seconds"]
 
     def result_rows(self) -> list[dict]:
-        """One row per finished run, in the order runs were added (see `result_columns`)."""
+        """One row per finished run, in the order runs were added (see `result_columns`). A run
+        that trained to the end shows whether it learned (`outcome`): done, did_not_learn or collapsed."""
         rows = []
+        judge = outcome.Judge()
+        losses: dict[str, list[float]] = {}
+        trivial: dict[str, float] = {}
+        for run_id, name, value in self.db.execute(
+                "SELECT run_id, name, value FROM metrics WHERE name IN ('eval_loss', 'trivial_loss') ORDER BY step"):
+            if name == "trivial_loss":
+                trivial[run_id] = value
+            elif value is not None:
+                losses.setdefault(run_id, []).append(value)
         query = ("SELECT run_id, config, status, diverged_step, final, best, steps, seconds FROM runs "
                  f"WHERE status IN ({', '.join('?' * len(FINISHED))}) ORDER BY position")
         for run_id, config, status, diverged_step, final, best, steps, seconds in self.db.execute(query, FINISHED):
@@ -197,10 +209,14 @@ class Store:
             row = {"run_id": run_id}
             for name, value in config.items():
                 row[name] = ",".join(value) if isinstance(value, list) else value
-            row |= {"status": status, "diverged_step": diverged_step}
+            trivial_loss = trivial.get(run_id)
+            if trivial_loss is None and status == "done" and final.get("eval_loss") is not None:
+                trivial_loss = judge.trivial_from_data(config)
+            shown = judge.status(config, status, final.get("eval_loss"), losses.get(run_id, []), trivial_loss)
+            row |= {"status": shown, "diverged_step": diverged_step}
             for metric in tasks.metrics(config["task"]) if config["task"] in tasks.names() else ():
                 row |= {f"final_{metric.name}": final.get(metric.name), f"best_{metric.name}": best.get(metric.name)}
-            row |= {"steps": steps, "seconds": round(seconds or 0.0, 2)}
+            row |= {"trivial_loss": trivial_loss, "steps": steps, "seconds": round(seconds or 0.0, 2)}
             rows.append(row)
         return rows
 
