@@ -35,3 +35,10 @@ def test_unknown_target_exits_2():
     proc = _run("model", "minilm", "--targets", "q_proj")
     assert proc.returncode == 2
     assert "'q_proj' match no linear layer" in proc.stderr and "query" in proc.stderr
+
+
+def test_model_command_names_the_head_it_draws_without_the_librarys_load_report():
+    proc = _run("model", "minilm")
+    assert proc.returncode == 0, proc.stderr
+    assert "not in the checkpoint, drawn per run from its seed: classifier.bias, classifier.weight" in proc.stdout
+    assert proc.stderr == ""  # no "LOAD REPORT ... MISSING" table, no "Loading weights" bar

@@ -78,3 +78,65 @@ print("NEXT", tok.decode(top).strip(), "FIRST", round(t_first, 1), "AGAIN", roun
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NEXT Paris" in proc.stdout
     assert (tmp_path / "models" / "smollm2-135m" / "model.safetensors").is_file()
+
+
+@pytest.fixture
+def transformers_records():
+    """Every record transformers logs (its loggers do not propagate to the root, where caplog listens)."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    yield records
+    root.removeHandler(handler)
+
+
+def test_the_report_of_the_head_lorainit_draws_is_silenced_only_in_its_own_load(capfd, transformers_records):
+    from transformers import AutoModelForSequenceClassification
+
+    _, _, fresh = models.load_with_fresh("minilm", "classification", num_labels=2)
+    assert fresh == ("classifier.bias", "classifier.weight")  # what the report would have listed
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err and "MISSING" not in err and "Loading weights" not in err
+    assert not [r for r in transformers_records if "LOAD REPORT" in r.getMessage()]
+
+    # the user's own load of the same checkpoint, after lorainit's: its report and bar still show
+    AutoModelForSequenceClassification.from_pretrained(models.resolve("minilm").path, num_labels=2)
+    reports = [r.getMessage() for r in transformers_records if "LOAD REPORT" in r.getMessage()]
+    assert len(reports) == 1 and "classifier.weight" in reports[0] and "MISSING" in reports[0]
+    assert "Loading weights" in capfd.readouterr().err
+
+
+def test_a_report_of_weights_the_model_has_no_place_for_still_shows(tmp_path, transformers_records):
+    """Loading a classifier's checkpoint as the bare encoder leaves its head unused: that is not a
+    weight lorainit draws, so transformers' report of it is passed on."""
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = tmp_path / "tiny-bert"
+    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{models.resolve('minilm').path}/{name}", folder)
+    _, _, fresh = models.load_with_fresh(str(folder), "base")
+    assert fresh == ()
+    reports = [r.getMessage() for r in transformers_records if "LOAD REPORT" in r.getMessage()]
+    assert len(reports) == 1 and "classifier.weight" in reports[0] and "UNEXPECTED" in reports[0]
+
+
+def test_a_lorainit_load_leaves_the_users_transformers_settings_as_they_were():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        models.load("minilm", "classification", num_labels=2)
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity_warning()
+        hf_logging.enable_progress_bar()

@@ -123,3 +123,28 @@ def test_bisected_stability_edge_is_stable_and_an_eighth_octave_above_is_not():
                 assert (ok[np.isfinite(edge[:, :, h])] == expect).all(), (r.width, t, shift)
     slopes = toy_edge.slopes(edges, cfg, bootstrap=50)
     assert set(slopes["a"]) == {"10", "60"} and slopes["b"]["60"]["predicted"] == -1.0
+
+
+def test_lrs_given_from_the_top_down_are_the_same_grid_and_find_every_edge():
+    import warnings
+
+    from lorainit.cli import _numbers
+    from lorainit.theory import toy_edge, toy_report
+
+    typed = "2^2,2^1.5,2^1,2^0.5,2^0,2^-0.5,2^-1,2^-1.5,2^-2,2^-3,2^-3.5,2^-4,2^-4,2^-6"  # as a person types it
+    down = _numbers(typed, float, "--lrs")
+    assert down[10] == 2.0 ** -3.5  # half-octave exponents parse
+    up = tuple(sorted(set(down)))
+    cfg = toy.ToyConfig(widths=(8, 16), lrs=down, seeds=2, steps=20)
+    assert cfg.lrs == up and cfg == toy.ToyConfig(widths=(8, 16), lrs=up, seeds=2, steps=20)  # sorted, 2^-4 once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no all-NaN slices, no empty means
+        results = [toy.train_width(w, cfg) for w in cfg.widths]
+        summary = toy_report.summarize(results, cfg, bootstrap=50)
+        edges = toy_edge.bisect(results, cfg, toy_edge.horizons_for(cfg), rounds=1)
+        slopes = toy_edge.slopes(edges, cfg, bootstrap=50)
+    # read from the bottom, the grid brackets every stability edge: none censored, every slope a number
+    for init in cfg.inits:
+        assert np.isfinite(summary["slopes"][init]["largest_stable_lr"]["slope"])
+        for s in slopes[init].values():
+            assert s["censored"] == 0 and np.isfinite(s["slope"])

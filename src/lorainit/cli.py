@@ -30,11 +30,13 @@ def _cmd_model(args: argparse.Namespace) -> int:
     from lorainit.engine.lora import LoRAConfig, LoRAPack, linear_names
 
     resolved = models.resolve(args.spec)
-    model, _ = models.load(args.spec, args.kind, num_labels=args.num_labels)
+    model, _, fresh = models.load_with_fresh(args.spec, args.kind, num_labels=args.num_labels)
     names = linear_names(model)
     leaves = sorted({n.rpartition(".")[2] for n in names})
     print(f"{args.spec} -> {resolved.path}{' (hub)' if resolved.from_hub else ''}")
     print(f"class: {type(model).__name__}; parameters: {sum(p.numel() for p in model.parameters()):,}")
+    if fresh:
+        print(f"not in the checkpoint, drawn per run from its seed: {', '.join(fresh)}")
     print(f"linear module names ({len(names)} layers): {', '.join(leaves)}")
     if args.targets:
         pack = LoRAPack(model, LoRAConfig(rank=args.rank, targets=tuple(args.targets.split(","))), num_runs=1)
@@ -118,8 +120,7 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     if args.edge_rounds < 0:
         raise BadInput(f"--edge-rounds must be >= 0, got {args.edge_rounds}")
     t0 = time.perf_counter()
-    # progress counts steps weighted by width, so the bar's ETA follows the real cost
-    summary, figures = toy_report.run(cfg, out, args.edge_rounds)
+    summary, figures = toy_report.run(cfg, out, args.edge_rounds, show_progress=not args.quiet)
     print(toy_report.format_summary(summary, cfg.inits))
     if "edge" in summary:
         from lorainit.theory import toy_edge
@@ -209,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     ty.add_argument("--preset", choices=("default", "paper"), default="default",
                     help="default: minutes on a laptop CPU; paper: widths to 8192, full batch (GPU)")
     ty.add_argument("--widths", default=None, help="comma-separated widths, e.g. 64,128,256")
-    ty.add_argument("--lrs", default=None, help="comma-separated learning rates, e.g. 1e-3,2^-8")
+    ty.add_argument("--lrs", default=None,
+                    help="comma-separated learning rates, e.g. 2^-8,2^-7.5,1e-3, in any order: the grid is "
+                         "sorted ascending and exact duplicates dropped")
     ty.add_argument("--inits", default=None, help="comma-separated inits (default a,b)")
     ty.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5)")
     ty.add_argument("--steps", type=int, default=None, help="Adam steps (default 500)")
@@ -221,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bisection rounds of each stability edge past the half-octave grid "
                          "(2: to 1/8 octave; 0: none)")
     ty.add_argument("--out", default="runs/toy", help="output folder")
+    ty.add_argument("--quiet", action="store_true", help="no progress display")
     ty.set_defaults(func=_cmd_toy)
 
     from lorainit.config import RunConfig
@@ -250,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train one LoRA run; every run field is an option (--lr, --init, ...)")
     tr.add_argument("--out", required=True, help="output folder: store.sqlite, results.csv, metrics.csv, adapters/")
     tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--quiet", action="store_true", help="no progress display")
     defaults = RunConfig()
     for name in RunConfig.field_names():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])

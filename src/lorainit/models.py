@@ -13,10 +13,13 @@ A spec is one of:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +156,62 @@ def skeleton(spec: str, kind: str = "classification", num_labels: int = 2):
         return None
 
 
+LOAD_REPORT_LOGGER = "transformers.modeling_utils"  # where transformers logs its load report
+
+
+class _HeldReport(logging.Filter):
+    """Holds back the load report that transformers logs from this thread; lets all else through."""
+
+    def __init__(self):
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.records: list[logging.LogRecord] = []
+        self.drop = False  # set once the load has shown that the report says nothing to a user
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread == self.thread and "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _quiet_load():
+    """Around lorainit's own load of a model: no "Loading weights" bar (the job's one progress
+    display is the only one), and transformers' load report held back.
+
+    That report is a table of the weights the checkpoint lacks (MISSING: a classifier head on an
+    encoder checkpoint), "newly initialized ... consider training": lorainit knows, and draws each
+    run's head from the run's own seed. The caller sets `drop` when that is all the report lists;
+    otherwise (weights the checkpoint holds and the model has no place for, or a load that fails)
+    it is passed on as transformers logged it. Nothing else is touched: other records, other
+    threads, and every load outside this block log as the user has set them up.
+    """
+    from transformers.utils import logging as hf_logging
+
+    logger = logging.getLogger(LOAD_REPORT_LOGGER)
+    report = _HeldReport()
+    previous_hook = None
+
+    def no_bar(factory, args, kwargs):
+        kwargs = {**kwargs, "disable": True}
+        return previous_hook(factory, args, kwargs) if previous_hook is not None else factory(*args, **kwargs)
+
+    logger.addFilter(report)
+    previous_hook = hf_logging.set_tqdm_hook(no_bar)
+    try:
+        yield report
+    except BaseException:
+        report.drop = False
+        raise
+    finally:
+        hf_logging.set_tqdm_hook(previous_hook)
+        logger.removeFilter(report)
+        if not report.drop:
+            for record in report.records:
+                logger.handle(record)
+
+
 def load(spec: str, kind: str = "classification", num_labels: int = 2, dtype=None, **config_overrides):
     """Load (model, tokenizer) for `spec`.
 
@@ -177,16 +236,14 @@ def load_with_fresh(spec: str, kind: str = "classification", num_labels: int = 2
         kwargs["num_labels"] = num_labels
     if dtype is not None:
         kwargs["dtype"] = dtype
-    transformers.logging.set_verbosity_error()  # the fresh head's "newly initialized" report
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        model, info = auto.from_pretrained(resolved.path, output_loading_info=True, **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(resolved.path)
-    except OSError as err:
-        raise ModelNotFound(f"could not load model {spec!r} from {resolved.path}: {err}") from err
-    finally:
-        transformers.logging.set_verbosity_warning()
-        transformers.utils.logging.enable_progress_bar()
+    with _quiet_load() as report:
+        try:
+            model, info = auto.from_pretrained(resolved.path, output_loading_info=True, **kwargs)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(resolved.path)
+        except OSError as err:
+            raise ModelNotFound(f"could not load model {spec!r} from {resolved.path}: {err}") from err
+        # what the report lists then is only weights drawn afresh: the head each run draws itself
+        report.drop = not info.get("unexpected_keys")
     if tokenizer.pad_token is None:
         # Decoders often ship without a pad token; padding is masked out, so any token serves.
         tokenizer.pad_token = tokenizer.eos_token
@@ -195,3 +252,4 @@ def load_with_fresh(spec: str, kind: str = "classification", num_labels: int = 2
     mismatched = {entry[0] if isinstance(entry, tuple) else entry for entry in info.get("mismatched_keys", ())}
     fresh = tuple(sorted(set(info.get("missing_keys", ())) | mismatched))
     return model, tokenizer, fresh
+

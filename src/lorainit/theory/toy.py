@@ -55,7 +55,8 @@ def lr_grid(low_exp2: float, high_exp2: float) -> tuple[float, ...]:
 @dataclass(frozen=True)
 class ToyConfig:
     widths: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)  # hidden widths n
-    lrs: tuple[float, ...] = field(default_factory=lambda: lr_grid(-12, 0))  # Adam learning rates
+    lrs: tuple[float, ...] = field(default_factory=lambda: lr_grid(-12, 0))  # Adam learning rates, held
+                                 # ascending without duplicates, whatever order they are given in
     seeds: int = 5               # seeds 0..seeds-1: each its own data, base, teacher and LoRA init
     steps: int = 500             # Adam steps
     batch_size: int = 100        # training points per step (>= n_train: full batch); all configs
@@ -71,6 +72,16 @@ class ToyConfig:
     device: str = "cpu"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        # The grid is read in order: the largest stable lr is the last before the first unstable
+        # one, and the optimum is refined between neighbours. A grid typed from the top down
+        # (2^-3,...,2^-8) would read its first, unstable lr as the bottom, so it is sorted here.
+        try:
+            lrs = tuple(sorted(set(self.lrs)))
+        except TypeError:
+            raise BadInput(f"--lrs must be positive numbers, got {list(self.lrs)}") from None
+        object.__setattr__(self, "lrs", lrs)
 
     def validate(self) -> None:
         """Raise BadInput naming the first impossible option."""

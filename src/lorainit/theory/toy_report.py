@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorainit.display import ProgressDisplay
 from lorainit.files import csv_text, write_text_atomic
 from lorainit.theory import calculus, toy, toy_edge
 from lorainit.theory.toy import ToyConfig, WidthResult
@@ -143,23 +144,27 @@ def summarize(results: list[WidthResult], cfg: ToyConfig, bootstrap: int = 1000,
             "bootstrap": bootstrap, "seeds": cfg.seeds}
 
 
-def run(cfg: ToyConfig, out: Path, edge_rounds: int = 2) -> tuple[dict, list[Path]]:
+def run(cfg: ToyConfig, out: Path, edge_rounds: int = 2, show_progress: bool = True) -> tuple[dict, list[Path]]:
     """Train the grid at every width, bisect the stability edges (`edge_rounds`, 0: none), fit,
-    and write every output to `out`; one progress bar, in steps x width. (summary, figure paths)."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=(1 + edge_rounds) * cfg.steps * sum(cfg.widths), desc="toy", unit="step*n",
-              unit_scale=True) as bar:
+    and write every output to `out`. One progress display, in steps x width (the cost of a step
+    grows with the width, so the time left follows the real cost); off with `show_progress=False`.
+    Returns (summary, figure paths)."""
+    total = (1 + edge_rounds) * cfg.steps * sum(cfg.widths)
+    first = f"width {cfg.widths[0]} (1/{len(cfg.widths)}): {cfg.steps} steps"
+    with ProgressDisplay("toy", total, "step*n", status=first, enabled=show_progress, unit_scale=True) as bar:
         results = []
-        for width in cfg.widths:
-            bar.set_postfix(width=width)
+        for j, width in enumerate(cfg.widths, 1):
+            bar.update(0, f"width {width} ({j}/{len(cfg.widths)}): {cfg.steps} steps")
             results.append(toy.train_width(width, cfg, progress=lambda k, w=width: bar.update(k * w)))
+            bar.mark(f"width {width} ({j}/{len(cfg.widths)}) trained")
         summary = summarize(results, cfg)
         if edge_rounds:
-            bar.set_postfix(stage="stability edge")
+            bar.update(0, f"stability edge: {edge_rounds} bisection rounds of {cfg.steps} steps per width")
             edges = toy_edge.bisect(results, cfg, toy_edge.horizons_for(cfg), rounds=edge_rounds,
                                     progress=bar.update)
             summary["edge"], summary["edge_rounds"] = toy_edge.slopes(edges, cfg), edge_rounds
+            # a width whose edges are all censored trains no bisection: the display ends at its total
+            bar.mark("stability edge bisected", total - bar.n)
     return summary, write_outputs(results, cfg, summary, out)
 
 
