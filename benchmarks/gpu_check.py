@@ -2,9 +2,9 @@
 does fp16 loss scaling keep one run's overflow to itself, and how much faster is a pack than the
 same runs trained one by one?
 
-It needs nothing but this repository: no network, no hub, no data folder. The rows come from
-`benchmarks/data/` (a slice of SST-2 and one of GSM8K, see its README), laid out in a temporary
-folder as the GLUE and GSM8K readers expect them. The models are built from their configs with
+It needs nothing but this repository: no network, no hub, no data folder. The rows come from the
+data slices lorainit ships (`lorainit.slices`: 4,000 + 872 rows of SST-2, 320 + 32 of GSM8K),
+copied to a temporary folder as the GLUE and GSM8K readers expect them. The models are built from their configs with
 random weights: a RoBERTa-large-shaped classifier (hidden 1024, 24 layers, 16 heads) and a
 TinyLlama-shaped decoder (hidden 2048, 22 layers, 32 query and 4 key/value heads), each saved
 with `save_pretrained` together with a byte-level BPE tokenizer trained on the carried text
@@ -88,11 +88,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: nothing m
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "benchmarks" / "data"
 if importlib.util.find_spec("lorainit") is None:  # a bare checkout: the package from its source tree
     sys.path.insert(0, str(REPO / "src"))
 
 import torch  # noqa: E402
+from lorainit import slices  # noqa: E402
 from _common import clock, cuda_matmul_tf32, frozen_flop_params, matmul_peak_flops, peak_cuda_mib, peft_lora  # noqa: E402
 
 SECTIONS = ("setup", "pack_fp32", "pack_bf16", "pack_fp16", "fp16_overflow", "encoder_22", "encoder_66",
@@ -226,25 +226,15 @@ def lines_of(path: Path) -> list[str]:
 
 
 def lay_out_data(root: Path) -> dict:
-    """Write the carried slices where the readers look: <root>/glue/SST-2/{train,dev}.tsv and
-    <root>/gsm8k/{train,test}.jsonl. Returns the rows per file."""
+    """Copy the data slices lorainit ships (`lorainit.slices`) where the readers look:
+    <root>/glue/SST-2/{train,dev}.tsv and <root>/gsm8k/{train,test}.jsonl. Returns the rows per file."""
     counts = {}
-    sst2 = root / "glue" / "SST-2"
-    sst2.mkdir(parents=True, exist_ok=True)
-    lines = lines_of(DATA / "sst2-slice.tsv")
-    if lines[0].split("\t") != ["split", "sentence", "label"]:
-        raise ValueError(f"{DATA / 'sst2-slice.tsv'}: unexpected header {lines[0]!r}")
-    for split in ("train", "dev"):
-        rows = [line.split("\t", 1)[1] for line in lines[1:] if line.split("\t", 1)[0] == split]
-        (sst2 / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n", encoding="utf-8")
-        counts[f"SST-2/{split}.tsv"] = len(rows)
-    gsm8k = root / "gsm8k"
-    gsm8k.mkdir(parents=True, exist_ok=True)
-    records = [json.loads(line) for line in lines_of(DATA / "gsm8k-slice.jsonl")]
-    for split in ("train", "test"):
-        rows = [json.dumps({"question": r["question"], "answer": r["answer"]}) for r in records if r["split"] == split]
-        (gsm8k / f"{split}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-        counts[f"gsm8k/{split}.jsonl"] = len(rows)
+    for folder, names in (("glue/SST-2", ("train.tsv", "dev.tsv")), ("gsm8k", ("train.jsonl", "test.jsonl"))):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copyfile(slices.ROOT / folder / name, root / folder / name)
+            rows = lines_of(root / folder / name)
+            counts[f"{folder.removeprefix('glue/')}/{name}"] = len(rows) - name.endswith(".tsv")  # less the header
     return counts
 
 
