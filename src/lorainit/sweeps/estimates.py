@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorainit import models, tasks
+from lorainit import models, slices, tasks
 from lorainit.config import RunConfig
 from lorainit.engine.order import total_steps
 from lorainit.sweeps.plan import Pack
