@@ -232,13 +232,19 @@ def test_the_page_renders_every_image_in_a_real_browser(tmp_path):
     built = report.build(folder)
     # a probe page: the report, plus a line that writes each image's loaded size into the title
     probe = tmp_path / "probe.html"
+    # and where the first finding (the answer and its verdicts) ends, against the window's height
     probe.write_text(built.index.read_text().replace(
         "</body>", "<script>document.title = Array.from(document.images).map("
-                   "i => i.complete + ':' + i.naturalWidth + 'x' + i.naturalHeight).join(' ');</script></body>"))
+                   "i => i.complete + ':' + i.naturalWidth + 'x' + i.naturalHeight).join(' ') + ' finding:' + "
+                   "Math.ceil(document.querySelector('.finding').getBoundingClientRect().bottom) + ':' + "
+                   "window.innerHeight;</script></body>"))
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
              f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([browser, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
-    title = re.search(r"<title>(.*?)</title>", dom.stdout, re.S).group(1).split()
+    dom = subprocess.run([browser, *flags, "--window-size=1280,800", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    *title, layout = re.search(r"<title>(.*?)</title>", dom.stdout, re.S).group(1).split()
+    bottom, height = map(int, layout.removeprefix("finding:").split(":"))
+    assert 500 < height <= 800 and 0 < bottom <= height  # a 1280x800 window's viewport shows the findings unscrolled
     assert len(title) == built.index.read_text().count("<img") >= 4
     for entry in title:
         loaded, size = entry.split(":")

@@ -70,7 +70,8 @@ def _findings_html(report) -> str:
                 text = f"{head}:{rest}"
             items.append(f"<li>{text}</li>")
         title = f"{html.escape(f.group.title)}: final {html.escape(f.metric.label)}"
-        parts.append(f'<h3>{title}</h3><p class="answer">{html.escape(headline(f))}</p><ul>{"".join(items)}</ul>')
+        parts.append(f'<section class="finding"><h3>{title}</h3><p class="answer">{html.escape(headline(f))}</p>'
+                     f'<ul>{"".join(items)}</ul></section>')
     return "".join(parts) or "<p>No run of a known task has finished yet: no findings.</p>"
 
 
@@ -160,7 +161,7 @@ def write(report, out: Path) -> None:
 <p class="status">{html.escape(_status_line(report))}</p>
 <h2>Findings</h2>
 <p>Each value is a run's metric at the end of training. An (init, lr) cell is a candidate for the optimum
-only when every seed trained to the end; a verdict is judged against the seeds' spread.</p>
+only when every seed learned; a verdict is judged against the seeds' spread.</p>
 {_findings_html(report)}
 <h2>Figures</h2>
 {figures_html or "<p>No finished runs to draw yet.</p>"}
