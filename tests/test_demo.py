@@ -61,7 +61,7 @@ def test_the_demos_own_sweep_and_toy_are_the_documented_ones():
     assert {r.task for r in sweep.runs} == {"sst2-slice"} and len(sweep.runs) == 30  # 5 lrs x 2 inits x 3 seeds
     assert {r.init for r in sweep.runs} == {"a", "b"} and len({r.lr for r in sweep.runs}) == 5
     assert {r.seed for r in sweep.runs} == {0, 1, 2} and sweep.runs[0].eval_every > 0  # collapse is visible
-    assert TOY["widths"][0] >= 512 and list(TOY["lrs"]) == sorted(TOY["lrs"])
+    assert TOY["widths"][0] >= 256 and list(TOY["lrs"]) == sorted(TOY["lrs"])
 
 
 def test_with_a_data_folder_the_sweep_is_the_full_task_there(tmp_path):
