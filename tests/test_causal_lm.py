@@ -407,3 +407,35 @@ def test_without_a_folder_rows_come_from_the_hub_files(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"openai/gsm8k:main/train-00000-of-00001.parquet could not be fetched .*"
                                         r"OSError.*pass data_dir"):
         lm_data.read_gsm8k("train")
+
+
+def test_a_decoders_trivial_loss_is_its_step0_eval_loss_once_per_seed_without_generating(monkeypatch, measured):
+    """Runs whose adapters start at zero and share a seed are one function at step 0: the pack
+    evaluates one of them per seed, loss only, and records it for all as `trivial_loss`."""
+    runs = [_run(task="gsm8k", seed=s, init=i, lr=lr) for s, i, lr in ((0, "a", 1e-3), (0, "b", 1e-2), (1, "a", 1e-3))]
+    trainer = PackTrainer(runs, show_progress=False)
+    asked = []
+    evaluated = trainer.task.trivial_losses
+
+    def spy(state, active):
+        asked.append(list(active))
+        return evaluated(state, active)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the step-0 evaluation generated text")
+
+    monkeypatch.setattr(trainer.task, "trivial_losses", spy)
+    monkeypatch.setattr(trainer.task, "generate", no_generation)
+    trainer.record_trivial()
+    assert asked == [[0, 2]]  # one run per seed
+    values = [r.trivial_loss for r in trainer.results]
+    assert values[0] == values[1] and all(math.isfinite(v) for v in values)
+    assert [m for m in trainer.results[1].metrics] == [{"step": 0, "name": "trivial_loss", "value": values[1]}]
+    # the same number as the untrained runs' own evaluation loss, each alone
+    for k in (0, 2):
+        alone = PackTrainer([runs[k]], show_progress=False)
+        alone.state.set_batch([0], None)
+        alone.model.eval()
+        with torch.inference_mode():
+            (own,) = alone.task.trivial_losses(alone.state, [0])
+        assert measured(f"step0 loss, run {k}", values[k], own) < 1e-5

@@ -224,3 +224,17 @@ def test_log_every_logs_the_mean_training_loss_of_each_interval():
     from lorainit.train import log_interval
 
     assert log_interval(every, 168_380) == 169  # the paper's SST-2 run: 997 points
+
+
+def test_a_classifiers_trivial_loss_is_the_label_priors_and_is_recorded_at_step_0():
+    from lorainit.tasks import glue
+    from lorainit.tasks.classification import prior_loss
+
+    runs = [RunConfig.from_dict({"task": "sst2-slice", "init": i, "seed": s, "max_steps": 1, "max_train_samples": 40,
+                                 "max_eval_samples": 24, "batch_size": 4}) for i, s in (("a", 0), ("b", 1))]
+    results = train_pack(runs, show_progress=False)
+    expected = prior_loss(glue.read("sst2-slice", "train", max_rows=40).labels,
+                          glue.read("sst2-slice", "eval", max_rows=24).labels, 2)
+    for res in results:
+        assert res.trivial_loss == expected
+        assert {"step": 0, "name": "trivial_loss", "value": expected} in res.metrics

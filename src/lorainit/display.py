@@ -6,7 +6,7 @@ plain lines instead, each whole and readable on its own: one when it starts, one
 its caller marks (a pack finished, a width trained), one when it closes, and in between at most
 one a minute while work goes on. A line reads
 
-    sweep: step 120/800 (15%), 2 min 10 s elapsed, about 12 min left | runs 4 done, ... | pack 2/5 ...
+    sweep: step 120/800 (15%), 2 min 10 s elapsed, about 12 min left | runs 4 trained, ... | pack 2/5 ...
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from lorainit.sweeps import estimates, folder, worker
 from lorainit.sweeps.file import Sweep
 from lorainit.sweeps.plan import Pack, plan
 from lorainit.sweeps.progress import Progress
-from lorainit.sweeps.store import FINISHED, RowFile, Store
+from lorainit.sweeps.outcome import SHOWN
+from lorainit.sweeps.store import RowFile, Store
 
 EXECUTORS = ("local", "ray")
 
@@ -225,9 +226,10 @@ def _run_sweep(sweep: Sweep, out: Path, executor: str, ray_address: str | None, 
         finally:
             progress.close()
         _write_tables(store, out)
-        counts = {s: list(store.statuses().values()).count(s) for s in FINISHED}
-        print(f"sweep {sweep.name!r}: {counts['done']} done, {counts['diverged']} diverged, {counts['failed']} "
-              f"failed of {len(sweep.runs)}; wrote {out / 'results.csv'}", file=sys.stderr)
+        shown = [row["status"] for row in store.result_rows()]  # as results.csv has them: did each learn?
+        counts = {s: shown.count(s) for s in SHOWN}
+        told = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items() if n or s in ("done", "diverged"))
+        print(f"sweep {sweep.name!r}: {told} of {len(sweep.runs)}; wrote {out / 'results.csv'}", file=sys.stderr)
         return 1 if counts["failed"] else 0
     finally:
         store.close()

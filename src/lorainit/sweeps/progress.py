@@ -1,4 +1,4 @@
-"""The sweep's one progress display: runs done, diverged and left; the current pack's step, mean
+"""The sweep's one progress display: runs trained to the end, diverged and left; the current pack's step, mean
 loss and throughput, or the evaluation it is running; the ETA from the steps left over all packs.
 
 A bar on a terminal, plain lines elsewhere (`lorainit.display`): one as each pack finishes, and
@@ -16,7 +16,7 @@ from lorainit.sweeps.plan import Pack
 
 @dataclass
 class Progress:
-    """One display for the whole sweep: runs done, diverged and left; the current pack's step,
+    """One display for the whole sweep: runs trained to the end, diverged and left; the current pack's step,
     mean loss and throughput; the ETA (from the steps left over all packs)."""
 
     total_runs: int
@@ -40,7 +40,7 @@ class Progress:
 
     def _status(self, pack: str) -> str:
         left = self.total_runs - self.done - self.diverged - self.failed
-        parts = [f"runs {self.done} done, {self.diverged} diverged"]
+        parts = [f"runs {self.done} trained, {self.diverged} diverged"]  # whether they learned: the report
         if self.failed:
             parts.append(f"{self.failed} failed")
         parts.append(f"{left} left")
