@@ -96,7 +96,7 @@ def heatmap(finding: Finding, out: Path, stem: str) -> list[Path]:
                 labels[i][j] = f"{c.mean:.3g}"
             elif c.label():
                 values = c.trained_values
-                labels[i][j] = "\n".join(c.label().rsplit(" ", 1)) + (
+                labels[i][j] = c.label().replace(", ", "\n") + (
                     f"\n({sum(values) / len(values):.3g})" if values else "")
             else:
                 labels[i][j] = "running" if c.unfinished else "-"

@@ -36,7 +36,7 @@ from lorainit.tasks import Metric
 HOLDS, FAILS, EQUAL, NOISE, UNKNOWN = "holds", "does not hold", "equal", "within seed noise", "spread unknown"
 INIT_NAMES = {"a": "Init[A]", "b": "Init[B]"}
 # what a run that did not learn is called in notes, by its status
-NOT_LEARNED = {"did_not_learn": "did not learn", "collapsed": "collapsed", "diverged": "diverged", "failed": "failed"}
+NOT_LEARNED = {"diverged": "diverged", "failed": "failed", "collapsed": "collapsed", "did_not_learn": "did not learn"}
 
 
 @dataclass
@@ -86,12 +86,10 @@ class Cell:
         return statistics.fmean(self.values) if self.values else None
 
     def label(self) -> str | None:
-        """How a cell that does not work says so, e.g. 'did not learn 3/3', 'diverged 1/3'; None otherwise."""
-        for status in ("diverged", "failed", "collapsed", "did_not_learn"):
-            if self.count(status):
-                bad = sum(r.status in NOT_LEARNED for r in self.runs)
-                return f"{NOT_LEARNED[status]} {bad}/{len(self.runs)}"
-        return None
+        """How a cell that does not work says so, each way its seeds failed to learn counted, e.g.
+        '1 collapsed, 2 did not learn (of 3)'; None when every seed learned or is unfinished."""
+        parts = [f"{self.count(status)} {said}" for status, said in NOT_LEARNED.items() if self.count(status)]
+        return f"{', '.join(parts)} (of {len(self.runs)})" if parts else None
 
 
 @dataclass
@@ -171,8 +169,8 @@ def judge(group: Group, metric: Metric) -> Finding:
     for init, cs in cells.items():
         bad = [(c, c.label()) for c in cs if c.label()]
         if bad:
-            notes.append(f"{INIT_NAMES.get(init, init)} at lr " + ", ".join(f"{_lr(c.lr)}: {label}" for c, label in bad)
-                         + " seeds; those lrs are not candidates for its optimum")
+            notes.append(f"{INIT_NAMES.get(init, init)} " + "; ".join(f"at lr {_lr(c.lr)}: {label}" for c, label in bad)
+                         + ": not candidates for its optimum")
     if any(c.unlearned for cs in cells.values() for c in cs):
         notes.append(f"a run did not learn when its final eval loss is not more than {outcome.MARGIN:.0%} below "
                      "the trivial predictor's (the label prior's for classification, its own step-0 loss for a "

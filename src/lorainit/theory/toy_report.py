@@ -149,7 +149,10 @@ def run(cfg: ToyConfig, out: Path, edge_rounds: int = 2, show_progress: bool = T
     and write every output to `out`. One progress display, in steps x width (the cost of a step
     grows with the width, so the time left follows the real cost); off with `show_progress=False`.
     Returns (summary, figure paths)."""
-    total = (1 + edge_rounds) * cfg.steps * sum(cfg.widths)
+    horizons = toy_edge.horizons_for(cfg)
+    # a bisection round trains one lr per horizon where the grid trains every lr: its share of the work
+    round_share = len(horizons) / len(cfg.lrs)
+    total = (1 + edge_rounds * round_share) * cfg.steps * sum(cfg.widths)
     first = f"width {cfg.widths[0]} (1/{len(cfg.widths)}): {cfg.steps} steps"
     with ProgressDisplay("toy", total, "step*n", status=first, enabled=show_progress, unit_scale=True) as bar:
         results = []
@@ -160,8 +163,8 @@ def run(cfg: ToyConfig, out: Path, edge_rounds: int = 2, show_progress: bool = T
         summary = summarize(results, cfg)
         if edge_rounds:
             bar.update(0, f"stability edge: {edge_rounds} bisection rounds of {cfg.steps} steps per width")
-            edges = toy_edge.bisect(results, cfg, toy_edge.horizons_for(cfg), rounds=edge_rounds,
-                                    progress=bar.update)
+            edges = toy_edge.bisect(results, cfg, horizons, rounds=edge_rounds,
+                                    progress=lambda k: bar.update(k * round_share))
             summary["edge"], summary["edge_rounds"] = toy_edge.slopes(edges, cfg), edge_rounds
             # a width whose edges are all censored trains no bisection: the display ends at its total
             bar.mark("stability edge bisected", total - bar.n)
