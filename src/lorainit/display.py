@@ -78,38 +78,31 @@ class ProgressDisplay:
 
     def update(self, n: float = 0, status: str | None = None) -> None:
         """Add `n` to the work done and, if given, replace the status text."""
-        if not self.enabled or self.closed:
-            return
-        self.n += n
-        if status is not None:
-            self.text = status
-        if self.bar is not None:
-            if status is not None:
-                self.bar.set_postfix_str(status, refresh=False)
-            if n:
-                self.bar.update(n)
-            else:
-                self.bar.refresh()
-        elif self.clock() - self.last_line >= self.every:
+        if self._advance(n, status) and self.clock() - self.last_line >= self.every:
             self._line()
 
     def mark(self, status: str | None = None, n: float = 0) -> None:
         """A milestone: add `n` to the work done, replace the status if given, and print a plain
         line now (a terminal's bar just redraws)."""
+        if self._advance(n, status):
+            self._line()
+
+    def _advance(self, n: float, status: str | None) -> bool:
+        """Count the work and the status; redraw a terminal's bar. True when plain lines are due instead."""
         if not self.enabled or self.closed:
-            return
+            return False
         self.n += n
         if status is not None:
             self.text = status
-        if self.bar is not None:
-            if status is not None:
-                self.bar.set_postfix_str(status, refresh=False)
-            if n:
-                self.bar.update(n)
-            else:
-                self.bar.refresh()
+        if self.bar is None:
+            return True
+        if status is not None:
+            self.bar.set_postfix_str(status, refresh=False)
+        if n:
+            self.bar.update(n)
         else:
-            self._line()
+            self.bar.refresh()
+        return False
 
     def close(self) -> None:
         """End the display: a terminal's bar stays drawn; elsewhere a last line if anything changed."""

@@ -262,6 +262,17 @@ class PackTrainer:
 
     # -- evaluation -------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _evaluating(self, active: list[int]):
+        """The model in eval mode with `active` set as the pack's runs, under the runs' precision."""
+        self.state.set_batch(active, None)
+        self.model.eval()
+        try:
+            with _autocast(self.runs[0].precision, self.device):
+                yield
+        finally:
+            self.state.set_batch(None, None)
+
     @torch.inference_mode()
     def evaluate(self, record: bool = True) -> dict[int, dict[str, float]]:
         """Every metric of the task for every active run on the evaluation rows, by run.
@@ -272,13 +283,8 @@ class PackTrainer:
         active = [k for k in range(self.K) if self.alive[k]]
         if not active:
             return {}
-        self.state.set_batch(active, None)
-        self.model.eval()
-        try:
-            with _autocast(self.runs[0].precision, self.device):
-                measured = dict(zip(active, self.task.evaluate(self.state, active)))
-        finally:
-            self.state.set_batch(None, None)
+        with self._evaluating(active):
+            measured = dict(zip(active, self.task.evaluate(self.state, active)))
         for k, values in measured.items() if record else ():
             res = self.results[k]
             for name, value in values.items():
@@ -298,13 +304,8 @@ class PackTrainer:
         for k, run in enumerate(self.runs):
             first.setdefault(run.seed, k)
         active = sorted(first.values())
-        self.state.set_batch(active, None)
-        self.model.eval()
-        try:
-            with _autocast(self.runs[0].precision, self.device):
-                values = dict(zip(active, self.task.trivial_losses(self.state, active)))
-        finally:
-            self.state.set_batch(None, None)
+        with self._evaluating(active):
+            values = dict(zip(active, self.task.trivial_losses(self.state, active)))
         for k, run in enumerate(self.runs):
             self.results[k].trivial_loss = values[first[run.seed]]
             self._emit(k, 0, "trivial_loss", values[first[run.seed]])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorainit.report.findings import INIT_NAMES, Finding
+from lorainit.report.findings import INIT_NAMES, NOT_LEARNED, Finding
 from lorainit.report.sweep import Group, finite
 from lorainit.sweeps import outcome
 from lorainit.theory.toy_figures import _plt
@@ -96,8 +96,9 @@ def heatmap(finding: Finding, out: Path, stem: str) -> list[Path]:
                 labels[i][j] = f"{c.mean:.3g}"
             elif c.label():
                 values = c.trained_values
-                labels[i][j] = c.label().replace(", ", "\n") + (
-                    f"\n({sum(values) / len(values):.3g})" if values else "")
+                counted = [f"{said}:\n{c.count(status)}/{len(c.runs)}" for status, said in NOT_LEARNED.items()
+                           if c.count(status)]
+                labels[i][j] = "\n".join(counted) + (f"\n({sum(values) / len(values):.3g})" if values else "")
             else:
                 labels[i][j] = "running" if c.unfinished else "-"
     fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(lrs) + 2), 0.8 * len(inits) + 1.8))
