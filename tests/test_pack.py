@@ -105,13 +105,17 @@ def test_outputs_and_gradients_match_peft(minilm, sst2_batch, rslora, measured):
         ref = peft_model(**batch).logits
         F.cross_entropy(ref, labels).backward()
         # the same model in other kernels (batched matmuls for the adapters and the head), relative
-        # to each tensor's scale: fp32 rounding (eps 1.2e-7) through 6 layers forward and back
+        # to the values' scale: fp32 rounding (eps 1.2e-7) through 6 layers forward and back. The
+        # factors' gradients are compared all layers at once, relative to the largest: one layer's
+        # gradient can be 1e-6 of another's (the last query's, whose attention barely moves the loss),
+        # and on its own scale its rounding is order 1 (0.4 measured on an Intel Xeon). All at once:
+        # up to 8.9e-6 on that Xeon (AVX-512); a wrong gradient is off by order 1.
         assert measured("logits", logits[k], ref) <= 1e-5
-        for name, layer in pack.layers.items():
-            for f in ("A", "B"):
-                ours = getattr(layer, f"lora_{f}").grad[k]
-                theirs = params[f"base_model.model.{name}.lora_{f}.default.weight"].grad
-                assert measured(f"grad_{f}", ours, theirs) <= 1e-5, (name, f)
+        for f in ("A", "B"):
+            ours = torch.cat([getattr(layer, f"lora_{f}").grad[k].flatten() for layer in pack.layers.values()])
+            theirs = torch.cat([params[f"base_model.model.{name}.lora_{f}.default.weight"].grad.flatten()
+                                for name in pack.layers])
+            assert measured(f"grad_{f}", ours, theirs) <= 2e-5, f
         head_grad = params["base_model.model.classifier.modules_to_save.default.weight"].grad
         assert measured("grad_head", pack.head.weight.grad[k], head_grad) <= 1e-5
 

@@ -308,7 +308,8 @@ class PackTrainer:
             values = dict(zip(active, self.task.trivial_losses(self.state, active)))
         for k, run in enumerate(self.runs):
             self.results[k].trivial_loss = values[first[run.seed]]
-            self._emit(k, 0, "trivial_loss", values[first[run.seed]])
+            if values[first[run.seed]] is not None:  # a task with no eval loss: not judged
+                self._emit(k, 0, "trivial_loss", values[first[run.seed]])
 
     # -- checkpoints ------------------------------------------------------------------------
 

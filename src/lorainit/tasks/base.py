@@ -97,11 +97,15 @@ class Task(ABC):
         """Every metric of each of `runs` (stacking order) on the evaluation rows. The trainer has
         set the model to eval mode and the pack's active runs; the task forwards as it needs."""
 
-    def trivial_losses(self, state, runs: list[int]) -> list[float]:
+    def trivial_losses(self, state, runs: list[int]) -> list[float | None]:
         """Each of `runs`' trivial loss, the eval loss a run must beat to have learned
         (`lorainit.sweeps.outcome`), taken at step 0. By default the run's own eval loss as its model
         is now, before any update; a family that can say it without a model (classification: the
-        label prior's) overrides this. The trainer has set the model to eval mode and the runs."""
+        label prior's) overrides this. The trainer has set the model to eval mode and the runs.
+        None for each run of a task that reports no `eval_loss`: whether its runs learned is then
+        not judged."""
+        if "eval_loss" not in {m.name for m in self.metrics}:
+            return [None] * len(runs)
         return [m["eval_loss"] for m in self.evaluate(state, runs)]
 
     @classmethod
