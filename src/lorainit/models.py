@@ -252,4 +252,3 @@ def load_with_fresh(spec: str, kind: str = "classification", num_labels: int = 2
     mismatched = {entry[0] if isinstance(entry, tuple) else entry for entry in info.get("mismatched_keys", ())}
     fresh = tuple(sorted(set(info.get("missing_keys", ())) | mismatched))
     return model, tokenizer, fresh
-

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorainit.report.findings import INIT_NAMES, NOT_LEARNED, Finding
+from lorainit.report.findings import INIT_NAMES, FAILED_TO_LEARN, Finding
 from lorainit.report.sweep import Group, finite
 from lorainit.sweeps import outcome
 from lorainit.theory.toy_figures import _plt
@@ -96,7 +96,7 @@ def heatmap(finding: Finding, out: Path, stem: str) -> list[Path]:
                 labels[i][j] = f"{c.mean:.3g}"
             elif c.label():
                 values = c.trained_values
-                counted = [f"{said}:\n{c.count(status)}/{len(c.runs)}" for status, said in NOT_LEARNED.items()
+                counted = [f"{said}:\n{c.count(status)}/{len(c.runs)}" for status, said in FAILED_TO_LEARN.items()
                            if c.count(status)]
                 labels[i][j] = "\n".join(counted) + (f"\n({sum(values) / len(values):.3g})" if values else "")
             else:

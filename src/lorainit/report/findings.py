@@ -35,8 +35,8 @@ from lorainit.tasks import Metric
 
 HOLDS, FAILS, EQUAL, NOISE, UNKNOWN = "holds", "does not hold", "equal", "within seed noise", "spread unknown"
 INIT_NAMES = {"a": "Init[A]", "b": "Init[B]"}
-# what a run that did not learn is called in notes, by its status
-NOT_LEARNED = {"diverged": "diverged", "failed": "failed", "collapsed": "collapsed", "did_not_learn": "did not learn"}
+# each way a seed can fail to learn, by its status, as notes and cells say it
+FAILED_TO_LEARN = {"diverged": "diverged", "failed": "failed", "collapsed": "collapsed", "did_not_learn": "did not learn"}
 
 
 @dataclass
@@ -88,7 +88,7 @@ class Cell:
     def label(self) -> str | None:
         """How a cell that does not work says so, each way its seeds failed to learn counted, e.g.
         '1 collapsed, 2 did not learn (of 3)'; None when every seed learned or is unfinished."""
-        parts = [f"{self.count(status)} {said}" for status, said in NOT_LEARNED.items() if self.count(status)]
+        parts = [f"{self.count(status)} {said}" for status, said in FAILED_TO_LEARN.items() if self.count(status)]
         return f"{', '.join(parts)} (of {len(self.runs)})" if parts else None
 
 

@@ -32,10 +32,9 @@ def _status_line(report) -> str:
     total = len(sweep.runs)
     if total == 0:
         return "The store holds no runs yet: nothing to report."
-    counts = {status: sweep.count(status) for status in outcome.SHOWN}
-    left = total - sum(counts.values())
-    line = f"{total} runs: " + ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in counts.items()
-                                        if n or status in ("done", "diverged"))
+    statuses = [r.status for r in sweep.runs]
+    left = total - sum(s in outcome.SHOWN for s in statuses)
+    line = f"{total} runs: {outcome.tally(statuses)}"
     if left:
         line += f"; {left} not finished ({sweep.count('running')} running, {sweep.count('pending')} pending)"
     return line

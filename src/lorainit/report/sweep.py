@@ -135,11 +135,10 @@ def _read(db: sqlite3.Connection, folder: Path) -> Sweep:
         by_id[run_id].probes.setdefault(probe, {})[step] = sum(values) / len(values)
     judge = outcome.Judge()
     for run in runs:  # a run trained to the end: did it learn?
-        trivial = run.series.pop("trivial_loss", None)
-        run.trivial_loss = trivial[0][1] if trivial else (
-            judge.trivial_from_data(run.config) if run.status == "done" and "eval_loss" in run.final else None)
-        run.status = judge.status(run.config, run.status, run.final.get("eval_loss"),
-                                  [v for _, v in run.series.get("eval_loss", [])], run.trivial_loss)
+        stored = run.series.pop("trivial_loss", None)
+        losses = [v for _, v in run.series.get("eval_loss", [])]
+        run.status, run.trivial_loss = judge(run.config, run.status, run.final.get("eval_loss"),
+                                             min(losses) if losses else None, stored[0][1] if stored else None)
     return Sweep(folder, name, runs, _groups(runs, grid))
 
 

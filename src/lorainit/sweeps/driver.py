@@ -22,7 +22,7 @@ from lorainit.sweeps import estimates, folder, worker
 from lorainit.sweeps.file import Sweep
 from lorainit.sweeps.plan import Pack, plan
 from lorainit.sweeps.progress import Progress
-from lorainit.sweeps.outcome import SHOWN
+from lorainit.sweeps.outcome import tally
 from lorainit.sweeps.store import RowFile, Store
 
 EXECUTORS = ("local", "ray")
@@ -225,12 +225,10 @@ def _run_sweep(sweep: Sweep, out: Path, executor: str, ray_address: str | None, 
             run_packs(packs, out, device, store, progress, record, ray_address=ray_address)
         finally:
             progress.close()
-        _write_tables(store, out)
-        shown = [row["status"] for row in store.result_rows()]  # as results.csv has them: did each learn?
-        counts = {s: shown.count(s) for s in SHOWN}
-        told = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items() if n or s in ("done", "diverged"))
-        print(f"sweep {sweep.name!r}: {told} of {len(sweep.runs)}; wrote {out / 'results.csv'}", file=sys.stderr)
-        return 1 if counts["failed"] else 0
+        shown = [row["status"] for row in _write_tables(store, out)]  # as results.csv has them: did each learn?
+        print(f"sweep {sweep.name!r}: {tally(shown)} of {len(sweep.runs)}; wrote {out / 'results.csv'}",
+              file=sys.stderr)
+        return 1 if "failed" in shown else 0
     finally:
         store.close()
 
@@ -299,10 +297,11 @@ def _clear_finished_checkpoints(store: Store, out: Path) -> None:
             shutil.rmtree(folder.checkpoints(out, pack_id), ignore_errors=True)
 
 
-def _write_tables(store: Store, out: Path) -> None:
-    """results.csv and metrics.csv from the store, each written atomically."""
-    store.write_results_csv()
+def _write_tables(store: Store, out: Path) -> list[dict]:
+    """results.csv and metrics.csv from the store, each written atomically; returns results.csv's rows."""
+    rows = store.write_results_csv()
     write_text_atomic(out / "metrics.csv", _metrics_csv(store))
+    return rows
 
 
 def _metrics_csv(store: Store) -> str:

@@ -12,8 +12,8 @@ row `trivial_loss`):
 - decoders: the run's own evaluation loss at step 0, before any update.
 
 A run *learned* when its final eval loss is below `trivial x (1 - MARGIN)`. Otherwise it
-*collapsed* if an earlier evaluation was below that line (it learned, then fell back), and *did
-not learn* if none was. Both keep their `final_` and `best_` metrics. The status is worked out
+*collapsed* if an earlier evaluation was below that line (its best eval loss is: it learned, then
+fell back), and *did not learn* if none was. Both keep their `final_` and `best_` metrics. The status is worked out
 from the stored numbers whenever a store is read, so a store written before the trivial loss was
 recorded is judged the same way, from its task's label prior (`Task.trivial_loss_of`).
 """
@@ -35,17 +35,17 @@ def threshold(trivial: float) -> float:
     return trivial * (1.0 - MARGIN)
 
 
-def judge(status: str, final_loss: float | None, losses: list[float], trivial: float | None) -> str:
+def judge(status: str, final_loss: float | None, best_loss: float | None, trivial: float | None) -> str:
     """The shown status of a run: its training status, or for a `done` run whether it learned.
 
-    `final_loss`: its last eval loss; `losses`: every eval loss it recorded (the final one too);
+    `final_loss`: its last eval loss; `best_loss`: its lowest (the final one included);
     `trivial`: its trivial loss, None when unknown (the run is then shown as done, unjudged)."""
-    if status != "done" or trivial is None or not _finite(trivial) or not _finite(final_loss):
+    if status != "done" or not _finite(trivial) or not _finite(final_loss):
         return status
     line = threshold(trivial)
     if final_loss < line:
         return LEARNED
-    return COLLAPSED if any(_finite(v) and v < line for v in losses) else DID_NOT_LEARN
+    return COLLAPSED if _finite(best_loss) and best_loss < line else DID_NOT_LEARN
 
 
 class Judge:
@@ -55,13 +55,16 @@ class Judge:
     def __init__(self):
         self._from_data: dict[str, float | None] = {}
 
-    def status(self, config: dict, status: str, final_loss: float | None, losses: list[float],
-               trivial: float | None) -> str:
+    def __call__(self, config: dict, status: str, final_loss: float | None, best_loss: float | None,
+                 stored_trivial: float | None) -> tuple[str, float | None]:
+        """(shown status, trivial loss) of a run: the trivial loss as stored, else, for a run to be
+        judged, from its data."""
+        trivial = stored_trivial
         if trivial is None and status == "done" and _finite(final_loss):
-            trivial = self.trivial_from_data(config)
-        return judge(status, final_loss, losses, trivial)
+            trivial = self._trivial_from_data(config)
+        return judge(status, final_loss, best_loss, trivial), trivial
 
-    def trivial_from_data(self, config: dict) -> float | None:
+    def _trivial_from_data(self, config: dict) -> float | None:
         from lorainit import tasks
         from lorainit.config import RunConfig
         from lorainit.errors import BadInput
@@ -75,6 +78,13 @@ class Judge:
             except BadInput:
                 self._from_data[key] = None
         return self._from_data[key]
+
+
+def tally(statuses: list[str]) -> str:
+    """'18 done, 11 did not learn, 1 collapsed, 0 diverged': each shown status counted, in SHOWN's
+    order; done and diverged always, the others where some run has them."""
+    return ", ".join(f"{statuses.count(s)} {s.replace('_', ' ')}" for s in SHOWN
+                     if statuses.count(s) or s in ("done", "diverged"))
 
 
 def _finite(value) -> bool:

@@ -193,14 +193,6 @@ class Store:
         that trained to the end shows whether it learned (`outcome`): done, did_not_learn or collapsed."""
         rows = []
         judge = outcome.Judge()
-        losses: dict[str, list[float]] = {}
-        trivial: dict[str, float] = {}
-        for run_id, name, value in self.db.execute(
-                "SELECT run_id, name, value FROM metrics WHERE name IN ('eval_loss', 'trivial_loss') ORDER BY step"):
-            if name == "trivial_loss":
-                trivial[run_id] = value
-            elif value is not None:
-                losses.setdefault(run_id, []).append(value)
         query = ("SELECT run_id, config, status, diverged_step, final, best, steps, seconds FROM runs "
                  f"WHERE status IN ({', '.join('?' * len(FINISHED))}) ORDER BY position")
         for run_id, config, status, diverged_step, final, best, steps, seconds in self.db.execute(query, FINISHED):
@@ -209,10 +201,10 @@ class Store:
             row = {"run_id": run_id}
             for name, value in config.items():
                 row[name] = ",".join(value) if isinstance(value, list) else value
-            trivial_loss = trivial.get(run_id)
-            if trivial_loss is None and status == "done" and final.get("eval_loss") is not None:
-                trivial_loss = judge.trivial_from_data(config)
-            shown = judge.status(config, status, final.get("eval_loss"), losses.get(run_id, []), trivial_loss)
+            stored = self.db.execute("SELECT value FROM metrics WHERE run_id = ? AND step = 0 AND name = ?",
+                                     (run_id, "trivial_loss")).fetchone()
+            shown, trivial_loss = judge(config, status, final.get("eval_loss"), best.get("eval_loss"),
+                                        stored[0] if stored else None)
             row |= {"status": shown, "diverged_step": diverged_step}
             for metric in tasks.metrics(config["task"]) if config["task"] in tasks.names() else ():
                 row |= {f"final_{metric.name}": final.get(metric.name), f"best_{metric.name}": best.get(metric.name)}
@@ -220,8 +212,11 @@ class Store:
             rows.append(row)
         return rows
 
-    def write_results_csv(self) -> Path:
-        return write_text_atomic(self.folder / "results.csv", csv_text(self.result_rows(), self.result_columns()))
+    def write_results_csv(self) -> list[dict]:
+        """Write results.csv; returns its rows."""
+        rows = self.result_rows()
+        write_text_atomic(self.folder / "results.csv", csv_text(rows, self.result_columns()))
+        return rows
 
 
 class MetricWriter:

@@ -78,7 +78,7 @@ class Classification(Task):
 
     def __init__(self, run, model_overrides: dict | None = None):
         super().__init__(run, model_overrides)
-        num_labels = len(glue.TASKS[slices.base(run.task)].labels)
+        num_labels = len(glue.spec_of(run.task).labels)
         self.model, self.tokenizer, self.fresh_weights = models.load_with_fresh(
             run.model, "classification", num_labels=num_labels, **(model_overrides or {}))
         self.pad_id = self.tokenizer.pad_token_id
@@ -148,7 +148,7 @@ class Classification(Task):
             evaluated = glue.read(run.task, "eval", run.data_dir, max_rows=run.max_eval_samples).labels
         except BadInput:
             return None
-        return prior_loss(train, evaluated, len(glue.TASKS[slices.base(run.task)].labels))
+        return prior_loss(train, evaluated, len(glue.spec_of(run.task).labels))
 
     @classmethod
     def check_data(cls, run) -> None:
@@ -158,7 +158,7 @@ class Classification(Task):
 
     @classmethod
     def skeleton(cls, run):
-        return models.skeleton(run.model, "classification", num_labels=len(glue.TASKS[slices.base(run.task)].labels))
+        return models.skeleton(run.model, "classification", num_labels=len(glue.spec_of(run.task).labels))
 
     @classmethod
     def data_size(cls, run, split: str, sample: int = 200) -> tuple[int, float] | None:
@@ -167,7 +167,7 @@ class Classification(Task):
         root = glue.glue_root(slices.data_dir(run.task, run.data_dir))
         if root is None:  # the hub: an estimate downloads nothing
             return None
-        spec = glue.TASKS[slices.base(run.task)]
+        spec = glue.spec_of(run.task)
         path = root / spec.folder / f"{'train' if split == 'train' else spec.eval_split}.tsv"
         try:
             texts = glue.read(run.task, split, run.data_dir, max_rows=sample).texts

@@ -109,12 +109,17 @@ def read_parquet(path: Path, task: str, max_rows: int | None = None) -> Examples
     return Examples([tuple(t.strip() for t in row) for row in zip(*columns)], labels)
 
 
+def spec_of(task: str) -> GlueTask:
+    """The GLUE task `task` is, or is a shipped slice of (`sst2-slice` -> SST-2)."""
+    if slices.base(task) not in TASKS:
+        raise DataError(f"unknown GLUE task {task!r}; expected one of {', '.join(TASKS)}")
+    return TASKS[slices.base(task)]
+
+
 def read(task: str, split: str, data_dir: str | None = None, max_rows: int | None = None) -> Examples:
     """Read the first `max_rows` rows (file order) of `split` ('train' or 'eval') of a GLUE task
     (or of a slice of one shipped with lorainit, e.g. `sst2-slice`, from its own folder)."""
-    if slices.base(task) not in TASKS:
-        raise DataError(f"unknown GLUE task {task!r}; expected one of {', '.join(TASKS)}")
-    spec = TASKS[slices.base(task)]
+    spec = spec_of(task)
     root = glue_root(slices.data_dir(task, data_dir))
     if root is None:
         return read_parquet(hub_file(task, split), task, max_rows)
