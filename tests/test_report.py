@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from conftest import skip_or_fail
 from lorainit import report
 from lorainit.config import RunConfig
 from lorainit.report import findings as F
@@ -219,14 +220,9 @@ def _chromium():
 def test_the_page_renders_every_image_in_a_real_browser(tmp_path):
     """Headless Chromium opens the page (no network) and screenshots it; every image must have
     loaded with its real size and the screenshot must not be blank."""
-    import os
-
     browser = _chromium()
     if browser is None:
-        message = "no Chromium found (Debian: apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail("no Chromium found (Debian: apt-get install chromium)")
     cells = _grid(a=(0.80, 0.85, 0.90, "diverged"), b=(0.82, 0.86, 0.84, 0.80))
     folder = _store(tmp_path / "sweep", cells)
     built = report.build(folder)
