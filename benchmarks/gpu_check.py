@@ -703,9 +703,9 @@ def peft_wrap(model, run, task_type: str):
 
 def autocast(kit: Kit):
     """The trainer's own autocast for the timing precision, for the runs done one by one."""
-    from lorainit import train
+    from lorainit.engine import precision
 
-    return train._autocast(kit.timing_precision, torch.device(kit.device))
+    return precision.autocast(kit.timing_precision, torch.device(kit.device))
 
 
 def time_loop(kit: Kit, base, runs, lengths: list[int], loss_of, task_type: str, warmup: int, steps: int,

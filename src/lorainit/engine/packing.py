@@ -157,8 +157,26 @@ class PackState:
         self.streams.lengths = lengths
 
 
+def window_mask(q_len: int, kv_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """(q_len, kv_len) bool: causal, and each query sees only the `window` latest keys up to
+    itself (transformers' sliding window: key j is seen from query i when i - window < j <= i).
+    The queries are the last q_len of the kv_len positions."""
+    q = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k = torch.arange(kv_len, device=device)[None, :]
+    return (k <= q) & (k > q - window)
+
+
+def _and_mask(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
+    """`mask` (bool, or additive float) further restricted to `allowed` (bool, broadcastable)."""
+    if mask is None:
+        return allowed[None, None] if allowed.dim() == 2 else allowed
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-           scaling: float, dropout: float, state: "PackState | None") -> torch.Tensor:
+           scaling: float, dropout: float, state: "PackState | None", softcap: float | None = None) -> torch.Tensor:
     """Softmax attention with per-run dropout masks on its probabilities.
 
     query: (n*b, heads, Tq, d_head), key/value: (n*b, kv_heads, T, d_head), kv_heads dividing heads
@@ -166,11 +184,14 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     to (n*b, heads, Tq, T), True where a key may be seen, or an additive float mask. Returns
     (n*b, Tq, heads, d_head). With Tq < T the queries are the first Tq positions: their dropout
     masks are the first Tq query rows of the masks drawn for all T, as if every query were present.
+    `softcap` caps the scores as Gemma 2 does, softcap * tanh(scores / softcap), before the mask.
     """
     if key.shape[1] != query.shape[1]:  # grouped-query attention: each key/value head serves a group
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (n*b, h, T, T)
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
     if mask is not None:
         if mask.dtype == torch.bool:
             weights = weights.masked_fill(~mask, torch.finfo(weights.dtype).min)
@@ -186,33 +207,53 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     return torch.matmul(weights, value).transpose(1, 2).contiguous()
 
 
+# attention arguments that change the arithmetic in ways the pack's attention does not compute:
+# a model that passes one is refused rather than silently computed without it
+UNSERVED = {"s_aux": "attention sinks", "sinks": "attention sinks", "position_bias": "a relative position bias"}
+
+
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None,
-                     dropout: float = 0.0, **kwargs):
-    """The model's attention call with per-run dropout masks; without dropout, torch's SDPA. In a
-    padding-free forward (`state.flat`), on the rows' padded layout (`FlatLayout`)."""
+                     dropout: float = 0.0, sliding_window: int | None = None, softcap: float | None = None,
+                     **kwargs):
+    """The model's attention call with per-run dropout masks; without dropout or softcapping,
+    torch's SDPA. In a padding-free forward (`state.flat`), on the rows' padded layout (`FlatLayout`).
+
+    Every feature the model asks for is computed: grouped-query heads, a sliding window shorter
+    than the sequence (Mistral, Qwen2, Gemma 2 and 3, Phi-3), score softcapping (Gemma 2). The
+    masks lorainit builds itself (padding-free, right-padded rows) are causal only, so the window
+    is applied here, to any mask, whenever the queries are the whole sequence (a training or
+    evaluation forward); a cached generation step gets the model's own mask, which holds it."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    for name, what in UNSERVED.items():
+        if kwargs.get(name) is not None:
+            raise RuntimeError(f"{type(module).__name__} asks its attention for {what} ({name}), which a "
+                               "pack's attention does not compute")
     state: PackState | None = getattr(module, "lorainit_state", None)
-    if state is not None and state.flat is not None and query.shape[0] == 1:
-        return _flat_attention(module, query, key, value, scaling, dropout, state), None
-    if dropout == 0.0 or state is None or not module.training:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    if attention_mask is None and getattr(module, "is_causal", False) and query.shape[2] > 1:
+    if state is not None and state.flat is not None and query.shape[0] == 1:
+        return _flat_attention(module, query, key, value, scaling, dropout, state, sliding_window, softcap), None
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if sliding_window is not None and q_len == kv_len and kv_len > sliding_window:
+        attention_mask = _and_mask(attention_mask, window_mask(q_len, kv_len, sliding_window, query.device))
+    dropping = dropout > 0 and state is not None and module.training
+    if not dropping and softcap is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    if attention_mask is None and getattr(module, "is_causal", False) and q_len > 1:
         # no mask stands for causal attention alone (SDPA's is_causal); the explicit softmax needs
         # it spelled out, queries being the last positions
-        q_len, kv_len = query.shape[2], key.shape[2]
         attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-    return attend(query, key, value, attention_mask, scaling, dropout, state), None
+    return attend(query, key, value, attention_mask, scaling, dropout if dropping else 0.0, state, softcap), None
 
 
 def _flat_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    scaling: float | None, dropout: float, state: PackState) -> torch.Tensor:
+                    scaling: float, dropout: float, state: PackState, sliding_window: int | None,
+                    softcap: float | None) -> torch.Tensor:
     """Attention of tokens laid end to end, (1, heads, N, d) -> (1, N, heads, d), computed row by
-    row on the padded layout under each row's causal mask.
+    row on the padded layout under each row's causal mask (and sliding window, and softcap).
 
     Rows are right-padded, so a real query's causal window holds real keys only: the causal mask
     alone is exact for every real token (the padding's queries are computed and dropped), and
@@ -220,10 +261,16 @@ def _flat_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     flat = state.flat
     flat.calls += 1
     q, k, v = flat.pad(query), flat.pad(key), flat.pad(value)
-    if scaling is None:
-        scaling = query.size(-1) ** -0.5
-    if dropout > 0 and module.training:
-        out = attend(q, k, v, flat.mask(), scaling, dropout, state)                # (rows, T, h, d)
+    windowed = sliding_window is not None and flat.width > sliding_window
+    if (dropout > 0 and module.training) or softcap is not None or windowed:
+        mask = flat.mask()
+        if windowed:
+            mask = _and_mask(mask, window_mask(flat.width, flat.width, sliding_window, mask.device))
+        if (dropout > 0 and module.training) or softcap is not None:
+            out = attend(q, k, v, mask, scaling, dropout if module.training else 0.0, state, softcap)  # (rows, T, h, d)
+        else:
+            out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
+                                                             enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2)
     else:
         out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
                                                          enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2)

@@ -68,8 +68,14 @@ def _head_tensors(pack: LoRAPack, k: int) -> dict[str, torch.Tensor]:
     return out | {name: t for name, t in packed.items() if any(name.startswith(f"{m}.") for m in saved)}
 
 
-def export_run(pack: LoRAPack, k: int, folder: str | os.PathLike, base_model: str) -> Path:
-    """Write run k of `pack` as a PEFT LoRA adapter folder; return the folder."""
+def export_run(pack: LoRAPack, k: int, folder: str | os.PathLike, base_model: str,
+               base_note: str | None = None) -> Path:
+    """Write run k of `pack` as a PEFT LoRA adapter folder; return the folder.
+
+    `base_model` is what PEFT users load the adapter on (`base_model_name_or_path`); `base_note`
+    says how the weights it was trained on differ from that base, when they do (an offline alias
+    dequantised from 4 bits). The note goes into the folder's README.md and the weights file's
+    metadata. Adapters of `Conv1D` layers (GPT-2) are saved with `fan_in_fan_out`, as PEFT saves them."""
     if not 0 <= k < pack.num_runs:
         raise IndexError(f"run {k} is outside this pack of {pack.num_runs}")
     cfg = pack.config
@@ -84,7 +90,7 @@ def export_run(pack: LoRAPack, k: int, folder: str | os.PathLike, base_model: st
         "target_modules": sorted(cfg.targets),
         "modules_to_save": _saved_modules(pack) or None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in pack.layers.values()),
         "inference_mode": True,
     }
     tensors = {}
@@ -97,7 +103,11 @@ def export_run(pack: LoRAPack, k: int, folder: str | os.PathLike, base_model: st
 
     folder = Path(folder)
     # weights first, config last: a folder with a config always has its weights
-    write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    metadata = {"format": "pt"} | ({"base_model_note": base_note} if base_note else {})
+    write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    if base_note:
+        write_text_atomic(folder / "README.md", f"# LoRA adapter for {base_model}\n\nTrained on {base_note}.\n"
+                          f"Loaded on {base_model} itself, it applies to weights that differ from those.\n")
     write_text_atomic(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return folder
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorainit import models, tasks
 from lorainit.config import RunConfig
-from lorainit.engine import checkpoint
+from lorainit.engine import checkpoint, precision
 from lorainit.errors import BadInput
 from lorainit.files import csv_text, write_text_atomic
 from lorainit.sweeps import estimates, folder, worker
@@ -46,16 +46,17 @@ def _check_same_sweep(store: Store, sweep: Sweep) -> None:
 
 def _preflight(runs: list[RunConfig], device: str, free: int | None = None) -> None:
     """Fail before writing anything: a model that cannot be found offline, a precision this device
-    lacks, a task's data missing or holding a label out of range, a target that matches no module
-    of the model (checked on its skeleton, no weights loaded), a single run that cannot fit."""
+    cannot run, a tokenizer with more tokens than the model's embeddings, a model the task cannot
+    use (no head for it, or a decoder a pack does not serve exactly), a task's data missing or
+    holding a label out of range, a target that matches no module of the model (checked on its
+    skeleton, no weights loaded), a single run that cannot fit."""
     from lorainit.engine.lora import check_targets
 
-    for run in runs:
-        if run.precision != "fp32" and not device.startswith("cuda"):
-            raise BadInput(f"precision {run.precision} needs a CUDA device, and this sweep runs on {device}; "
-                           "use precision fp32 here")
+    for name in sorted({r.precision for r in runs}):
+        precision.check(name, device)
     for spec in sorted({r.model for r in runs}):
         models.resolve(spec)
+        models.check_vocabulary(spec)
     checked, built = set(), {}
     for run in runs:
         if (run.task, run.data_dir, run.max_train_samples, run.max_eval_samples) not in checked:
@@ -64,6 +65,7 @@ def _preflight(runs: list[RunConfig], device: str, free: int | None = None) -> N
         key = (run.model, run.task)
         if key not in built:
             built[key] = tasks.family(run.task).skeleton(run)
+            tasks.family(run.task).check_model(run, built[key])
         if built[key] is not None:
             check_targets(built[key], run.targets)
     _check_fits(runs, device, estimates.available_memory(device) if free is None else free)

@@ -76,15 +76,21 @@ def available_memory(device: str) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))  # free pages, without /proc
 
 
+def base_bytes(run: RunConfig) -> int:
+    """Bytes per parameter of the frozen base and of activations: 4 in fp32, 2 in bf16 or fp16."""
+    return 4 if run.precision == "fp32" else 2
+
+
 def memory_per_pack(run: RunConfig, shape: Shape, runs: int, scores: bool = True) -> int:
-    """Estimated peak bytes of a pack of `runs` runs like `run`: the base model in fp32, each
-    run's LoRA factors with gradients and AdamW moments, and each run's activations (about
+    """Estimated peak bytes of a pack of `runs` runs like `run`: the base model in the dtype its
+    precision stores it in (4 bytes a parameter in fp32, 2 in bf16 or fp16), each run's LoRA
+    factors with gradients and AdamW moments (fp32 whatever the precision), and each run's activations (about
     34 h + 5 heads T bytes per token per layer at 16 bits, twice that in fp32; with
     gradient_checkpointing, each layer's input and one layer's activations). `scores=False` leaves
     out the attention scores (5 heads T), which a fused attention kernel never stores: a lower
     bound, for refusing only runs that surely cannot fit."""
-    width = 4 if run.precision == "fp32" else 2
-    base = 4 * shape.params
+    width = base_bytes(run)
+    base = width * shape.params
     lora = 4 * 4 * run.rank * 2 * shape.hidden * shape.layers * len(run.targets)  # A and B, x4 states
     tokens = run.batch_size * run.max_seq_len
     per_layer = tokens * (34 * shape.hidden + (5 * shape.heads * run.max_seq_len if scores else 0)) * width // 2
@@ -101,8 +107,9 @@ def default_pack_size(run: RunConfig, device: str, shape: Shape | None, free: in
     if shape is None:
         return 8
     budget = 0.6 * (available_memory(device) if free is None else free)
-    one = memory_per_pack(run, shape, 1) - 4 * shape.params
-    return max(1, min(MAX_PACK, int((budget - 4 * shape.params) // max(one, 1))))
+    base = base_bytes(run) * shape.params
+    one = memory_per_pack(run, shape, 1) - base
+    return max(1, min(MAX_PACK, int((budget - base) // max(one, 1))))
 
 
 def data_sample(run: RunConfig, split: str) -> tuple[int, float] | None:

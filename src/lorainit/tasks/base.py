@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from lorainit import tasks
+from lorainit import models, tasks
 from lorainit.errors import BadInput
 from lorainit.tasks import Metric
 
@@ -59,6 +59,17 @@ class Task(ABC):
     def __init__(self, run, model_overrides: dict | None = None):
         self.run = run
         self.metrics = tasks.metrics(run.task)
+
+    @staticmethod
+    def load_model(run, kind: str, model_overrides: dict | None = None, **kwargs):
+        """(model, tokenizer, fresh parameter names) for the run: the frozen base in the dtype its
+        `precision` asks for (`engine.precision`), whatever the checkpoint declares; a `dtype`
+        among `model_overrides` (reference tests) wins."""
+        from lorainit.engine import precision
+
+        overrides = dict(model_overrides or {})
+        dtype = overrides.pop("dtype", precision.base_dtype(run.precision))
+        return models.load_with_fresh(run.model, kind, dtype=dtype, **kwargs, **overrides)
 
     # -- data --------------------------------------------------------------------------------
 
@@ -133,6 +144,11 @@ class Task(ABC):
     @classmethod
     def check_data(cls, run) -> None:
         """Raise BadInput if the run's data cannot be read (called before a sweep writes anything)."""
+
+    @classmethod
+    def check_model(cls, run, skeleton) -> None:
+        """Raise BadInput if the family cannot serve the run's model (its skeleton, or None where
+        none could be built); called before a sweep writes anything."""
 
     @classmethod
     def skeleton(cls, run):

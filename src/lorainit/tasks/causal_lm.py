@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorainit import models, slices
+from lorainit import decoders, models, slices
 from lorainit.engine.packing import FlatLayout, causal_mask
 from lorainit.tasks import lm_data
 from lorainit.tasks.base import Forward, Losses, OnDevice, Task, eval_budget, host_tensor, stack_padded, token_chunks
@@ -97,10 +97,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     gradient in the hidden states formed in the same pass: each chunk's logits exist once, for its
     loss (minus the target's log-softmax) and for its gradient ((softmax - onehot) @ weight).
     The backward only scales those stored gradients, (N, d), by the upstream per-token weights, so
-    it neither holds nor recomputes logits. The projection is frozen (a decoder's output embedding)."""
+    it neither holds nor recomputes logits. The projection is frozen (a decoder's output embedding).
+
+    With `softcap` (Gemma 2's final logit softcapping) the logits are softcap * tanh(z / softcap)
+    of the projection z, as the model computes them, and the gradient carries tanh's derivative."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, softcap):
         losses = hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         w = weight.to(hidden.dtype)
@@ -108,6 +111,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = hidden[i:i + chunk] @ w.T                                   # (c, V)
             if logits.dtype in (torch.float16, torch.bfloat16):
                 logits = logits.float()
+            capped = None
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)                            # (c, V)
+                logits = capped * softcap
             y = targets[i:i + chunk]
             logp = torch.log_softmax(logits, dim=-1)                             # (c, V), one fused pass
             del logits
@@ -115,6 +122,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 probs = logp.exp_()                                              # softmax, in place
                 probs[torch.arange(len(y), device=y.device), y] -= 1.0           # d loss / d logits
+                if capped is not None:
+                    probs.mul_(1.0 - capped.square_())                           # d logits / d z
                 grad[i:i + chunk] = (probs.to(w.dtype) @ w).to(hidden.dtype)
         ctx.save_for_backward(grad)
         return losses
@@ -122,18 +131,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses):
         (grad,) = ctx.saved_tensors
-        return grad * grad_losses[:, None].to(grad.dtype), None, None, None
+        return grad * grad_losses[:, None].to(grad.dtype), None, None, None, None
 
 
 def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                 chunk: int = LOSS_CHUNK) -> torch.Tensor:
-    """(N,) cross-entropy of the projection `hidden @ weight.T` against `targets`, `chunk` rows at a
-    time: only one chunk's logits exist at once, forward or backward. `weight` must be frozen."""
+                 chunk: int = LOSS_CHUNK, softcap: float | None = None) -> torch.Tensor:
+    """(N,) cross-entropy of the projection `hidden @ weight.T` (softcapped with `softcap`) against
+    `targets`, `chunk` rows at a time: only one chunk's logits exist at once, forward or backward.
+    `weight` must be frozen."""
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("the chunked loss takes a frozen output projection")
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, softcap)
 
 
 def _data_dir(run) -> str | None:
@@ -146,8 +156,8 @@ class CausalLM(Task):
 
     def __init__(self, run, model_overrides: dict | None = None):
         super().__init__(run, model_overrides)
-        self.model, self.tokenizer, self.fresh_weights = models.load_with_fresh(
-            run.model, "causal_lm", **(model_overrides or {}))
+        self.model, self.tokenizer, self.fresh_weights = self.load_model(run, "causal_lm", model_overrides)
+        decoders.check(self.model, run.model)
         self.pad_id = self.tokenizer.pad_token_id
         self.questions = (lm_data.read_gsm8k("eval", _data_dir(run), max_rows=run.max_eval_samples)
                           if slices.base(run.task) == "gsm8k" else None)  # scored by generation, and their answers' loss
@@ -204,7 +214,8 @@ class CausalLM(Task):
         counts = torch.bincount(owner, minlength=n)                       # (n,)
         targets = batch["labels"].flatten().index_select(0, where.to(device, non_blocking=True))
         losses = token_losses(hidden.index_select(0, counted.to(device, non_blocking=True)),
-                              model.get_output_embeddings().weight, targets)  # (N,)
+                              model.get_output_embeddings().weight, targets,
+                              softcap=getattr(model.config, "final_logit_softcapping", None))  # (N,)
         # each run's tokens are one block (runs are stacked in order): its sum is the reduction it
         # would have alone, over the same tokens
         sums = torch.stack([part.sum() for part in losses.split(counts.tolist())])
@@ -319,6 +330,11 @@ class CausalLM(Task):
     @classmethod
     def skeleton(cls, run):
         return models.skeleton(run.model, "causal_lm")
+
+    @classmethod
+    def check_model(cls, run, skeleton) -> None:
+        if skeleton is not None:
+            decoders.check(skeleton, run.model)
 
     @classmethod
     def check_data(cls, run) -> None:

@@ -79,8 +79,8 @@ class Classification(Task):
     def __init__(self, run, model_overrides: dict | None = None):
         super().__init__(run, model_overrides)
         num_labels = len(glue.spec_of(run.task).labels)
-        self.model, self.tokenizer, self.fresh_weights = models.load_with_fresh(
-            run.model, "classification", num_labels=num_labels, **(model_overrides or {}))
+        self.model, self.tokenizer, self.fresh_weights = self.load_model(
+            run, "classification", model_overrides, num_labels=num_labels)
         self.pad_id = self.tokenizer.pad_token_id
         self.train = read_split(run, "train", self.tokenizer)
         self.eval = read_split(run, "eval", self.tokenizer)
