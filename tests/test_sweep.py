@@ -333,8 +333,6 @@ def _bad_labels(tmp_path: Path) -> str:
 BAD_INPUTS = {
     "target matching no module": (lambda tmp: TINY.replace("  task: sst2", "  task: sst2\n  targets: [qery]"),
                                   r"target module\(s\) 'qery' match no linear layer of BertForSequenceClassification"),
-    "precision needing CUDA": (lambda tmp: TINY.replace("  task: sst2", "  task: sst2\n  precision: bf16"),
-                               r"precision bf16 needs a CUDA device"),
     "data file missing": (lambda tmp: TINY.replace("  task: sst2", f"  task: sst2\n  data_dir: {tmp / 'none'}"),
                           r"SST-2/train.tsv: file not found"),
     "label out of range": (lambda tmp: TINY.replace("  task: sst2", f"  task: sst2\n  data_dir: {_bad_labels(tmp)}"),
