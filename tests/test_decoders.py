@@ -384,3 +384,20 @@ def test_the_offline_decoder_says_it_is_dequantised_from_4_bits(tmp_path, capsys
     assert "dequantised from a 4-bit GGUF" in note and "not the hub model's weights" in note
     assert cli.main(["model", "smollm2-135m"]) == 0
     assert "weights: SmolLM2-135M-Instruct dequantised from a 4-bit GGUF (Q4_1" in capsys.readouterr().out
+
+
+def test_the_memory_estimate_counts_the_base_in_its_precisions_dtype(tiny):
+    from lorainit.sweeps import estimates
+
+    folder = str(tiny("gemma2"))
+    shape = estimates.model_shape(folder)
+    assert shape is not None and shape.layers == 2 and shape.hidden == 32
+    fp32, bf16 = _run(folder), _run(folder, precision="bf16")
+    # no runs: the frozen base alone, 4 bytes a parameter in fp32, 2 in bf16
+    assert estimates.memory_per_pack(fp32, shape, 0) == 4 * shape.params
+    assert estimates.memory_per_pack(bf16, shape, 0) == 2 * shape.params
+    # one run: its adapters and their AdamW state at 4 bytes in both, its activations at half in bf16
+    lora = 4 * 4 * fp32.rank * 2 * shape.hidden * shape.layers * len(fp32.targets)
+    act32 = estimates.memory_per_pack(fp32, shape, 1) - estimates.memory_per_pack(fp32, shape, 0) - lora
+    act16 = estimates.memory_per_pack(bf16, shape, 1) - estimates.memory_per_pack(bf16, shape, 0) - lora
+    assert act32 > 0 and act16 * 2 == act32

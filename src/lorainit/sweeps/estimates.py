@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorainit import models, slices, tasks
+from lorainit import decoders, models, slices, tasks
 from lorainit.config import RunConfig
 from lorainit.engine.order import total_steps
 from lorainit.sweeps.plan import Pack
@@ -53,10 +53,12 @@ def model_shape(spec: str) -> Shape | None:
     vocab = getattr(config, "vocab_size", 0)
     # attention: Q and O full, K and V at the key/value heads' width (grouped-query attention)
     kv = hidden * getattr(config, "num_key_value_heads", heads) // heads
-    gated = getattr(config, "hidden_act", "") in ("silu", "swiglu")  # Llama-style MLP: gate, up, down
+    # a gated MLP (gate, up, down): Llama's and every served decoder's but GPT-2's
+    gated = (getattr(config, "hidden_act", "") in ("silu", "swiglu")
+             or config.model_type in decoders.DECODERS and config.model_type != "gpt2")
     matmul = layers * (2 * hidden * hidden + 2 * hidden * kv + (3 if gated else 2) * hidden * inner)
     embeddings = vocab * hidden
-    if type(config).__name__.endswith(("LlamaConfig", "Qwen2Config", "MistralConfig")):
+    if config.model_type in decoders.DECODERS:
         matmul += vocab * hidden  # a decoder's output projection runs per counted token
         if getattr(config, "tie_word_embeddings", False):
             embeddings = 0  # the projection is the embedding table
