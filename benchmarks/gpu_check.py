@@ -213,7 +213,7 @@ class Kit:
         return str(self.work / "data" / "gsm8k")
 
     def low_precision_device(self) -> None:
-        """bf16 and fp16 need CUDA (or `--cpu-autocast`); raise Skipped otherwise."""
+        """The bf16 and fp16 sections measure a GPU: on a CPU only with `--cpu-autocast`; else Skipped."""
         if self.device != "cuda" and not self.args.cpu_autocast:
             raise Skipped("needs CUDA")
 
@@ -372,23 +372,6 @@ def runs_from(kit: Kit, specs: list[dict], **shared):
                                  "max_seq_len": 128, "save_adapters": False} | shared | spec) for spec in specs]
 
 
-@contextlib.contextmanager
-def cpu_autocast(kit: Kit):
-    """With `--cpu-autocast` on a CPU, let the trainer run bf16 and fp16 there (through CPU
-    autocast, as the project's own tests do); elsewhere nothing."""
-    if kit.device == "cuda" or not kit.args.cpu_autocast:
-        yield
-        return
-    from lorainit import train
-
-    original = train._device
-    train._device = lambda runs, device: torch.device("cpu")
-    try:
-        yield
-    finally:
-        train._device = original
-
-
 def snapshot(trainer) -> list[dict[str, torch.Tensor]]:
     """Each run's trained tensors (LoRA factors, head), on the CPU in fp32: [run][name]."""
     named = trainer.pack.named_parameters()
@@ -401,16 +384,15 @@ def train(kit: Kit, runs, before=None, scale: dict[int, float] | None = None):
     from lorainit.train import PackTrainer
 
     free(kit)  # the last pack's model and state (they hold reference cycles)
-    with cpu_autocast(kit):
-        trainer = PackTrainer(runs, device=kit.device, show_progress=False)
-        if scale:
-            if getattr(trainer, "scaler", None) is None:
-                raise RuntimeError("the fp16 pack has no loss scaler (PackTrainer.scaler)")
-            for k, value in scale.items():
-                trainer.scaler.scale[k] = value
-        if before is not None:
-            before(trainer)
-        results = trainer.run()
+    trainer = PackTrainer(runs, device=kit.device, show_progress=False)
+    if scale:
+        if getattr(trainer, "scaler", None) is None:
+            raise RuntimeError("the fp16 pack has no loss scaler (PackTrainer.scaler)")
+        for k, value in scale.items():
+            trainer.scaler.scale[k] = value
+    if before is not None:
+        before(trainer)
+    results = trainer.run()
     return results, snapshot(trainer), trainer
 
 
@@ -621,8 +603,7 @@ def time_pack(kit: Kit, runs, warmup: int, steps: int, flop_params: int) -> dict
     from lorainit.train import PackTrainer
 
     reset_peak(kit)
-    with cpu_autocast(kit):
-        trainer = PackTrainer(runs, device=kit.device, show_progress=False)
+    trainer = PackTrainer(runs, device=kit.device, show_progress=False)
     counts: list[torch.Tensor] = []  # each step's real tokens, left on the device until the end
     token_mask = trainer.task.token_mask
 
@@ -661,7 +642,7 @@ def time_pack(kit: Kit, runs, warmup: int, steps: int, flop_params: int) -> dict
                 profile.pop("p", None)
                 kit.notes.append(f"the GPU-busy profile failed: {type(err).__name__}: {err}")
 
-    with cpu_autocast(kit), warnings.catch_warnings(record=True) as seen:
+    with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         try:
             trainer.run(on_step=on_step)
