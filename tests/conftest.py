@@ -131,3 +131,57 @@ def measured(record_property):
     yield m
     for name, value in m.seen.items():
         record_property(name, f"{value:.3e}")
+
+
+def pack_steps(trainer, steps: int) -> tuple[list[float], list[dict]]:
+    """A one-run trainer's training losses and its A and B gradients, (layer, 'A' | 'B') -> tensor,
+    at each of `steps` steps."""
+    losses, grads = [], []
+    for _ in range(steps):
+        values, _ = trainer.train_step(log=False)
+        losses.append(values[0])
+        grads.append({(n, f): getattr(layer, f"lora_{f}").grad[0].clone()
+                      for n, layer in trainer.pack.layers.items() for f in "AB"})
+    return losses, grads
+
+
+def peft_causal_lm_steps(trainer, steps: int, dtype, model_overrides: dict | None = None):
+    """The trainer's one run done in PEFT (`get_peft_model`, CAUSAL_LM; `fan_in_fan_out` for GPT-2's
+    Conv1D) with torch.optim.AdamW and a linear schedule, from the factors a pack draws for it, on
+    the batches its data order gives: yields (loss, {(layer, 'A' | 'B'): gradient}) at each step."""
+    from peft import LoraConfig, get_peft_model
+    from torch.nn import functional as F
+    from transformers import get_linear_schedule_with_warmup
+
+    from lorainit.engine.lora import LoRAConfig, LoRAPack
+    from lorainit.engine.order import DataOrder
+    from lorainit.tasks.causal_lm import IGNORE
+
+    (run,) = trainer.runs
+    base, _ = models.load(run.model, "causal_lm", dtype=dtype, **(model_overrides or {}))
+    donor = LoRAPack(copy.deepcopy(base), LoRAConfig(rank=run.rank, alpha=run.alpha, targets=run.targets), 1)
+    donor.init_run(0, run.init, run.init_variance, run.seed)
+    peft_model = get_peft_model(base, LoraConfig(
+        r=run.rank, lora_alpha=run.alpha, lora_dropout=0.0, target_modules=list(run.targets), task_type="CAUSAL_LM",
+        fan_in_fan_out=any(layer.fan_in_fan_out for layer in donor.layers.values())))
+    peft_model.to(dtype)
+    params = dict(peft_model.named_parameters())
+    key = "base_model.model.{}.lora_{}.default.weight"
+    with torch.no_grad():
+        for name, layer in donor.layers.items():
+            params[key.format(name, "A")].copy_(layer.lora_A[0])
+            params[key.format(name, "B")].copy_(layer.lora_B[0])
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=run.lr, weight_decay=0.0)
+    sched = get_linear_schedule_with_warmup(opt, 0, steps)
+    order = DataOrder(run.seed, trainer.task.train_size, run.batch_size)
+    peft_model.train()
+    for step in range(steps):
+        batch = trainer.task.batch(order.rows_at(step))
+        logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        counted = batch["labels"] != IGNORE
+        loss = F.cross_entropy(logits[counted], batch["labels"][counted])
+        loss.backward()
+        yield loss.item(), {(name, f): params[key.format(name, f)].grad for name in donor.layers for f in "AB"}
+        opt.step()
+        sched.step()
+        opt.zero_grad()

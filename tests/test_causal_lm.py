@@ -1,17 +1,14 @@
 """Decoder LLMs in packs, on the real SmolLM2-135M weights and real GSM8K and WikiText-2 rows."""
 
-import copy
 import math
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import needs_data
+from conftest import needs_data, pack_steps, peft_causal_lm_steps
 from lorainit import models
 from lorainit.config import RunConfig
-from lorainit.engine.lora import LoRAConfig, LoRAPack
-from lorainit.engine.order import DataOrder
 from lorainit.tasks import causal_lm, lm_data
 from lorainit.tasks.glue import DataError
 from lorainit.train import PackTrainer, train_pack
@@ -210,52 +207,18 @@ def test_grouped_query_attention_in_the_packs_attention_equals_sdpa(measured):
 def test_single_run_matches_peft_and_torch_adamw(measured, dtype):
     """K = 1 SmolLM2 against PEFT (CAUSAL_LM) and torch.optim.AdamW: losses and A, B gradients over
     3 steps. In fp64 the two are the same arithmetic to 1e-9; in fp32 they differ by rounding."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import get_linear_schedule_with_warmup
-
     run = _run(task="gsm8k", dropout=0.0, warmup_ratio=0.0, max_grad_norm=0.0, rank=4, lr=2e-3)
     trainer = PackTrainer([run], show_progress=False, model_overrides={"dtype": dtype})
-    ours_losses, ours_grads = [], []
-    for _ in range(run.max_steps):
-        losses, _ = trainer.train_step(log=False)
-        ours_losses.append(losses[0])
-        ours_grads.append({(n, f): getattr(layer, f"lora_{f}").grad[0].clone()
-                           for n, layer in trainer.pack.layers.items() for f in "AB"})
-
-    base, _ = models.load(run.model, "causal_lm", dtype=dtype)
-    donor = LoRAPack(copy.deepcopy(base), LoRAConfig(rank=run.rank, alpha=run.alpha, targets=run.targets), 1)
-    donor.init_run(0, run.init, run.init_variance, run.seed)
-    peft_model = get_peft_model(base, LoraConfig(r=run.rank, lora_alpha=run.alpha, lora_dropout=0.0,
-                                                 target_modules=list(run.targets), task_type="CAUSAL_LM"))
-    peft_model.to(dtype)
-    params = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for name, layer in donor.layers.items():
-            params[f"base_model.model.{name}.lora_A.default.weight"].copy_(layer.lora_A[0])
-            params[f"base_model.model.{name}.lora_B.default.weight"].copy_(layer.lora_B[0])
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=run.lr, weight_decay=0.0)
-    sched = get_linear_schedule_with_warmup(opt, 0, run.max_steps)
-    order = DataOrder(run.seed, trainer.task.train_size, run.batch_size)
-    peft_model.train()
-    for step in range(run.max_steps):
-        batch = trainer.task.batch(order.rows_at(step))
-        logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        counted = batch["labels"] != causal_lm.IGNORE
-        loss = F.cross_entropy(logits[counted], batch["labels"][counted])
-        loss.backward()
+    ours_losses, ours_grads = pack_steps(trainer, run.max_steps)
+    for step, (loss, grads) in enumerate(peft_causal_lm_steps(trainer, run.max_steps, dtype)):
         if dtype == torch.float64:  # the same arithmetic: only fp64 rounding (eps 2.2e-16) apart
-            assert measured("peft64_loss", ours_losses[step], loss.item()) <= 1e-9
+            assert measured("peft64_loss", ours_losses[step], loss) <= 1e-9
             for (name, f), ours in ours_grads[step].items():
-                theirs = params[f"base_model.model.{name}.lora_{f}.default.weight"].grad
-                assert measured(f"peft64_grad_{f}", ours, theirs) <= 1e-9, (step, name, f)
+                assert measured(f"peft64_grad_{f}", ours, grads[name, f]) <= 1e-9, (step, name, f)
         else:
             # fp32: the 49k-long softmax sums and 30 layers in other kernels; Adam then turns the
             # rounding of near-zero gradient entries into whole steps, so only the losses compare
-            assert measured("peft32_loss", ours_losses[step], loss.item()) <= 1e-4
-        opt.step()
-        sched.step()
-        opt.zero_grad()
+            assert measured("peft32_loss", ours_losses[step], loss) <= 1e-4
     assert ours_losses[-1] != ours_losses[0]
 
 

@@ -3,7 +3,6 @@ from its config with its distinguishing feature switched on, saved with a half d
 the pack's own forward equals the model's own eager forward, a pack equals its runs alone,
 adapters and optimiser state are fp32, PEFT parity for a Llama and a GPT-2, and the refusals."""
 
-import copy
 import json
 
 import pytest
@@ -11,11 +10,10 @@ import torch
 from safetensors import safe_open
 from torch.nn import functional as F
 
+from conftest import pack_steps, peft_causal_lm_steps
 from lorainit import cli, decoders, models, slices
 from lorainit.config import RunConfig
 from lorainit.engine import packing, precision
-from lorainit.engine.lora import LoRAConfig, LoRAPack
-from lorainit.engine.order import DataOrder
 from lorainit.errors import BadInput
 from lorainit.tasks import causal_lm
 from lorainit.tasks.base import Forward
@@ -236,51 +234,19 @@ def test_a_run_matches_peft_and_torch_adamw_in_losses_and_every_gradient(arch, t
     torch.optim.AdamW, 5 steps, in fp64: the losses and every A and B gradient at every step,
     since Adam's first steps are close to lr * sign(g) and would hide a gradient's scale. Then the
     exported adapter, loaded by PEFT on a fresh base, gives the pack's logits."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import get_linear_schedule_with_warmup
+    from peft import PeftModel
 
     dtype = torch.float64
     overrides = _dropout(arch, 0.0)
     run = _run(tiny(arch), dropout=0.0, max_grad_norm=0.0, rank=4, lr=3e-3, max_steps=5)
     trainer = PackTrainer([run], show_progress=False, model_overrides=overrides | {"dtype": dtype})
     assert trainer.task.padding_free
-    ours_losses, ours_grads = [], []
-    for _ in range(run.max_steps):
-        losses, _ = trainer.train_step(log=False)
-        ours_losses.append(losses[0])
-        ours_grads.append({(n, f): getattr(layer, f"lora_{f}").grad[0].clone()
-                           for n, layer in trainer.pack.layers.items() for f in "AB"})
-
-    base, _ = models.load(run.model, "causal_lm", dtype=dtype, **overrides)
-    donor = LoRAPack(copy.deepcopy(base), LoRAConfig(rank=run.rank, alpha=run.alpha, targets=run.targets), 1)
-    donor.init_run(0, run.init, run.init_variance, run.seed)
-    peft_model = get_peft_model(base, LoraConfig(r=run.rank, lora_alpha=run.alpha, lora_dropout=0.0,
-                                                 target_modules=list(run.targets), task_type="CAUSAL_LM",
-                                                 fan_in_fan_out=arch == "gpt2"))
-    peft_model.to(dtype)
-    params = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for name, layer in donor.layers.items():
-            params[f"base_model.model.{name}.lora_A.default.weight"].copy_(layer.lora_A[0])
-            params[f"base_model.model.{name}.lora_B.default.weight"].copy_(layer.lora_B[0])
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=run.lr, weight_decay=0.0)
-    sched = get_linear_schedule_with_warmup(opt, 0, run.max_steps)
-    order = DataOrder(run.seed, trainer.task.train_size, run.batch_size)
-    peft_model.train()
-    for step in range(run.max_steps):
-        batch = trainer.task.batch(order.rows_at(step))
-        logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        counted = batch["labels"] != causal_lm.IGNORE
-        loss = F.cross_entropy(logits[counted], batch["labels"][counted])
-        loss.backward()
+    ours_losses, ours_grads = pack_steps(trainer, run.max_steps)
+    for step, (loss, grads) in enumerate(peft_causal_lm_steps(trainer, run.max_steps, dtype, overrides)):
         # the same arithmetic in fp64: only rounding (eps 2.2e-16) apart
-        assert measured(f"peft_{arch}_loss", ours_losses[step], loss.item()) <= 1e-9
+        assert measured(f"peft_{arch}_loss", ours_losses[step], loss) <= 1e-9
         for (name, f), ours in ours_grads[step].items():
-            theirs = params[f"base_model.model.{name}.lora_{f}.default.weight"].grad
-            assert measured(f"peft_{arch}_grad_{f}", ours, theirs) <= 1e-9, (step, name, f)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
+            assert measured(f"peft_{arch}_grad_{f}", ours, grads[name, f]) <= 1e-9, (step, name, f)
     assert all(layer.lora_B.abs().sum() > 0 for layer in trainer.pack.layers.values())  # B = 0 at init: it trained
 
     from lorainit.engine.peft_io import export_run
