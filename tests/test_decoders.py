@@ -211,6 +211,21 @@ def test_adapters_and_optimiser_state_are_fp32_whatever_the_checkpoint_declares(
         assert b.abs().sum() > 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_decoder_classifiers_head_is_fp32_too(arch, tiny):
+    """The same bf16 checkpoints as sequence classifiers on SST-2 rows: the trained `score` head
+    and its AdamW state are fp32 beside a bf16 base, and the targets are the architecture's."""
+    run = RunConfig.from_dict(dict(model=str(tiny(arch)), task="sst2-slice", precision="bf16", max_steps=2,
+                                   max_train_samples=16, max_eval_samples=8, batch_size=2))
+    assert run.targets == decoders.DECODERS[arch].targets
+    trainer = PackTrainer([run], show_progress=False)
+    assert trainer.pack.head_name == "score"
+    trainer.train_step(log=False)
+    head = trainer.pack.named_parameters()["score.weight"]
+    assert head.dtype == trainer.optimizer.state["score.weight"]["exp_avg"].dtype == torch.float32
+    assert trainer.model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_pack_with_two_seeds_and_uneven_rows_equals_its_runs_alone(arch, tiny, measured):
     """LoRA dropout and attention dropout on, seeds 0 and 1 (rows of different lengths share a step)."""

@@ -80,10 +80,12 @@ class RunConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         task = str(values.get("task", cls.task))
-        if "targets" not in values and task in tasks.names() and tasks.get(task).default_targets:
+        if "targets" not in values and task in tasks.names():
             # the model's own where it is a decoder lorainit knows (qkv_proj for Phi-3), else the task's
-            targets = decoders.default_targets(str(values.get("model", cls.model)), tasks.get(task).default_targets)
-            values = values | {"targets": targets}
+            targets = decoders.default_targets(str(values.get("model", cls.model)),
+                                               tasks.get(task).default_targets or cls.targets)
+            if targets != cls.targets:
+                values = values | {"targets": targets}
         for key, value in values.items():
             name = key.replace("-", "_")
             if name not in known:
