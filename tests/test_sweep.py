@@ -150,7 +150,8 @@ def test_corrupt_checkpoint_falls_back_with_a_warning(tmp_path, reference):
     out = tmp_path / "out"
     _run_until_checkpoint(file, out, count=3)
     files = sorted((out / "checkpoints").glob("*/step-*.ckpt"))
-    assert len(files) == 2  # the newest two are kept
+    # the newest two are kept, or three where the kill landed between a write and the pruning
+    assert len(files) in (2, 3)
     newest = files[-1]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
     done = subprocess.run(_command(file, out), capture_output=True, text=True)
