@@ -115,6 +115,9 @@ def test_a_collapse_to_chance_is_named_and_bounds_the_learned_lr(tmp_path):
     assert "largest lr at which every seed learned: 0.001" in lines[0]
     assert any("Init[A] at lr 0.003: 3 collapsed (of 3)" in n for n in f.notes)
     assert any("Init[B] at lr 0.003: 3 did not learn (of 3)" in n for n in f.notes)
+    # the rule, said whole
+    assert any(n.endswith("; it collapsed when it ended so although an earlier evaluation was below that line")
+               for n in f.notes)
     text = report.build(folder).text()
     assert "3 collapsed" in text and "3 did not learn" in text
     assert "did not learn" in (folder / "report" / "summary.md").read_text()

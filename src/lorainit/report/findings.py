@@ -174,7 +174,7 @@ def judge(group: Group, metric: Metric) -> Finding:
     if any(c.unlearned for cs in cells.values() for c in cs):
         notes.append(f"a run did not learn when its final eval loss is not more than {outcome.MARGIN:.0%} below "
                      "the trivial predictor's (the label prior's for classification, its own step-0 loss for a "
-                     "decoder); it collapsed when an earlier evaluation was")
+                     "decoder); it collapsed when it ended so although an earlier evaluation was below that line")
     a, b = inits.get("a"), inits.get("b")
     claims, ratio = [], None
     if a and b and a.best_lr and b.best_lr:
