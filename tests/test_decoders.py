@@ -417,3 +417,17 @@ def test_the_memory_estimate_counts_the_base_in_its_precisions_dtype(tiny):
     act32 = estimates.memory_per_pack(fp32, shape, 1) - estimates.memory_per_pack(fp32, shape, 0) - lora
     act16 = estimates.memory_per_pack(bf16, shape, 1) - estimates.memory_per_pack(bf16, shape, 0) - lora
     assert act32 > 0 and act16 * 2 == act32
+
+
+def test_an_adapter_trained_on_rounded_weights_says_so(tiny, tmp_path):
+    from lorainit.engine.peft_io import export_run
+
+    trainer = PackTrainer([_run(tiny("llama"), max_steps=1)], show_progress=False)
+    base, note = models.peft_base("smollm2-135m")
+    folder = export_run(trainer.pack, 0, tmp_path / "adapter", base_model=base, base_note=note)
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    assert note in (folder / "README.md").read_text()
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata()["base_model_note"] == note
+    plain = export_run(trainer.pack, 0, tmp_path / "plain", base_model="a/model")
+    assert not (plain / "README.md").exists()  # weights that are their base's need no note
