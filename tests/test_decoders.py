@@ -38,6 +38,8 @@ def _configs():
         "llama": lambda: t.LlamaConfig(**_common()),
         "qwen2": lambda: t.Qwen2Config(**_common(), use_sliding_window=True, sliding_window=WINDOW,
                                        max_window_layers=1),
+        "qwen3": lambda: t.Qwen3Config(**_common(), head_dim=8, use_sliding_window=True, sliding_window=WINDOW,
+                                       max_window_layers=1),
         "mistral": lambda: t.MistralConfig(**_common(), sliding_window=WINDOW),
         "gemma": lambda: t.GemmaConfig(**_common(), head_dim=8),
         "gemma2": lambda: t.Gemma2Config(**_common(), **big, head_dim=8, sliding_window=WINDOW, query_pre_attn_scalar=8,
@@ -50,7 +52,7 @@ def _configs():
     }
 
 
-ARCHS = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2")
 
 
 def _dropout(arch: str, attention: float) -> dict:
@@ -289,13 +291,13 @@ def _train(tmp_path, capsys, *args):
 def test_a_decoder_the_pack_has_not_been_checked_on_is_refused_by_name(tmp_path, tokenizer_dir, capsys):
     import transformers
 
-    folder = tmp_path / "qwen3"
-    cfg = transformers.Qwen3Config(**_common(), head_dim=8)
+    folder = tmp_path / "olmo2"
+    cfg = transformers.Olmo2Config(**_common())
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     code, err = _train(tmp_path, capsys, "--model", str(folder), "--task", "gsm8k-slice")
     assert code == 2 and not (tmp_path / "out").exists()
-    assert "qwen3 is not among the decoder architectures a pack serves exactly" in err
+    assert "olmo2 is not among the decoder architectures a pack serves exactly" in err
     assert "Phi-3 (phi3)" in err and len(err.strip().splitlines()) == 1
 
 

@@ -11,6 +11,7 @@ the feature that sets it apart switched on:
 | `llama`       | Llama    | grouped-query attention                                        | q_proj, v_proj |
 | `mistral`     | Mistral  | a sliding window shorter than the sequence                     | q_proj, v_proj |
 | `qwen2`       | Qwen2    | q/k/v biases; a sliding window on the layers that set one      | q_proj, v_proj |
+| `qwen3`       | Qwen3    | q/k norms; a sliding window on the layers that set one         | q_proj, v_proj |
 | `gemma`       | Gemma    | embeddings scaled by sqrt(hidden), a tied output head          | q_proj, v_proj |
 | `gemma2`      | Gemma 2  | attention and final logit softcapping, alternate sliding window| q_proj, v_proj |
 | `gemma3_text` | Gemma 3  | sliding window on most layers, q/k norms                       | q_proj, v_proj |
@@ -40,6 +41,7 @@ DECODERS = {
     "llama": Decoder("Llama", ("q_proj", "v_proj")),
     "mistral": Decoder("Mistral", ("q_proj", "v_proj")),
     "qwen2": Decoder("Qwen2", ("q_proj", "v_proj")),
+    "qwen3": Decoder("Qwen3", ("q_proj", "v_proj")),
     "gemma": Decoder("Gemma", ("q_proj", "v_proj")),
     "gemma2": Decoder("Gemma 2", ("q_proj", "v_proj")),
     "gemma3_text": Decoder("Gemma 3", ("q_proj", "v_proj")),

@@ -220,7 +220,7 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     torch's SDPA. In a padding-free forward (`state.flat`), on the rows' padded layout (`FlatLayout`).
 
     Every feature the model asks for is computed: grouped-query heads, a sliding window shorter
-    than the sequence (Mistral, Qwen2, Gemma 2 and 3, Phi-3), score softcapping (Gemma 2). The
+    than the sequence (Mistral, Qwen2 and 3, Gemma 2 and 3, Phi-3), score softcapping (Gemma 2). The
     masks lorainit builds itself (padding-free, right-padded rows) are causal only, so the window
     is applied here, to any mask, whenever the queries are the whole sequence (a training or
     evaluation forward); a cached generation step gets the model's own mask, which holds it."""

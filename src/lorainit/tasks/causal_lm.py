@@ -1,5 +1,5 @@
 """Causal language modelling (GSM8K, WikiText-2) on the decoder LLMs a pack serves exactly
-(`lorainit.decoders`: Llama, Mistral, Qwen2, Gemma 1-3, Phi-3, GPT-2); any other is refused.
+(`lorainit.decoders`: Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, Phi-3, GPT-2); any other is refused.
 
 A row is token ids and the first position whose token counts: for GSM8K, the answer after the
 prompt `Question: {question}\\nAnswer:` (the prompt does not count); for WikiText-2, every token
