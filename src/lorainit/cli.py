@@ -27,11 +27,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_model(args: argparse.Namespace) -> int:
     from lorainit import models
-    from lorainit.engine.lora import LoRAConfig, LoRAPack, linear_names
+    from lorainit.engine.lora import LoRAConfig, LoRAPack, adaptable_names
 
     resolved = models.resolve(args.spec)
     model, _, fresh = models.load_with_fresh(args.spec, args.kind, num_labels=args.num_labels)
-    names = linear_names(model)
+    names = adaptable_names(model)
     leaves = sorted({n.rpartition(".")[2] for n in names})
     print(f"{args.spec} -> {resolved.path}{' (hub)' if resolved.from_hub else ''}")
     if models.about(args.spec):

@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorainit import models
 from lorainit.errors import BadInput
 
 
@@ -35,6 +36,7 @@ from lorainit.errors import BadInput
 class Decoder:
     family: str                  # as people name it
     targets: tuple[str, ...]     # default LoRA targets (PEFT's for the architecture)
+    gated_mlp: bool = True       # its MLP has gate, up and down projections (for estimates)
 
 
 DECODERS = {
@@ -46,12 +48,8 @@ DECODERS = {
     "gemma2": Decoder("Gemma 2", ("q_proj", "v_proj")),
     "gemma3_text": Decoder("Gemma 3", ("q_proj", "v_proj")),
     "phi3": Decoder("Phi-3", ("qkv_proj",)),
-    "gpt2": Decoder("GPT-2", ("c_attn",)),
+    "gpt2": Decoder("GPT-2", ("c_attn",), gated_mlp=False),
 }
-
-# what the offline aliases are, so that their type is known without converting anything
-ALIAS_TYPES = {"minilm": "bert", "smollm2-135m": "llama"}
-
 
 def served() -> str:
     """The served families, for messages: 'Llama (llama), Mistral (mistral), ...'."""
@@ -61,17 +59,12 @@ def served() -> str:
 def model_type_of(spec: str) -> str | None:
     """The `model_type` of a model spec, read without loading anything: an alias's, a folder's
     config.json, or a hub id's config in the local hub cache; None where it is not at hand."""
-    if spec in ALIAS_TYPES:
-        return ALIAS_TYPES[spec]
+    if spec in models.ALIASES:
+        return models.ALIASES[spec].model_type
     path = Path(spec).expanduser() / "config.json"
     if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(spec, "config.json")
-        except Exception:  # noqa: BLE001 - not a hub id, or no cache: unknown
-            return None
-        if not isinstance(cached, str):
+        cached = models.hub_cached_config(spec)
+        if cached is None:
             return None
         path = Path(cached)
     try:

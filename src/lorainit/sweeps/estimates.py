@@ -53,12 +53,12 @@ def model_shape(spec: str) -> Shape | None:
     vocab = getattr(config, "vocab_size", 0)
     # attention: Q and O full, K and V at the key/value heads' width (grouped-query attention)
     kv = hidden * getattr(config, "num_key_value_heads", heads) // heads
-    # a gated MLP (gate, up, down): Llama's and every served decoder's but GPT-2's
-    gated = (getattr(config, "hidden_act", "") in ("silu", "swiglu")
-             or config.model_type in decoders.DECODERS and config.model_type != "gpt2")
+    decoder = decoders.DECODERS.get(config.model_type)
+    # a gated MLP (gate, up, down), as the served decoders' table says, else as Llama-style activations suggest
+    gated = decoder.gated_mlp if decoder else getattr(config, "hidden_act", "") in ("silu", "swiglu")
     matmul = layers * (2 * hidden * hidden + 2 * hidden * kv + (3 if gated else 2) * hidden * inner)
     embeddings = vocab * hidden
-    if config.model_type in decoders.DECODERS:
+    if decoder is not None:
         matmul += vocab * hidden  # a decoder's output projection runs per counted token
         if getattr(config, "tie_word_embeddings", False):
             embeddings = 0  # the projection is the embedding table
