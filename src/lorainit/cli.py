@@ -7,6 +7,7 @@ Exit codes: 0 done; 2 bad input (one line on stderr naming the problem, nothing 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 
@@ -139,10 +140,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lorainit.sweeps import driver
 
     given = {name: getattr(args, name) for name in RunConfig.field_names() if getattr(args, name) is not None}
-    run = RunConfig.from_dict(given, where="lorainit train")
+    relative_to = None
+    if "task" in given:
+        given["task"], relative_to = _task_option(given["task"])
+    run = RunConfig.from_dict(given, where="lorainit train", relative_to=relative_to)
     given = {k: v for k, v in run.to_dict().items() if k in given}  # typed, as a sweep file would hold them
+    if run.data is not None:  # the declared task as a sweep file would hold it, its paths resolved
+        given["task"] = {"type": run.task, **json.loads(run.data)}
     return driver.run_sweep(driver.sweep_of_one(run, given), args.out, device=args.device,
                             show_progress=not args.quiet)
+
+
+def _task_option(value: str):
+    """--task: a task name, an inline YAML mapping ('{type: classification, train: a.csv, ...}'), or a
+    YAML file holding one; returns the value and the folder its relative paths are read from."""
+    import yaml
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    if value.strip().startswith("{"):
+        text, where, folder = value, "--task", None
+    elif path.suffix in (".yaml", ".yml") and path.is_file():
+        text, where, folder = path.read_text(encoding="utf-8"), str(path), path.resolve().parent
+    else:
+        return value, None
+    try:
+        mapping = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise BadInput(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(mapping, dict):
+        raise BadInput(f"{where}: a task is a name or a mapping with a type, got {mapping!r}")
+    return mapping, folder
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 from lorainit import decoders, slices, tasks
+from lorainit.tasks import spec
 from lorainit.errors import BadInput
 
 INITS = ("a", "b")
@@ -32,8 +33,12 @@ class RunConfig:
 
     model: str = "minilm"                 # (pack) model spec: alias, local folder or hub id
     task: str = "sst2"                    # (pack) a registered task: sst2 | qnli | mnli | gsm8k | wikitext2,
-    #                                       or a slice shipped with lorainit: sst2-slice | gsm8k-slice | wikitext2-slice
+    #                                       a slice shipped with lorainit: sst2-slice | gsm8k-slice | wikitext2-slice,
+    #                                       or a family whose data the run declares: classification | sft
     data_dir: str | None = None           # (pack) the task's data folder; default $LORAINIT_DATA or hub
+    data: str | None = None               # (pack) classification | sft: the data spec, canonical JSON (`tasks.spec`);
+    #                                       set from a sweep file's `task: {type: ..., train: ..., ...}`
+    data_sha: str | None = None           # (pack) a hash of that data's contents (`tasks.spec.fingerprint`)
     init: str = "a"                       # a: A random, B = 0 (Init[A]); b: B random, A = 0 (Init[B])
     init_variance: str = "kaiming"        # kaiming (PEFT's) | gaussian (the theory's)
     lr: float = 1e-4                      # AdamW learning rate of A (and of the head)
@@ -65,7 +70,7 @@ class RunConfig:
     log_every: int = 0                    # (pack) log the training loss as its mean over every N steps
     #                                       (0: N = ceil(steps / 1000), at most about 1,000 points per run)
 
-    PACK_FIELDS = ("model", "task", "data_dir", "rank", "alpha", "rslora", "dropout", "targets", "batch_size",
+    PACK_FIELDS = ("model", "task", "data_dir", "data", "data_sha", "rank", "alpha", "rslora", "dropout", "targets", "batch_size",
                    "epochs", "max_steps", "max_seq_len", "max_train_samples", "max_eval_samples",
                    "eval_every", "precision", "checkpoint_every", "max_new_tokens",
                    "gradient_checkpointing", "log_every")
@@ -75,10 +80,13 @@ class RunConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_dict(cls, values: dict, where: str = "run") -> "RunConfig":
-        """Build and check a run from plain values (a YAML mapping, parsed options)."""
+    def from_dict(cls, values: dict, where: str = "run", relative_to: str | None = None) -> "RunConfig":
+        """Build and check a run from plain values (a YAML mapping, parsed options). A `task` given as
+        a mapping declares its data (`tasks.spec`): its relative paths resolve against `relative_to`
+        (default: the working folder), and its contents are fingerprinted unless `data_sha` is given."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
+        values = _declared_data(dict(values), where, relative_to)
         task = str(values.get("task", cls.task))
         if "targets" not in values and task in tasks.names():
             # the model's own where it is a decoder lorainit knows (qkv_proj for Phi-3), else the task's
@@ -125,6 +133,15 @@ class RunConfig:
                 raise BadInput(f"{where}: {key} must be >= 1, got {getattr(self, key)!r}")
         if not self.targets:
             raise BadInput(f"{where}: targets is empty; name at least one module, e.g. query")
+        if tasks.get(self.task).takes_data and self.data is None:
+            raise BadInput(f"{where}: task {self.task} reads data the run declares: give task as a mapping, "
+                           f"e.g. task: {{type: {self.task}, train: train.csv, eval: test.csv}}")
+        if self.data is not None and not tasks.get(self.task).takes_data:
+            raise BadInput(f"{where}: task {self.task} reads its own data; declared data needs a task type "
+                           f"of {', '.join(n for n in tasks.names() if tasks.get(n).takes_data)}")
+        if self.data is not None and self.data_dir is not None:
+            raise BadInput(f"{where}: data_dir is not used by a task declared as data; give its files as "
+                           "task.train and task.eval")
         if self.data_dir is not None and slices.folder(self.task) is not None:
             raise BadInput(f"{where}: task {self.task} reads the rows shipped with lorainit, so data_dir is not "
                            f"used; for a folder of your own use task {slices.base(self.task)}")
@@ -139,6 +156,8 @@ class RunConfig:
         for f in dataclasses.fields(self):
             if f.name not in ID_FIELDS and values[f.name] != _plain(f.default):
                 keyed[f.name] = values[f.name]
+        if self.data is not None:  # the spec without its paths: data_sha keys its files' contents
+            keyed["data"] = spec.dumps(spec.identity(spec.loads(self.data)))
         if ID_SCHEMA != 1:  # schema 1's blob carries no version, so that its ids stay as they were
             keyed["__id_schema__"] = ID_SCHEMA
         blob = json.dumps(keyed, sort_keys=True, separators=(",", ":"))
@@ -155,6 +174,37 @@ ID_FIELDS = ("model", "task", "data_dir", "init", "init_variance", "lr", "lr_b_r
              "rslora", "dropout", "targets", "batch_size", "epochs", "max_steps", "warmup_ratio", "weight_decay",
              "max_grad_norm", "max_seq_len", "max_train_samples", "max_eval_samples", "eval_every", "precision",
              "divergence_factor", "checkpoint_every", "save_adapters")
+
+
+def _declared_data(values: dict, where: str, relative_to: str | None) -> dict:
+    """`values` with a `task` mapping split into its type (`task`) and its spec (`data`, canonical
+    JSON, paths absolute), and the data's fingerprint (`data_sha`) unless given."""
+    task, data = values.get("task"), values.get("data")
+    if isinstance(task, dict):
+        given = dict(task)
+        kind = given.pop("type", None)
+        if kind is None:
+            raise BadInput(f"{where}: task is a mapping without a type; give type: classification or type: sft")
+        if not isinstance(kind, str) or kind not in tasks.names() or not tasks.get(kind).takes_data:
+            takes = [n for n in tasks.names() if tasks.get(n).takes_data]
+            raise BadInput(f"{where}: task.type is {kind!r}; a task declared as data has type {' or '.join(takes)}")
+        if data is not None:
+            raise BadInput(f"{where}: give the data once, as the task mapping (not also as data)")
+        values["task"], data = kind, spec.normalise(kind, given, relative_to)
+    if data is None:
+        return values
+    kind = str(values.get("task", RunConfig.task))
+    if kind not in tasks.names() or not tasks.get(kind).takes_data:
+        return values | {"data": spec.dumps(spec.loads(data)) if isinstance(data, dict) else data}  # validate says why
+    try:
+        parsed = spec.loads(data)
+    except (TypeError, ValueError):
+        raise BadInput(f"{where}: data must be a data spec (a mapping), got {data!r}") from None
+    parsed = spec.normalise(kind, parsed, relative_to)
+    values["data"] = spec.dumps(parsed)
+    if values.get("data_sha") is None:
+        values["data_sha"] = spec.fingerprint(parsed)
+    return values
 
 
 def _plain(value):

@@ -52,10 +52,13 @@ def load(path: str | Path) -> Sweep:
     if not path.is_file():
         raise BadInput(f"{path}: sweep file not found")
     text = path.read_text(encoding="utf-8")
-    return parse(text, str(path), default_name=path.stem)
+    return parse(text, str(path), default_name=path.stem, relative_to=path.resolve().parent)
 
 
-def parse(text: str, where: str = "sweep", default_name: str = "sweep") -> Sweep:
+def parse(text: str, where: str = "sweep", default_name: str = "sweep", relative_to: str | Path | None = None
+          ) -> Sweep:
+    """A sweep from its file's text; a task declared as data names its files relative to
+    `relative_to` (the sweep file's folder; default the working folder)."""
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -91,13 +94,13 @@ def parse(text: str, where: str = "sweep", default_name: str = "sweep") -> Sweep
     pack_size = doc.get("pack_size")
     if pack_size is not None and (isinstance(pack_size, bool) or not isinstance(pack_size, int) or pack_size < 1):
         raise BadInput(f"{where}: pack_size must be a whole number >= 1, got {pack_size!r}")
-    RunConfig.from_dict(_base_with_first_axis_values(base, grid), where=f"{where}: base")
+    RunConfig.from_dict(_base_with_first_axis_values(base, grid), where=f"{where}: base", relative_to=relative_to)
     runs = []
     axes = list(grid)
     for values in itertools.product(*(grid[a] for a in axes)):
         point = dict(zip(axes, values))
         label = ", ".join(f"{a}={v}" for a, v in point.items())
-        run = RunConfig.from_dict(base | point, where=f"{where}: grid point ({label})")
+        run = RunConfig.from_dict(base | point, where=f"{where}: grid point ({label})", relative_to=relative_to)
         check_model(run.model, f"{where}: grid point ({label})" if "model" in point else f"{where}: base")
         runs.append(run)
     return Sweep(name.strip(), base, grid, pack_size, runs, text)

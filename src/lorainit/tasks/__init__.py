@@ -8,6 +8,11 @@ store and `results.csv` all read it. A family is a `tasks.base.Task` subclass, n
     tasks.get('sst2')      -> TaskInfo(name='sst2', family='lorainit.tasks.classification:Classification', ...)
     tasks.family('sst2')   -> the Classification class
     tasks.register(...)    -> add a task (and its family) at run time
+
+Two entries take their data from the run instead of naming it: `classification` and `sft`, the
+families a sweep file declares as a mapping (`task: {type: classification, train: ..., ...}`, see
+`tasks.spec`). The built-in tasks are presets of those two families: the same encoding, training
+and evaluation, with rows read from their official layouts.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ ACCURACY = Metric("accuracy", higher_is_better=True)
 EVAL_LOSS = Metric("eval_loss", higher_is_better=False)
 PERPLEXITY = Metric("perplexity", higher_is_better=False)
 EXACT_MATCH = Metric("exact_match", higher_is_better=True)
+MACRO_F1 = Metric("macro_f1", higher_is_better=True)
 
 
 @dataclass(frozen=True)
@@ -51,17 +57,18 @@ class TaskInfo:
     family: str | type             # its Task family: a class, or "module:Class" imported when needed
     metrics: tuple[Metric, ...]    # what its evaluation reports per run; the first is the headline
     default_targets: tuple[str, ...] | None = None  # LoRA targets of a run that names none (None: the field's)
+    takes_data: bool = False       # its rows are declared by the run (the `data` field), not named by it
 
 
 _REGISTRY: dict[str, TaskInfo] = {}
 
 
 def register(name: str, family: str | type, metrics: tuple[Metric, ...],
-             default_targets: tuple[str, ...] | None = None) -> TaskInfo:
+             default_targets: tuple[str, ...] | None = None, takes_data: bool = False) -> TaskInfo:
     """Add task `name`, trained by `family`, reporting `metrics`; returns its entry."""
     if not metrics:
         raise ValueError(f"task {name!r} needs at least one metric")
-    info = TaskInfo(name, family, tuple(metrics), default_targets)
+    info = TaskInfo(name, family, tuple(metrics), default_targets, takes_data)
     _REGISTRY[name] = info
     return info
 
@@ -118,3 +125,9 @@ register("wikitext2", "lorainit.tasks.causal_lm:CausalLM", (PERPLEXITY, EVAL_LOS
 for _name in slices.SLICES:
     _full = get(slices.base(_name))
     register(_name, _full.family, _full.metrics, _full.default_targets)
+# The two families a run declares its own data for (`tasks.spec`): any text classification, and
+# supervised finetuning of a decoder on text, prompt/completion, instruction or chat rows.
+register("classification", "lorainit.tasks.classification:Classification", (ACCURACY, MACRO_F1, EVAL_LOSS),
+         takes_data=True)
+register("sft", "lorainit.tasks.causal_lm:CausalLM", (EVAL_LOSS, PERPLEXITY, EXACT_MATCH), ("q_proj", "v_proj"),
+         takes_data=True)
