@@ -276,6 +276,21 @@ def _quiet_load():
                 logger.handle(record)
 
 
+def tokenizer(spec: str):
+    """The model's tokenizer alone (its pad token set as a load sets it), for reading data before,
+    or without, loading any weights."""
+    import transformers
+
+    resolved = resolve(spec)
+    try:
+        found = transformers.AutoTokenizer.from_pretrained(resolved.path)
+    except OSError as err:
+        raise ModelNotFound(f"could not load the tokenizer of model {spec!r} from {resolved.path}: {err}") from err
+    if found.pad_token is None:
+        found.pad_token = found.eos_token
+    return found
+
+
 def load(spec: str, kind: str = "classification", num_labels: int = 2, dtype=None, **config_overrides):
     """Load (model, tokenizer) for `spec`.
 

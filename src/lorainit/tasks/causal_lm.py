@@ -1,53 +1,58 @@
-"""Causal language modelling (GSM8K, WikiText-2) on the decoder LLMs a pack serves exactly
+"""Causal language modelling and supervised finetuning on the decoder LLMs a pack serves exactly
 (`lorainit.decoders`: Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, Phi-3, GPT-2); any other is refused.
 
-A row is token ids and the first position whose token counts: for GSM8K, the answer after the
-prompt `Question: {question}\\nAnswer:` (the prompt does not count); for WikiText-2, every token
-of a block but its first. Each run's loss is the cross-entropy summed over its own counted tokens,
-counted in tokens. Rows are right-padded with the tokenizer's pad id and masked, so positions,
-the causal mask and every count are what the run would have alone. Where rows are uneven
-(GSM8K), a transformers decoder runs padding-free instead: the real tokens end to end, positions
-restarted per row, attention on the padded layout (`engine.packing.FlatLayout`).
+One decoder path for `sft` (rows a run declares) and its presets `gsm8k` and `wikitext2`: rows are
+encoded once (`tasks.sft_data`, cached by `tasks.declared.encoded`) as token ids and the spans of
+positions whose token counts. Each run's loss is the cross-entropy summed over its own counted
+tokens, counted in tokens. Rows are right-padded with the tokenizer's pad id and masked, so
+positions, the causal mask and every count are what the run would have alone. Where rows are uneven
+(GSM8K, chats), a transformers decoder runs padding-free instead: the real tokens end to end,
+positions restarted per row, attention on the padded layout (`engine.packing.FlatLayout`).
 
 The output projection never sees the positions that do not count, and runs over the counted ones
 in chunks of `LOSS_CHUNK` tokens, each chunk's gradient in the hidden states formed with its loss:
 neither forward nor backward holds more than one chunk's logits, and none is computed twice (over
 a 49k vocabulary, the K runs' full logits would be the largest tensor by far).
 
-Evaluation reports `eval_loss` (the mean counted-token loss) and, for WikiText-2, `perplexity`
-(its exp); for GSM8K, `exact_match` from one batched greedy generation of every active run
-(`generate`).
+Evaluation reports `eval_loss` (the mean counted-token loss, every counted token weighing the same),
+`perplexity` (its exp) where the task reports it, and `exact_match` where the rows name references:
+one batched greedy generation of every active run (`generate`), scored by `sft_data.matches`.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from lorainit import decoders, models, slices
 from lorainit.engine.packing import FlatLayout, causal_mask
-from lorainit.tasks import lm_data
+from lorainit.errors import BadInput
+from lorainit.tasks import declared, lm_data, sft_data, spec as specs
 from lorainit.tasks.base import Forward, Losses, OnDevice, Task, eval_budget, host_tensor, stack_padded, token_chunks
 
 IGNORE = -100           # a label that does not count
 LOSS_CHUNK = 1024       # counted tokens per projection + cross-entropy chunk (49k vocab: ~200 MB in fp32)
 EVAL_TOKENS = 8192      # tokens per evaluation forward, over all active runs, on a CPU (`base.eval_budget`)
 GENERATE_ROWS = 64      # rows (runs x questions) per generation batch (a 7B model's KV cache bounds it on a GPU)
-STOP = "\n\nQuestion:"  # a generation that starts the next question is cut there
 PADDING_FREE = True     # transformers decoders train on their real tokens only (`packing.FlatLayout`)...
 PADDING_FREE_ABOVE = 0.05  # ...when padding to the longest row would be more than this share of a batch
 
 
 @dataclass
 class Rows:
-    ids: list[list[int]]   # token ids per row
-    start: list[int]       # the first position whose token counts (it is predicted from the one before)
+    ids: list[list[int]]              # token ids per row
+    spans: list[list[list[int]]]      # per row, the [lo, hi) positions whose token counts (predicted from the one before)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def start(self) -> list[int]:
+        """Each row's first counted position."""
+        return [spans[0][0] for spans in self.spans]
 
     def padding_share(self) -> float:
         """The share of padding were every row padded to the longest."""
@@ -56,26 +61,31 @@ class Rows:
 
 
 def encode_gsm8k(rows: list[lm_data.QA], tokenizer, max_seq_len: int) -> Rows:
-    """Prompt (with the tokenizer's special tokens) then ' {answer}' and EOS (without). A prompt too
-    long is cut from the left, so that at least one answer token fits; the answer from the right."""
-    ids, start = [], []
-    for qa in rows:
-        prompt = tokenizer(lm_data.gsm8k_prompt(qa.question))["input_ids"]
-        target = tokenizer(" " + qa.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        prompt = prompt[-(max_seq_len - 1):]
-        row = (prompt + target)[:max_seq_len]
-        ids.append(row)
-        start.append(len(prompt))
-    return Rows(ids, start)
+    """GSM8K rows as the `gsm8k` preset encodes them: prompt (with the tokenizer's special tokens)
+    then ' {answer}' and EOS (without); a prompt too long is cut from the left, so that at least one
+    answer token fits, the answer from the right."""
+    enc = sft_data.prompt_completion([(lm_data.gsm8k_prompt(q.question), " " + q.answer) for q in rows], tokenizer,
+                                     sft_data.Encoded("gsm8k", max_seq_len, "truncate"))
+    return Rows(enc.ids, enc.spans)
 
 
 def encode_blocks(text: str, tokenizer, max_seq_len: int) -> Rows:
     """The text as one token stream cut into contiguous blocks of `max_seq_len` (the last may be
     shorter); every token of a block but its first counts."""
-    stream = tokenizer(text, add_special_tokens=False)["input_ids"]
-    blocks = [stream[i:i + max_seq_len] for i in range(0, len(stream), max_seq_len)]
-    blocks = [b for b in blocks if len(b) > 1]
-    return Rows(blocks, [1] * len(blocks))
+    rows = sft_data.blocks(tokenizer(text, add_special_tokens=False)["input_ids"], max_seq_len)
+    return Rows(rows["ids"], rows["spans"])
+
+
+def encode_run(run, tokenizer) -> dict:
+    """The run's rows encoded once ({train, eval: {ids, spans}, generate}), from the cache when there."""
+    def build() -> dict:
+        if run.data is not None:
+            return sft_data.encode_declared(run, tokenizer)
+        if slices.base(run.task) == "gsm8k":
+            return sft_data.encode_gsm8k_preset(run, _data_dir(run), tokenizer)
+        return sft_data.encode_wikitext_preset(run, _data_dir(run), tokenizer)
+
+    return declared.encoded(run, tokenizer, "causal_lm", build)
 
 
 def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -85,10 +95,11 @@ def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor
     mask = torch.zeros((len(index), width), dtype=torch.long)
     labels = torch.full((len(index), width), IGNORE, dtype=torch.long)
     for j, i in enumerate(index):
-        x, s = rows.ids[i], rows.start[i]
+        x = rows.ids[i]
         input_ids[j, :len(x)] = torch.tensor(x)
         mask[j, :len(x)] = 1
-        labels[j, s - 1:len(x) - 1] = torch.tensor(x[s:])  # position t predicts token t + 1
+        for lo, hi in rows.spans[i]:
+            labels[j, lo - 1:hi - 1] = torch.tensor(x[lo:hi])  # position t predicts token t + 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
@@ -156,30 +167,19 @@ class CausalLM(Task):
 
     def __init__(self, run, model_overrides: dict | None = None):
         super().__init__(run, model_overrides)
+        declared.check_unchanged(run)
+        encoded = encode_run(run, models.tokenizer(run.model))
         self.model, self.tokenizer, self.fresh_weights = self.load_model(run, "causal_lm", model_overrides)
         decoders.check(self.model, run.model)
         self.pad_id = self.tokenizer.pad_token_id
-        self.questions = (lm_data.read_gsm8k("eval", _data_dir(run), max_rows=run.max_eval_samples)
-                          if slices.base(run.task) == "gsm8k" else None)  # scored by generation, and their answers' loss
-        self.train = self.read(run, "train", self.tokenizer)
-        self.eval = (encode_gsm8k(self.questions, self.tokenizer, run.max_seq_len) if self.questions is not None
-                     else self.read(run, "eval", self.tokenizer))
+        self.train = Rows(encoded["train"]["ids"], encoded["train"]["spans"])
+        self.eval = Rows(encoded["eval"]["ids"], encoded["eval"]["spans"])
+        self.generation = encoded.get("generate")  # exact_match's prompts and references, or None
         # Padding-free pays where rows are uneven (GSM8K: 1.29x over right padding, measured); on
         # rows of one length (WikiText-2's blocks) its scatter and gather only cost (0.97x). Decided
         # from the training rows, which every run of the pack and each run alone share.
         self.padding_free = (PADDING_FREE and hasattr(self.model, "set_attn_implementation")
                              and self.train.padding_share() > PADDING_FREE_ABOVE)
-
-    @staticmethod
-    def read(run, split: str, tokenizer) -> Rows:
-        limit = run.max_train_samples if split == "train" else run.max_eval_samples
-        if slices.base(run.task) == "gsm8k":
-            return encode_gsm8k(lm_data.read_gsm8k(split, _data_dir(run), max_rows=limit), tokenizer, run.max_seq_len)
-        text, where = lm_data.wikitext_file(split, _data_dir(run))
-        if split == "train" and where.endswith("valid.txt"):
-            print(f"wikitext2: no train.txt, training on {where}", file=sys.stderr)
-        rows = encode_blocks(text, tokenizer, run.max_seq_len)
-        return Rows(rows.ids[:limit], rows.start[:limit]) if limit else rows
 
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
         return collate(self.train, rows, self.pad_id)
@@ -264,17 +264,18 @@ class CausalLM(Task):
 
     def evaluate(self, state, runs: list[int]) -> list[dict[str, float]]:
         results = []
+        reported = {m.name for m in self.metrics}
         for loss in self._eval_losses(state, len(runs)):
             metrics = {"eval_loss": loss}
-            if slices.base(self.run.task) == "wikitext2":
+            if "perplexity" in reported:
                 metrics["perplexity"] = math.exp(loss) if loss < 700 else float("inf")
             results.append(metrics)
-        if self.questions is not None:
-            texts = self.generate(state, len(runs), [lm_data.gsm8k_prompt(q.question) for q in self.questions],
-                                  self.run.max_new_tokens)
+        if self.generation is not None and "exact_match" in reported:
+            wanted = self.generation
+            texts = self.generate(state, len(runs), wanted["prompts"], self.run.max_new_tokens, wanted["stop"])
             for j, generated in enumerate(texts):
-                hits = sum(lm_data.exact_match(t, q.answer) for t, q in zip(generated, self.questions))
-                results[j]["exact_match"] = hits / len(self.questions)
+                hits = sum(sft_data.matches(t, refs, wanted["match"]) for t, refs in zip(generated, wanted["references"]))
+                results[j]["exact_match"] = hits / len(wanted["references"])
         return results
 
     def trivial_losses(self, state, runs: list[int]) -> list[float]:
@@ -295,15 +296,17 @@ class CausalLM(Task):
         sums, counts = sums.cpu(), counts.cpu()  # one read of the device per evaluation
         return [float(sums[j] / counts[j]) for j in range(n)]
 
-    def generate(self, state, n: int, prompts: list[str], max_new_tokens: int) -> list[list[str]]:
-        """Greedy continuations of `prompts` by each of the n active runs: texts[run][prompt].
+    def generate(self, state, n: int, prompts: list[list[int]], max_new_tokens: int,
+                 stop: list[str] = ()) -> list[list[str]]:
+        """Greedy continuations of `prompts` (token ids) by each of the n active runs: texts[run][prompt].
 
         One batched generation per chunk of prompts, every run's copy of the rows through its own
         adapters, left-padded (transformers derives the positions from the mask), with a KV cache;
-        a row stops at EOS, at the start of a next question, or after `max_new_tokens`."""
+        a row stops at EOS, at one of the `stop` strings (cut there), or after `max_new_tokens`."""
         model = state.pack.model
         device = state.pack.parameters()[0].device
-        encoded = [self.tokenizer(p)["input_ids"] for p in prompts]
+        encoded = prompts
+        stop = list(stop)
         per_chunk = max(1, GENERATE_ROWS // n)
         texts: list[list[str]] = [[] for _ in range(n)]
         chunks = range(0, len(encoded), per_chunk)
@@ -317,14 +320,17 @@ class CausalLM(Task):
                 mask[i, width - len(x):] = 1
             out = model.generate(input_ids=ids.repeat(n, 1).to(device), attention_mask=mask.repeat(n, 1).to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
-                                 eos_token_id=self.tokenizer.eos_token_id, stop_strings=[STOP],
-                                 tokenizer=self.tokenizer)
+                                 eos_token_id=self.tokenizer.eos_token_id, stop_strings=stop or None,
+                                 tokenizer=self.tokenizer if stop else None)
             new = out[:, width:].view(n, len(part), -1)
             for j in range(n):
                 for row in new[j].tolist():
                     if self.tokenizer.eos_token_id in row:
                         row = row[:row.index(self.tokenizer.eos_token_id)]
-                    texts[j].append(self.tokenizer.decode(row, skip_special_tokens=True).split(STOP)[0])
+                    text = self.tokenizer.decode(row, skip_special_tokens=True)
+                    for marker in stop:
+                        text = text.split(marker)[0]
+                    texts[j].append(text)
         return texts
 
     @classmethod
@@ -338,16 +344,22 @@ class CausalLM(Task):
 
     @classmethod
     def check_data(cls, run) -> None:
-        if slices.base(run.task) == "gsm8k":
-            for split in ("train", "eval"):
-                lm_data.read_gsm8k(split, _data_dir(run), max_rows=1)
-        else:
-            for split in ("train", "eval"):
-                lm_data.wikitext_file(split, _data_dir(run))
+        """Every row the run will read, checked and encoded (into the cache), before anything is written."""
+        declared.check_unchanged(run)
+        encode_run(run, models.tokenizer(run.model))
 
     @classmethod
     def data_size(cls, run, split: str) -> tuple[int, float] | None:
         """(rows, tokens per row) from the local files, the tokens guessed at ~4 characters each."""
+        if run.data is not None:
+            try:
+                found = declared.splits(specs.loads(run.data), run.max_train_samples, run.max_eval_samples)
+            except BadInput:
+                return None
+            table = found[0 if split == "train" else 1]
+            sample = table.rows[:200]
+            chars = sum(len(json.dumps(row)) for row in sample) / max(1, len(sample))
+            return len(table.rows), min(run.max_seq_len, chars / 4)
         if lm_data.data_root(slices.base(run.task), _data_dir(run)) is None:
             return None
         try:

@@ -1,13 +1,18 @@
-"""Sequence classification (the GLUE tasks): a classifier head on an encoder, one label per row.
+"""Sequence classification: a classifier head on an encoder (or decoder), one label per row.
 
-Each run's loss is the cross-entropy summed over its rows, counted in rows. Evaluation reports
-`accuracy` and `eval_loss` (the mean cross-entropy) on the validation rows. BERT and RoBERTa
-classifiers run their token-wise work on real tokens only (`engine.unpadded`); other models run
-their own padded forward.
+One path for every classification task: the GLUE tasks (`sst2`, `qnli`, `mnli`) are presets of
+it, their rows read from GLUE's layout (`tasks.glue`), and `classification` reads the rows a run
+declares (`tasks.spec`: one text column or a pair, integer or string labels). Either way the rows
+are tokenised once (`tasks.declared.encoded`), each run's loss is the cross-entropy summed over
+its rows, counted in rows, and evaluation reports `accuracy`, `macro_f1` (for a declared task) and
+`eval_loss` (the mean cross-entropy) on the evaluation rows. BERT and RoBERTa classifiers run
+their token-wise work on real tokens only (`engine.unpadded`); other models run their own padded
+forward.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -17,7 +22,7 @@ from torch.nn import functional as F
 from lorainit import models, slices
 from lorainit.engine import unpadded
 from lorainit.errors import BadInput
-from lorainit.tasks import glue
+from lorainit.tasks import declared, glue, spec as specs, userdata
 from lorainit.tasks.base import Forward, Losses, OnDevice, Task, eval_budget, host_tensor, stack_padded, token_chunks
 
 # Evaluation forwards hold about this many tokens over all active runs on a CPU (rows sorted by
@@ -53,12 +58,58 @@ def collate(ids: list[list[int]], pad_id: int, type_ids: list[list[int]] | None 
     return batch
 
 
-def read_split(run, split: str, tokenizer) -> Split:
-    """The first `max_{train,eval}_samples` rows of a GLUE split, tokenised to `max_seq_len`."""
-    limit = run.max_train_samples if split == "train" else run.max_eval_samples
-    examples = glue.read(run.task, split, run.data_dir, max_rows=limit)
-    ids, type_ids = glue.encode(examples, tokenizer, run.max_seq_len)
-    return Split(ids, type_ids, torch.tensor(examples.labels))
+def examples(run) -> tuple[glue.Examples, glue.Examples, tuple]:
+    """(training rows, evaluation rows, the label names in id order) the run reads: a GLUE preset's
+    first `max_*_samples` rows, or the declared data's (its label set read from the whole training
+    split unless `labels` gives it; a label outside the set is an error, never a new class)."""
+    if run.data is None:
+        train = glue.read(run.task, "train", run.data_dir, max_rows=run.max_train_samples)
+        evaluated = glue.read(run.task, "eval", run.data_dir, max_rows=run.max_eval_samples)
+        return train, evaluated, glue.spec_of(run.task).labels
+    spec = specs.loads(run.data)
+    text, column = spec.get("text", ["text"]), spec.get("label", "label")
+    whole, _ = declared.splits(spec, None, 1)
+    _, whole_labels = userdata.classification_rows(whole, text, column)
+    labels = userdata.label_set(whole_labels, spec.get("labels"), where=whole.where, column=column)
+    out = []
+    for split in declared.splits(spec, run.max_train_samples, run.max_eval_samples):
+        texts, raw = userdata.classification_rows(split, text, column)
+        out.append(glue.Examples(texts, userdata.label_ids(raw, labels, split, column)))
+    declared.warn_overlap([json.dumps(t) for t in out[0].texts], [json.dumps(t) for t in out[1].texts],
+                          f"{specs.label(spec)}")
+    return out[0], out[1], tuple(labels)
+
+
+def num_labels(run) -> int:
+    """The classifier's outputs: the preset's labels, or the declared set (read without tokenising)."""
+    if run.data is None:
+        return len(glue.spec_of(run.task).labels)
+    spec = specs.loads(run.data)
+    if "labels" in spec:
+        return len(spec["labels"])
+    whole, _ = declared.splits(spec, None, 1)
+    _, values = userdata.classification_rows(whole, spec.get("text", ["text"]), spec.get("label", "label"))
+    return len(userdata.label_set(values, where=whole.where, column=spec.get("label", "label")))
+
+
+def encode_run(run, tokenizer) -> dict:
+    """The run's rows tokenised to `max_seq_len` (a pair truncates its longer side first), once:
+    {split: {ids, type_ids, labels}, labels: names, prior_loss}, from the cache when there."""
+    def build() -> dict:
+        train, evaluated, labels = examples(run)
+        out = {"labels": [str(y) for y in labels],
+               "prior_loss": prior_loss(train.labels, evaluated.labels, len(labels))}
+        for split, rows in (("train", train), ("eval", evaluated)):
+            ids, type_ids = glue.encode(rows, tokenizer, run.max_seq_len)
+            out[split] = {"ids": ids, "type_ids": type_ids, "labels": rows.labels}
+        return out
+
+    return declared.encoded(run, tokenizer, "classification", build)
+
+
+def read_split(encoded: dict, split: str) -> Split:
+    rows = encoded[split]
+    return Split(rows["ids"], rows["type_ids"], torch.tensor(rows["labels"]))
 
 
 def prior_loss(train_labels: list[int], eval_labels: list[int], num_labels: int) -> float:
@@ -78,13 +129,15 @@ class Classification(Task):
 
     def __init__(self, run, model_overrides: dict | None = None):
         super().__init__(run, model_overrides)
-        num_labels = len(glue.spec_of(run.task).labels)
+        declared.check_unchanged(run)
+        rows = encode_run(run, models.tokenizer(run.model))
+        self.labels = rows["labels"]
         self.model, self.tokenizer, self.fresh_weights = self.load_model(
-            run, "classification", model_overrides, num_labels=num_labels)
+            run, "classification", model_overrides, num_labels=len(self.labels))
         self.pad_id = self.tokenizer.pad_token_id
-        self.train = read_split(run, "train", self.tokenizer)
-        self.eval = read_split(run, "eval", self.tokenizer)
-        self.prior_loss = prior_loss(self.train.labels.tolist(), self.eval.labels.tolist(), num_labels)
+        self.train = read_split(rows, "train")
+        self.eval = read_split(rows, "eval")
+        self.prior_loss = rows["prior_loss"]
         # BERT-family classifiers skip padding in every token-wise op (see engine/unpadded.py)
         self.unpadded = unpadded.supports(self.model)
 
@@ -126,16 +179,25 @@ class Classification(Task):
         order = sorted(range(len(self.eval)), key=lambda i: len(self.eval.ids[i]))
         correct = torch.zeros(n, device=device)
         loss_sum = torch.zeros(n, device=device)
+        predicted: list[list[torch.Tensor]] = [[] for _ in range(n)]  # each run's predictions, in `order`
         for rows in token_chunks(order, [len(x) for x in self.eval.ids], n, eval_budget(EVAL_TOKENS, device)):
             batch = self.rows_batch(self.eval, rows)
             y = batch.pop("labels").to(device)
             stacked = OnDevice({key: v.repeat(n, 1) for key, v in batch.items()}, device)
             logits = self.logits(state, stacked, shared=True).float().view(n, len(rows), -1)  # (n, b, C)
-            correct += (logits.argmax(-1) == y).sum(1).float()
+            guess = logits.argmax(-1)                                              # (n, b)
+            correct += (guess == y).sum(1).float()
+            for j in range(n):
+                predicted[j].append(guess[j].cpu())
             loss_sum += F.cross_entropy(logits.transpose(1, 2), y.expand(n, -1), reduction="none").sum(1)
         correct, loss_sum = correct.cpu(), loss_sum.cpu()  # one read of the device per evaluation
-        return [{"accuracy": float(correct[j] / len(self.eval)), "eval_loss": float(loss_sum[j] / len(self.eval))}
-                for j in range(n)]
+        results = [{"accuracy": float(correct[j] / len(self.eval)), "eval_loss": float(loss_sum[j] / len(self.eval))}
+                   for j in range(n)]
+        if "macro_f1" in {m.name for m in self.metrics}:
+            references = [self.eval.labels[i].item() for i in order]
+            for j in range(n):
+                results[j]["macro_f1"] = userdata.macro_f1(references, torch.cat(predicted[j]).tolist())
+        return results
 
     def trivial_losses(self, state, runs: list[int]) -> list[float]:
         """Always predicting the training rows' label prior: no model needed."""
@@ -144,26 +206,35 @@ class Classification(Task):
     @classmethod
     def trivial_loss_of(cls, run) -> float | None:
         try:
-            train = glue.read(run.task, "train", run.data_dir, max_rows=run.max_train_samples).labels
-            evaluated = glue.read(run.task, "eval", run.data_dir, max_rows=run.max_eval_samples).labels
+            train, evaluated, labels = examples(run)
         except BadInput:
             return None
-        return prior_loss(train, evaluated, len(glue.spec_of(run.task).labels))
+        return prior_loss(train.labels, evaluated.labels, len(labels))
 
     @classmethod
     def check_data(cls, run) -> None:
-        """Every row the run will read: each label must be one of the task's."""
-        glue.read(run.task, "train", run.data_dir, max_rows=run.max_train_samples)
-        glue.read(run.task, "eval", run.data_dir, max_rows=run.max_eval_samples)
+        """Every row the run will read, checked and tokenised (into the cache), before anything is written."""
+        declared.check_unchanged(run)
+        encode_run(run, models.tokenizer(run.model))
 
     @classmethod
     def skeleton(cls, run):
-        return models.skeleton(run.model, "classification", num_labels=len(glue.spec_of(run.task).labels))
+        return models.skeleton(run.model, "classification", num_labels=num_labels(run))
 
     @classmethod
     def data_size(cls, run, split: str, sample: int = 200) -> tuple[int, float] | None:
         """(rows, mean tokens per row) of a split in a local data folder, the tokens guessed from the
         first rows' characters (about 4 per token, plus 2 special tokens); None without local files."""
+        if run.data is not None:
+            try:
+                rows = declared.splits(specs.loads(run.data), run.max_train_samples, run.max_eval_samples)
+            except BadInput:
+                return None
+            table = rows[0 if split == "train" else 1]
+            spec = specs.loads(run.data)
+            texts = [[str(row.get(c) or "") for c in spec.get("text", ["text"])] for row in table.rows[:sample]]
+            tokens = sum(len(" ".join(t)) for t in texts) / max(1, len(texts)) / 4 + 2
+            return len(table.rows), min(run.max_seq_len, tokens)
         root = glue.glue_root(slices.data_dir(run.task, run.data_dir))
         if root is None:  # the hub: an estimate downloads nothing
             return None
