@@ -146,6 +146,12 @@ class Task(ABC):
         """Raise BadInput if the run's data cannot be read (called before a sweep writes anything)."""
 
     @classmethod
+    def data_files(cls, run) -> dict[str, str]:
+        """role ('train', 'eval') -> each file the run reads, for its data fingerprint
+        (`tasks.declared.data_record`); a family that reads files says which."""
+        return {}
+
+    @classmethod
     def check_model(cls, run, skeleton) -> None:
         """Raise BadInput if the family cannot serve the run's model (its skeleton, or None where
         none could be built); called before a sweep writes anything."""

@@ -349,6 +349,12 @@ class CausalLM(Task):
         encode_run(run, models.tokenizer(run.model))
 
     @classmethod
+    def data_files(cls, run) -> dict[str, str]:
+        if run.data is not None:
+            return specs.files(specs.loads(run.data))
+        return {role: str(path) for role, path in lm_data.files(slices.base(run.task), _data_dir(run)).items()}
+
+    @classmethod
     def data_size(cls, run, split: str) -> tuple[int, float] | None:
         """(rows, tokens per row) from the local files, the tokens guessed at ~4 characters each."""
         if run.data is not None:

@@ -218,6 +218,12 @@ class Classification(Task):
         encode_run(run, models.tokenizer(run.model))
 
     @classmethod
+    def data_files(cls, run) -> dict[str, str]:
+        if run.data is not None:
+            return specs.files(specs.loads(run.data))
+        return {role: str(path) for role, path in glue.files(run.task, run.data_dir).items()}
+
+    @classmethod
     def skeleton(cls, run):
         return models.skeleton(run.model, "classification", num_labels=num_labels(run))
 

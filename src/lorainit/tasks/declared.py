@@ -76,13 +76,34 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((state + extra).encode()).hexdigest()[:16]
 
 
+def data_record(run) -> dict[str, dict[str, str]]:
+    """role -> {path, sha256} of each file the run reads (a hub dataset's split as `hub:` its id):
+    what a sweep stores of a run's data, and compares on every resume."""
+    from lorainit import tasks
+
+    if run.data is not None and "hub" in specs.loads(run.data):
+        spec = specs.loads(run.data)
+        roles = [r for r in specs.PATH_KEYS if r in spec]
+        return {r: {"path": f"hub:{spec['hub']}/{spec.get('config', 'default')}/{spec[r]}",
+                    "sha256": table(spec, r).sha256} for r in roles}
+    record = {}
+    for role, path in tasks.family(run.task).data_files(run).items():
+        if not Path(path).is_file():
+            raise DataError(f"{path}: file not found (the {role} data of task {run.task})")
+        record[role] = {"path": str(path), "sha256": specs.sha256_file(path)}
+    return record
+
+
 def cache_key(run, tokenizer, family: str) -> str:
     """The key of a run's tokenised rows: everything they depend on, and nothing else."""
-    fields = {"format": CACHE_FORMAT, "family": family, "task": run.task, "data": run.data, "data_sha": run.data_sha,
+    fields = {"format": CACHE_FORMAT, "family": family, "task": run.task, "data_dir": run.data_dir,
               "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_len": run.max_seq_len,
               "max_train_samples": run.max_train_samples, "max_eval_samples": run.max_eval_samples}
     if run.data is not None:  # the files' contents, not where they are
         fields["data"] = specs.dumps(specs.identity(specs.loads(run.data)))
+        fields["data_sha"] = run.data_sha
+    else:
+        fields["files"] = {role: f["sha256"] for role, f in data_record(run).items()}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 

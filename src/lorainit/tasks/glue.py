@@ -81,6 +81,16 @@ def hub_file(task: str, split: str) -> Path:
                         "LORAINIT_DATA to a root holding glue/") from None
 
 
+def files(task: str, data_dir: str | None = None) -> dict[str, Path]:
+    """role ('train', 'eval') -> the file a GLUE task (or a slice of one) reads: the official TSV
+    in its data folder, or the hub's parquet file (fetched into the hub cache)."""
+    spec = spec_of(task)
+    root = glue_root(slices.data_dir(task, data_dir))
+    if root is None:
+        return {split: hub_file(spec.name, split) for split in ("train", "eval")}
+    return {"train": root / spec.folder / "train.tsv", "eval": root / spec.folder / f"{spec.eval_split}.tsv"}
+
+
 def read_parquet(path: Path, task: str, max_rows: int | None = None) -> Examples:
     """The first `max_rows` rows of one of the hub's GLUE parquet files."""
     try:

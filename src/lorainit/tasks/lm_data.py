@@ -33,16 +33,36 @@ def data_root(task: str, data_dir: str | None) -> Path | None:
     return Path(env) / FOLDERS[task] if env else None
 
 
-def _hub_parquet(repo: str, name: str, column: str, task: str) -> tuple[list, str]:
-    """One column of a hub parquet file, and the file's name for messages."""
+def _hub_path(repo: str, name: str, task: str) -> str:
+    """A hub parquet file, fetched once into the hub cache."""
     from huggingface_hub import hf_hub_download
 
     try:
-        path = hf_hub_download(repo, name, repo_type="dataset")
+        return hf_hub_download(repo, name, repo_type="dataset")
     except Exception as err:  # offline, unreachable, or not cached: all mean "give a folder"
         raise DataError(f"no data folder was given and {repo}:{name} could not be fetched from the hub "
                         f"({type(err).__name__}); pass data_dir (the folder holding the {task} files) or set "
                         f"LORAINIT_DATA to a root holding {FOLDERS[task]}/") from None
+
+
+def files(task: str, data_dir: str | None = None) -> dict[str, Path]:
+    """role ('train', 'eval') -> the file `gsm8k` or `wikitext2` reads (WikiText-2's training file is
+    `train.txt`, else `valid.txt`): in its data folder, or the hub's parquet file."""
+    root = data_root(task, data_dir)
+    names = {"gsm8k": ("train", "test"), "wikitext2": ("train", "test")}[task]
+    if root is None:
+        repo, pattern = GSM8K_HUB if task == "gsm8k" else WIKITEXT_HUB
+        return {role: Path(_hub_path(repo, pattern.format(split=name), task))
+                for role, name in zip(("train", "eval"), names)}
+    if task == "gsm8k":
+        return {"train": root / "train.jsonl", "eval": root / "test.jsonl"}
+    train = next((root / n for n in ("train.txt", "valid.txt") if (root / n).is_file()), root / "train.txt")
+    return {"train": train, "eval": root / "test.txt"}
+
+
+def _hub_parquet(repo: str, name: str, column: str, task: str) -> tuple[list, str]:
+    """One column of a hub parquet file, and the file's name for messages."""
+    path = _hub_path(repo, name, task)
     try:
         import pyarrow.parquet as pq
     except ImportError:

@@ -177,7 +177,7 @@ def _declared_rows(spec: dict, t, tokenizer, model: str) -> tuple[str, list, lis
     """(style, rows in that style, each row's locator) of a declared table."""
     style = spec.get("style")
     if style is None:
-        style = userdata.detect_style(t.columns, spec.get("columns"))
+        style = userdata.detect_style(t.columns, spec.get("columns"), where=t.where)
     templates = spec.get("templates")
     if templates and style == "prompt_completion":
         rows = []

@@ -169,11 +169,9 @@ def sha256_file(path: str | Path) -> str:
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key in _HASHED:
         return _HASHED[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    _HASHED[key] = digest.hexdigest()
+    from lorainit.tasks import readers
+
+    _HASHED[key] = readers.sha256_file(path)
     return _HASHED[key]
 
 
