@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lorainit.files import write_text_atomic
 from lorainit.report.findings import INIT_NAMES, headline, summary_lines
+from lorainit.report.sweep import task_name
 from lorainit.sweeps import outcome
 
 STYLE = """
@@ -104,7 +105,7 @@ def _run_table(report) -> tuple[list[str], list[list[str]], list[str]]:
         cfg = r.config
         status = r.status + (f" at step {r.diverged_step}" if r.status == "diverged" and r.diverged_step else "")
         values = [f"{r.final[m]:.4g}" if isinstance(r.final.get(m), (int, float)) else "" for m in metrics]
-        rows.append([r.run_id, cfg["task"], *[str(cfg.get(a, "")) for a in axes], INIT_NAMES.get(r.init, r.init),
+        rows.append([r.run_id, task_name(cfg), *[str(cfg.get(a, "")) for a in axes], INIT_NAMES.get(r.init, r.init),
                      f"{r.lr:.3g}", str(r.seed), status, str(r.steps or ""), *values])
         classes.append(r.status)
     return header, rows, classes

@@ -62,16 +62,18 @@ class Group:
     task: str
     axes: dict            # e.g. {"rank": 8}; empty when init, lr and seed are the only axes
     runs: list[Run]
+    name: str = ""        # what the task is called: its name, or a declared task's data and type
 
     @property
     def title(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self.axes.items())
-        return f"{self.task}" + (f" ({extra})" if extra else "")
+        return f"{self.name or self.task}" + (f" ({extra})" if extra else "")
 
     @property
     def slug(self) -> str:
         extra = "_".join(f"{k}-{v}" for k, v in self.axes.items())
-        return "".join(c if c.isalnum() or c in "-_." else "-" for c in self.task + ("_" + extra if extra else ""))
+        name = (self.name or self.task).replace(" (", "-").rstrip(")")
+        return "".join(c if c.isalnum() or c in "-_." else "-" for c in name + ("_" + extra if extra else ""))
 
     @property
     def metrics(self) -> tuple[tasks.Metric, ...]:
@@ -142,20 +144,34 @@ def _read(db: sqlite3.Connection, folder: Path) -> Sweep:
     return Sweep(folder, name, runs, _groups(runs, grid))
 
 
+TASK_FIELDS = ("task", "data", "data_sha")  # together, what a group's runs were trained on
+
+
+def task_name(config: dict) -> str:
+    """A task as a reader knows it: its name, or a declared task's data and type ('trec (classification)')."""
+    if not config.get("data"):
+        return config["task"]
+    from lorainit.tasks import spec
+
+    return f"{spec.label(spec.loads(config['data']))} ({config['task']})"
+
+
 def _groups(runs: list[Run], grid) -> list[Group]:
     """Runs grouped by task and by every other field that varies (the grid's axes, if recorded)."""
     if not runs:
         return []
     fields = sorted({k for r in runs for k in r.config})
-    varying = [f for f in fields if f not in PICTURE and f != "task"
+    varying = [f for f in fields if f not in PICTURE and f not in TASK_FIELDS
                and len({json.dumps(r.config.get(f), sort_keys=True) for r in runs}) > 1]
     if grid is not None and isinstance(grid, dict):  # keep the grid's own order of axes first
         varying = [f for f in grid if f in varying] + [f for f in varying if f not in grid]
     out: dict[tuple, Group] = {}
     for run in runs:
-        key = (run.config["task"], *(json.dumps(run.config.get(f), sort_keys=True) for f in varying))
+        key = (*(json.dumps(run.config.get(f)) for f in TASK_FIELDS),
+               *(json.dumps(run.config.get(f), sort_keys=True) for f in varying))
         if key not in out:
-            out[key] = Group(run.config["task"], {f: _plain(run.config.get(f)) for f in varying}, [])
+            out[key] = Group(run.config["task"], {f: _plain(run.config.get(f)) for f in varying}, [],
+                             task_name(run.config))
         out[key].runs.append(run)
     return list(out.values())
 

@@ -8,6 +8,7 @@ as it finishes. The driver is the store's only writer. Running a finished sweep 
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -44,6 +45,55 @@ def _check_same_sweep(store: Store, sweep: Sweep) -> None:
                        "match it. Restore the base, or start the changed sweep in another --out folder")
 
 
+def data_key(run: RunConfig) -> str:
+    """What selects a run's data: its task, data folder and declared spec (without paths)."""
+    from lorainit.tasks import spec
+
+    declared_spec = spec.identity(spec.loads(run.data)) if run.data is not None else None
+    return json.dumps([run.task, run.data_dir, declared_spec], sort_keys=True)
+
+
+def _data_records(runs: list[RunConfig], todo: list[RunConfig]) -> dict[str, dict]:
+    """data key -> the files its runs read now, with their sha256 (`declared.data_record`). Data
+    no unfinished run needs and that can no longer be read is left out (nothing will read it)."""
+    from lorainit.tasks import declared
+
+    needed = {data_key(r) for r in todo}
+    records: dict[str, dict] = {}
+    for run in runs:
+        key = data_key(run)
+        if key in records:
+            continue
+        try:
+            records[key] = declared.data_record(run)
+        except BadInput:
+            if key in needed:
+                raise
+    return records
+
+
+def _check_data_unchanged(store: Store, records: dict[str, dict]) -> None:
+    """Refuse to continue a sweep whose runs would now read other data than its finished runs did:
+    a file whose contents changed, or a task that now reads another file (a WikiText-2 folder that
+    gained train.txt). A file moved with its contents unchanged is fine."""
+    for key, before in store.data().items():
+        now = records.get(key)
+        if now is None:
+            continue
+        for role, old in before.items():
+            new = now.get(role)
+            if new is None:
+                continue
+            if new["sha256"] == old["sha256"]:
+                continue
+            if new["path"] != old["path"] and Path(old["path"]).name != Path(new["path"]).name:
+                raise BadInput(f"{new['path']}: this sweep's {role} data was {old['path']} when it started; "
+                               "its finished runs did not train on this file. Restore the folder as it was, or "
+                               "start the sweep in another --out folder")
+            raise BadInput(f"{new['path']}: changed since this sweep started (sha256 {old['sha256'][:12]}... -> "
+                           f"{new['sha256'][:12]}...); restore it, or start the sweep in another --out folder")
+
+
 def _preflight(runs: list[RunConfig], device: str, free: int | None = None) -> None:
     """Fail before writing anything: a model that cannot be found offline, a precision this device
     cannot run, a tokenizer with more tokens than the model's embeddings, a model the task cannot
@@ -59,8 +109,10 @@ def _preflight(runs: list[RunConfig], device: str, free: int | None = None) -> N
         models.check_vocabulary(spec)
     checked, built = set(), {}
     for run in runs:
-        if (run.task, run.data_dir, run.max_train_samples, run.max_eval_samples) not in checked:
-            checked.add((run.task, run.data_dir, run.max_train_samples, run.max_eval_samples))
+        rows = (run.model, run.task, run.data_dir, run.data, run.data_sha, run.max_seq_len, run.max_train_samples,
+                run.max_eval_samples)
+        if rows not in checked:  # read, checked and tokenised into the cache
+            checked.add(rows)
             tasks.family(run.task).check_data(run)
         key = (run.model, run.task)
         if key not in built:
@@ -188,6 +240,13 @@ def _run_sweep(sweep: Sweep, out: Path, executor: str, ray_address: str | None, 
     if dry_run:
         print(describe_plan(sweep, packs, pack_size, device, finished))
         return 0
+    records = _data_records(sweep.runs, todo)
+    if existing is not None:
+        existing = Store.peek(out)
+        try:
+            _check_data_unchanged(existing, records)
+        finally:
+            existing.close()
     if todo:
         _preflight(todo, device, free)
 
@@ -202,6 +261,7 @@ def _run_sweep(sweep: Sweep, out: Path, executor: str, ray_address: str | None, 
     store = Store(out)
     try:
         new = store.add_sweep(sweep.name, sweep.base, sweep.grid, sweep.text, sweep.runs)
+        store.record_data(records)
         kept = len(statuses) - len({r.run_id() for r in sweep.runs} & set(statuses))
         retried = sum(statuses.get(r.run_id()) == "failed" for r in todo)
         if existing is not None:

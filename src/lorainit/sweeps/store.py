@@ -17,6 +17,8 @@ Tables:
              (`probe/<layer>/<z_a_rms|lora_out_rms|a_norm|b_norm>`)
   artifacts  (run_id, kind) -> path, e.g. the PEFT adapter folder
   packs      pack_id -> the ordered run ids trained together (a resumed pack keeps its runs)
+  data       a data key (task, data_dir, declared spec without paths) -> the files its runs read,
+             each with its sha256: a resume over changed files is refused (`driver`)
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ CREATE TABLE IF NOT EXISTS artifacts (
     run_id TEXT NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL, PRIMARY KEY (run_id, kind));
 CREATE TABLE IF NOT EXISTS packs (
     pack_id TEXT PRIMARY KEY, run_ids TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS data (
+    key TEXT PRIMARY KEY, files TEXT NOT NULL);
 """
 
 
@@ -114,6 +118,16 @@ class Store:
                 position += 1
                 new += 1
         return new
+
+    def data(self) -> dict[str, dict]:
+        """data key -> {role: {path, sha256}} of the files the sweep's runs read."""
+        return {key: json.loads(files) for key, files in self.db.execute("SELECT key, files FROM data")}
+
+    def record_data(self, records: dict[str, dict]) -> None:
+        """Record (or, for files moved with their contents unchanged, update) the runs' data files."""
+        with self._tx():
+            self.db.executemany("INSERT OR REPLACE INTO data VALUES (?, ?)",
+                                [(key, json.dumps(files, sort_keys=True)) for key, files in records.items()])
 
     # -- runs -----------------------------------------------------------------------------------
 
