@@ -76,7 +76,7 @@ def encode_blocks(text: str, tokenizer, max_seq_len: int) -> Rows:
     return Rows(rows["ids"], rows["spans"])
 
 
-def encode_run(run, tokenizer) -> dict:
+def encode_run(run, tokenizer, say: bool = False) -> dict:
     """The run's rows encoded once ({train, eval: {ids, spans}, generate}), from the cache when there."""
     def build() -> dict:
         if run.data is not None:
@@ -85,7 +85,7 @@ def encode_run(run, tokenizer) -> dict:
             return sft_data.encode_gsm8k_preset(run, _data_dir(run), tokenizer)
         return sft_data.encode_wikitext_preset(run, _data_dir(run), tokenizer)
 
-    return declared.encoded(run, tokenizer, "causal_lm", build)
+    return declared.encoded(run, tokenizer, "causal_lm", build, say)
 
 
 def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -346,7 +346,7 @@ class CausalLM(Task):
     def check_data(cls, run) -> None:
         """Every row the run will read, checked and encoded (into the cache), before anything is written."""
         declared.check_unchanged(run)
-        encode_run(run, models.tokenizer(run.model))
+        encode_run(run, models.tokenizer(run.model), say=True)
 
     @classmethod
     def data_files(cls, run) -> dict[str, str]:

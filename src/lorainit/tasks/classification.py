@@ -68,6 +68,7 @@ def examples(run) -> tuple[glue.Examples, glue.Examples, tuple]:
         return train, evaluated, glue.spec_of(run.task).labels
     spec = specs.loads(run.data)
     text, column = spec.get("text", ["text"]), spec.get("label", "label")
+    userdata.classification_rows(declared.table(spec, "train"), text, column)  # every row, whichever split it falls in
     whole, _ = declared.splits(spec, None, 1)
     _, whole_labels = userdata.classification_rows(whole, text, column)
     labels = userdata.label_set(whole_labels, spec.get("labels"), where=whole.where, column=column)
@@ -92,7 +93,7 @@ def num_labels(run) -> int:
     return len(userdata.label_set(values, where=whole.where, column=spec.get("label", "label")))
 
 
-def encode_run(run, tokenizer) -> dict:
+def encode_run(run, tokenizer, say: bool = False) -> dict:
     """The run's rows tokenised to `max_seq_len` (a pair truncates its longer side first), once:
     {split: {ids, type_ids, labels}, labels: names, prior_loss}, from the cache when there."""
     def build() -> dict:
@@ -104,7 +105,7 @@ def encode_run(run, tokenizer) -> dict:
             out[split] = {"ids": ids, "type_ids": type_ids, "labels": rows.labels}
         return out
 
-    return declared.encoded(run, tokenizer, "classification", build)
+    return declared.encoded(run, tokenizer, "classification", build, say)
 
 
 def read_split(encoded: dict, split: str) -> Split:
@@ -215,7 +216,7 @@ class Classification(Task):
     def check_data(cls, run) -> None:
         """Every row the run will read, checked and tokenised (into the cache), before anything is written."""
         declared.check_unchanged(run)
-        encode_run(run, models.tokenizer(run.model))
+        encode_run(run, models.tokenizer(run.model), say=True)
 
     @classmethod
     def data_files(cls, run) -> dict[str, str]:

@@ -45,7 +45,10 @@ def splits(spec: dict, max_train: int | None, max_eval: int | None) -> tuple[rea
     held-out cut is made on the whole file first, so it does not move with the limits)."""
     if "eval_fraction" in spec:
         whole = table(spec, "train")
-        kept, held = userdata.held_out(len(whole.rows), spec["eval_fraction"], spec.get("split_seed", 0))
+        try:
+            kept, held = userdata.held_out(len(whole.rows), spec["eval_fraction"], spec.get("split_seed", 0))
+        except DataError as err:
+            raise DataError(f"{whole.where}: {err}") from None
         train, evaluation = subset(whole, kept), subset(whole, held)
     else:
         train, evaluation = table(spec, "train"), table(spec, "eval")
@@ -63,8 +66,8 @@ def warn_overlap(train_keys: list[str], eval_keys: list[str], where: str) -> Non
     """The warning when evaluation rows also occur in training (same content)."""
     shared = userdata.overlap(train_keys, eval_keys)
     if shared:
-        print(f"warning: {where}: {shared} of {len(eval_keys)} evaluation rows ({shared / len(eval_keys):.1%}) also "
-              "occur in the training rows; evaluation metrics will read high. Deduplicate them", file=sys.stderr)
+        note(f"warning: {where}: {shared} of {len(eval_keys)} evaluation rows ({shared / len(eval_keys):.1%}) also "
+             "occur in the training rows; evaluation metrics will read high. Deduplicate them")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -107,15 +110,44 @@ def cache_key(run, tokenizer, family: str) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def encoded(run, tokenizer, family: str, build) -> dict:
-    """The run's tokenised rows: read from the cache, else `build()` (a JSON-able dict) stored there."""
-    path = models.cache_dir() / "data" / f"{cache_key(run, tokenizer, family)}.json"
+_NOTES: list[str] = []  # what the build being made has to say (drops, cuts, overlaps)
+
+
+def note(message: str) -> None:
+    """A line for the user about the rows being encoded, kept with them and shown by `encoded(say=True)`."""
+    _NOTES.append(message)
+
+
+def cache_folder() -> Path:
+    """Where tokenised rows are kept: `data/` in the model cache ($LORAINIT_CACHE)."""
+    return models.cache_dir() / "data"
+
+
+def encoded(run, tokenizer, family: str, build, say: bool = False) -> dict:
+    """The run's tokenised rows: read from the cache, else `build()` (a JSON-able dict) stored there.
+    With `say`, the notes made while building them (rows dropped or cut, evaluation rows also in
+    training) are printed, from the cache too: every check of the data shows them."""
+    path = cache_folder() / f"{cache_key(run, tokenizer, family)}.json"
+    rows = None
     if path.is_file():
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            pass  # a damaged entry is rebuilt
-    rows = build()
+            rows = None  # a damaged entry is rebuilt
+    if rows is None:
+        _NOTES.clear()
+        try:
+            rows = build() | {"notes": list(_NOTES)}
+        finally:
+            _NOTES.clear()
+        _store(path, rows)
+    if say:
+        for line in rows.get("notes", []):
+            print(line, file=sys.stderr)
+    return rows
+
+
+def _store(path: Path, rows: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
     try:
@@ -125,7 +157,6 @@ def encoded(run, tokenizer, family: str, build) -> dict:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return rows
 
 
 def check_unchanged(run) -> None:

@@ -26,8 +26,6 @@ count is printed.
 
 from __future__ import annotations
 
-import sys
-
 from lorainit.tasks import declared, lm_data, spec as specs, userdata
 from lorainit.tasks.glue import DataError
 
@@ -78,10 +76,10 @@ class Encoded:
         if self.long:
             did = "dropped" if self.too_long == "drop" else "cut"
             hint = "too_long: truncate keeps them, cut" if self.too_long == "drop" else "raise max_seq_len to keep them whole"
-            print(f"{self.where}: {did} {self.long} of {total} rows ({self.long / total:.1%}) longer than max_seq_len="
-                  f"{self.max_seq_len} (longest {self.longest} tokens); {hint}", file=sys.stderr)
+            declared.note(f"{self.where}: {did} {self.long} of {total} rows ({self.long / total:.1%}) longer than "
+                          f"max_seq_len={self.max_seq_len} (longest {self.longest} tokens); {hint}")
         if self.empty:
-            print(f"{self.where}: dropped {self.empty} of {total} rows with no token to train on left", file=sys.stderr)
+            declared.note(f"{self.where}: dropped {self.empty} of {total} rows with no token to train on left")
         if not self.ids:
             raise DataError(f"{self.where}: no row is left to train on (max_seq_len={self.max_seq_len}); raise "
                             "max_seq_len" + (", or set too_long: truncate" if self.too_long == "drop" else ""))
@@ -273,7 +271,7 @@ def encode_wikitext_preset(run, data_dir: str | None, tokenizer) -> dict:
     for split, limit in (("train", run.max_train_samples), ("eval", run.max_eval_samples)):
         text, where = lm_data.wikitext_file(split, data_dir)
         if split == "train" and where.endswith("valid.txt"):
-            print(f"wikitext2: no train.txt, training on {where}", file=sys.stderr)
+            declared.note(f"wikitext2: no train.txt, training on {where}")
         rows = blocks(tokenizer(text, add_special_tokens=False)["input_ids"], run.max_seq_len)
         out[split] = {key: value[:limit] for key, value in rows.items()} if limit else rows
     return out
