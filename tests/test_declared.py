@@ -106,6 +106,12 @@ def _chats(limit: int) -> list[dict]:
     return out
 
 
+def _template_ids(tokenizer, messages, **kwargs) -> list[int]:
+    """The ids `apply_chat_template` gives (a list, or an encoding holding them)."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(out) if isinstance(out, list) else list(out["input_ids"])
+
+
 def test_exactly_the_assistant_tokens_of_a_chat_count():
     tokenizer = models.tokenizer("smollm2-135m")
     chats = [row["messages"] for row in _chats(6)]
@@ -118,13 +124,11 @@ def test_exactly_the_assistant_tokens_of_a_chat_count():
         expected = []
         for i, message in enumerate(messages):
             if message["role"] == "assistant":
-                before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=True)
-                upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=True)
-                before, upto = (x["input_ids"] if isinstance(x, dict) else x for x in (before, upto))
+                before = _template_ids(tokenizer, messages[:i], add_generation_prompt=True)
+                upto = _template_ids(tokenizer, messages[:i + 1])
                 assert upto[:len(before)] == before
                 expected += range(len(before), len(upto))
-        whole = tokenizer.apply_chat_template(messages, tokenize=True)
-        assert ids == (whole["input_ids"] if isinstance(whole, dict) else whole)
+        assert ids == _template_ids(tokenizer, messages)
         counted = [t for lo, hi in spans for t in range(lo, hi)]
         assert counted == expected
         # and what they say: each answer and the end of its turn
@@ -208,12 +212,24 @@ def test_a_resume_over_changed_data_is_refused_and_reports_need_no_data(tmp_path
     # one edited row, then a resume: refused by name, the folder as it was
     kept = (tmp_path / "train.kept").read_text(encoding="utf-8")
     (tmp_path / "train.csv").write_text(kept.replace("question 3", "question 33"), encoding="utf-8")
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    before = _contents(out)
     capsys.readouterr()
     assert cli.main(["sweep", str(file), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"{tmp_path / 'train.csv'}: changed since this sweep started" in err
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert _contents(out) == before
+
+
+def _contents(out: Path) -> dict:
+    """A sweep folder as a reader sees it: its store's rows and its tables' bytes."""
+    import sqlite3
+
+    db = sqlite3.connect(out / "store.sqlite")
+    try:
+        rows = list(db.iterdump())
+    finally:
+        db.close()
+    return {"store": rows, **{name: (out / name).read_bytes() for name in ("results.csv", "metrics.csv")}}
 
 
 def test_a_wikitext_folder_that_gains_train_txt_is_refused_on_resume(tmp_path, capsys):

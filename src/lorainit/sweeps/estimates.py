@@ -119,6 +119,11 @@ def data_sample(run: RunConfig, split: str) -> tuple[int, float] | None:
     return tasks.family(run.task).data_size(run, split)
 
 
+def generates(run: RunConfig) -> bool:
+    """Whether the run's evaluation generates (exact_match): gsm8k, or declared rows naming references."""
+    return slices.base(run.task) == "gsm8k" or (run.data is not None and '"reference"' in run.data)
+
+
 def seconds_per_pack(pack: Pack, shape: Shape | None, flops_per_s: float) -> float | None:
     """A rough time: the layers' matmul work (4 x params x tokens in training: the frozen weights
     need no gradient of their own; 2 x params x tokens per evaluation) at `flops_per_s`; None
@@ -131,7 +136,7 @@ def seconds_per_pack(pack: Pack, shape: Shape | None, flops_per_s: float) -> flo
     evals = steps // run.eval_every + (steps % run.eval_every > 0) if run.eval_every else 1
     work = 4 * shape.matmul_params * train[1] * run.batch_size * steps
     work += 2 * shape.matmul_params * evaluation[1] * evaluation[0] * evals
-    if slices.base(run.task) == "gsm8k":  # greedy generation: up to max_new_tokens one-token forwards per question
+    if generates(run):  # greedy generation: up to max_new_tokens one-token forwards per question
         work += 2 * shape.matmul_params * run.max_new_tokens * evaluation[0] * evals
     return work * len(pack.runs) / flops_per_s
 
