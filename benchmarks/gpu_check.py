@@ -863,12 +863,12 @@ def timing_row(section: str, variant: str, measured: dict, total_runs: int, pack
 def encoder_baselines(kit: Kit, out: dict, section: str, runs, pack: dict) -> None:
     """PEFT + AdamW and Trainer + PEFT, a few of `runs` each, against the pack's rate."""
     from lorainit import models
-    from lorainit.tasks.classification import collate, read_split
+    from lorainit.tasks.classification import collate, encode_run, read_split
 
     first = runs[0]
     base, tokenizer = models.load(kit.encoder, "classification", num_labels=2)
     base.to(kit.device)
-    train_rows = read_split(first, "train", tokenizer)
+    train_rows = read_split(encode_run(first, tokenizer), "train")
     ids, labels = train_rows.ids, train_rows.labels
     pad_id = tokenizer.pad_token_id
 
@@ -940,7 +940,7 @@ def section_decoder(kit: Kit, out: dict) -> None:
 
     base, tokenizer = models.load(kit.decoder, "causal_lm")
     base.to(kit.device)
-    rows = causal_lm.CausalLM.read(runs[0], "train", tokenizer)
+    rows = causal_lm.Rows(**causal_lm.encode_run(runs[0], tokenizer)["train"])
     out["mean_tokens_per_row"] = sum(len(x) for x in rows.ids) / len(rows)
     pad_id = tokenizer.pad_token_id
 

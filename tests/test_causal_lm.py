@@ -249,15 +249,16 @@ def test_pack_equals_runs_alone(lm_pack, task, measured):
 def test_packed_generation_equals_each_run_alone():
     runs = [_run(task="gsm8k", init=i, lr=lr, seed=s, max_steps=2) for i, lr, s in
             (("a", 1e-3, 0), ("b", 1e-3, 1), ("a", 3e-3, 1), ("b", 3e-3, 0))]
-    prompts = [lm_data.gsm8k_prompt(q.question) for q in lm_data.read_gsm8k("eval", max_rows=2)]
+    questions = [lm_data.gsm8k_prompt(q.question) for q in lm_data.read_gsm8k("eval", max_rows=2)]
 
     def decode(trainer, active):
         for _ in range(2):
             trainer.train_step(log=False)
         trainer.state.set_batch(active, None)
         trainer.model.eval()
+        prompts = [trainer.task.tokenizer(q)["input_ids"] for q in questions]
         with torch.inference_mode():
-            return trainer.task.generate(trainer.state, len(active), prompts, 8)
+            return trainer.task.generate(trainer.state, len(active), prompts, 8, ["\n\nQuestion:"])
 
     packed = decode(PackTrainer(runs, show_progress=False), [0, 1, 2, 3])
     for k, run in enumerate(runs):

@@ -320,3 +320,20 @@ def test_evaluation_rows_also_in_training_are_a_warning(tmp_path, capsys):
 
     Classification.check_data(run)
     assert "2 of 4 evaluation rows (50.0%) also occur in the training rows" in capsys.readouterr().err
+
+
+def test_train_takes_the_task_mapping_inline_or_as_a_file(tmp_path, capsys):
+    _write_csv(tmp_path / "train.csv", [{"text": f"question {i} about {'places' if i % 2 else 'people'}",
+                                         "label": "LOC" if i % 2 else "HUM"} for i in range(8)])
+    _write_csv(tmp_path / "test.csv", [{"text": "where is it", "label": "LOC"}, {"text": "who is it", "label": "HUM"}])
+    (tmp_path / "task.yaml").write_text("{type: classification, train: train.csv, eval: test.csv}\n")
+    inline = "{type: classification, train: %s, eval: %s}" % (tmp_path / "train.csv", tmp_path / "test.csv")
+    ids = []
+    for given in (inline, str(tmp_path / "task.yaml")):
+        out = tmp_path / f"out{len(ids)}"
+        assert cli.main(["train", "--task", given, "--max_steps", "1", "--out", str(out), "--quiet"]) in (0, 1)
+        with open(out / "results.csv", newline="") as f:
+            (row,) = list(csv.DictReader(f))
+        assert row["task"] == "classification" and row["status"] in ("done", "did_not_learn")
+        ids.append(row["run_id"])
+    assert ids[0] == ids[1]  # one task, one id, however it was given

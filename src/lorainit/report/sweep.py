@@ -149,11 +149,9 @@ TASK_FIELDS = ("task", "data", "data_sha")  # together, what a group's runs were
 
 def task_name(config: dict) -> str:
     """A task as a reader knows it: its name, or a declared task's data and type ('trec (classification)')."""
-    if not config.get("data"):
-        return config["task"]
     from lorainit.tasks import spec
 
-    return f"{spec.label(spec.loads(config['data']))} ({config['task']})"
+    return spec.task_name(config["task"], config.get("data"))
 
 
 def _groups(runs: list[Run], grid) -> list[Group]:

@@ -25,6 +25,7 @@ from lorainit.sweeps.plan import Pack, plan
 from lorainit.sweeps.progress import Progress
 from lorainit.sweeps.outcome import tally
 from lorainit.sweeps.store import RowFile, Store
+from lorainit.tasks import spec
 
 EXECUTORS = ("local", "ray")
 
@@ -47,8 +48,6 @@ def _check_same_sweep(store: Store, sweep: Sweep) -> None:
 
 def data_key(run: RunConfig) -> str:
     """What selects a run's data: its task, data folder and declared spec (without paths)."""
-    from lorainit.tasks import spec
-
     declared_spec = spec.identity(spec.loads(run.data)) if run.data is not None else None
     return json.dumps([run.task, run.data_dir, declared_spec], sort_keys=True)
 
@@ -164,7 +163,7 @@ def describe_plan(sweep: Sweep, packs: list[Pack], pack_size: int, device: str,
         mem = f"{memory / 2**30:.1f} GiB" if memory else "memory unknown (no model config offline)"
         eta = _duration(seconds) if seconds is not None else "time unknown (no local data)"
         seeds = sorted({r.seed for r in pack.runs})
-        lines.append(f"  pack {i} ({pack.id}): {len(pack.runs)} run{'s' if len(pack.runs) > 1 else ''}, {run.model} on {run.task}, "
+        lines.append(f"  pack {i} ({pack.id}): {len(pack.runs)} run{'s' if len(pack.runs) > 1 else ''}, {run.model} on {spec.task_name(run.task, run.data)}, "
                      f"seed {','.join(map(str, seeds))}: ~{mem}, ~{eta} on {device}")
     lines.append("")
     lines.append(f"estimates: fp32 base + per-run LoRA, AdamW state and activations at max_seq_len; time at "

@@ -175,6 +175,11 @@ def sha256_file(path: str | Path) -> str:
     return _HASHED[key]
 
 
+def task_name(task: str, data: str | None) -> str:
+    """A run's task as a reader knows it: its name, or a declared task's data and type ('trec (classification)')."""
+    return task if not data else f"{label(loads(data))} ({task})"
+
+
 def fingerprint(spec: dict) -> str:
     """A hash of the contents the spec reads: each local file's bytes by role; for a hub dataset, its
     parquet files' bytes (fetched into the hub cache, or read from it offline)."""
