@@ -137,8 +137,11 @@ def test_exactly_the_assistant_tokens_of_a_chat_count():
 
 
 def test_a_pack_of_two_seeds_on_uneven_chats_equals_each_run_alone(tmp_path, measured):
-    _write_jsonl(tmp_path / "chats.jsonl", _chats(12))
-    task = {"type": "sft", "style": "messages", "train": str(tmp_path / "chats.jsonl"), "eval_fraction": 0.25}
+    chats = _chats(10)
+    _write_jsonl(tmp_path / "chats.jsonl", chats[:8])
+    _write_jsonl(tmp_path / "test.jsonl", chats[8:])
+    task = {"type": "sft", "style": "messages", "train": str(tmp_path / "chats.jsonl"),
+            "eval": str(tmp_path / "test.jsonl")}
     base = dict(model="smollm2-135m", task=task, max_steps=2, batch_size=2, max_seq_len=512, warmup_ratio=0.0,
                 save_adapters=False, log_every=1)
     runs = [RunConfig.from_dict(base | {"init": i, "lr": 2e-3, "seed": s}) for i, s in (("a", 0), ("b", 1))]
@@ -279,9 +282,23 @@ BAD = {
                                     + json.dumps(CHAT).encode() + b"\n"},
                      {"type": "sft", "model": "smollm2-135m"},
                      "train.jsonl: line 1, message 2: role 'bot' is not system, user, assistant or tool"),
-    "no chat template": ({"train.jsonl": (json.dumps(CHAT) + "\n").encode() * 2}, {"type": "sft", "style": "messages"},
-                         "model 'minilm' has no chat template"),
+    "no chat template": ({"train.jsonl": (json.dumps(CHAT) + "\n").encode() * 2},
+                         {"type": "sft", "style": "messages", "model": "no-template"}, "has no chat template"),
 }
+
+
+def _decoder_without_a_chat_template(folder: Path) -> Path:
+    """SmolLM2's config and tokenizer, without weights or a chat template: a served decoder whose
+    tokenizer cannot render messages (the checks never load weights)."""
+    source = Path(models.resolve("smollm2-135m").path)
+    folder.mkdir()
+    for f in source.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and "chat_template" not in f.name:
+            shutil.copy(f, folder / f.name)
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -293,7 +310,10 @@ def test_bad_data_exits_2_with_one_line_and_writes_nothing(case, tmp_path, capsy
     task = {"type": "classification", "train": train}
     task |= {"eval": "test.csv"} if "test.csv" in files else {"eval_fraction": 0.5}
     task |= {k: v for k, v in extra.items() if k != "model"}
-    file = _sweep(tmp_path, task, {"model": extra.get("model", "minilm")})
+    model = extra.get("model", "minilm")
+    if model == "no-template":
+        model = str(_decoder_without_a_chat_template(tmp_path / "no-template"))
+    file = _sweep(tmp_path, task, {"model": model})
     out = tmp_path / "out"
     capsys.readouterr()
     assert cli.main(["sweep", str(file), "--out", str(out), "--quiet"]) == 2

@@ -284,8 +284,9 @@ def tokenizer(spec: str):
     resolved = resolve(spec)
     try:
         found = transformers.AutoTokenizer.from_pretrained(resolved.path)
-    except OSError as err:
-        raise ModelNotFound(f"could not load the tokenizer of model {spec!r} from {resolved.path}: {err}") from err
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:  # none there, or none transformers reads
+        raise ModelNotFound(f"could not load the tokenizer of model {spec!r} from {resolved.path}: "
+                            f"{type(err).__name__}: {err}") from err
     if found.pad_token is None:
         found.pad_token = found.eos_token
     return found

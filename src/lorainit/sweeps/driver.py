@@ -108,17 +108,17 @@ def _preflight(runs: list[RunConfig], device: str, free: int | None = None) -> N
         models.check_vocabulary(spec)
     checked, built = set(), {}
     for run in runs:
-        rows = (run.model, run.task, run.data_dir, run.data, run.data_sha, run.max_seq_len, run.max_train_samples,
-                run.max_eval_samples)
-        if rows not in checked:  # read, checked and tokenised into the cache
-            checked.add(rows)
-            tasks.family(run.task).check_data(run)
-        key = (run.model, run.task)
+        key = (run.model, run.task, run.data, run.data_sha)  # a classifier's outputs follow its labels
         if key not in built:
             built[key] = tasks.family(run.task).skeleton(run)
             tasks.family(run.task).check_model(run, built[key])
         if built[key] is not None:
             check_targets(built[key], run.targets)
+        rows = (run.model, run.task, run.data_dir, run.data, run.data_sha, run.max_seq_len, run.max_train_samples,
+                run.max_eval_samples)
+        if rows not in checked:  # read, checked and tokenised into the cache
+            checked.add(rows)
+            tasks.family(run.task).check_data(run)
     _check_fits(runs, device, estimates.available_memory(device) if free is None else free)
 
 

@@ -68,10 +68,7 @@ def examples(run) -> tuple[glue.Examples, glue.Examples, tuple]:
         return train, evaluated, glue.spec_of(run.task).labels
     spec = specs.loads(run.data)
     text, column = spec.get("text", ["text"]), spec.get("label", "label")
-    userdata.classification_rows(declared.table(spec, "train"), text, column)  # every row, whichever split it falls in
-    whole, _ = declared.splits(spec, None, 1)
-    _, whole_labels = userdata.classification_rows(whole, text, column)
-    labels = userdata.label_set(whole_labels, spec.get("labels"), where=whole.where, column=column)
+    labels = label_set(spec)
     out = []
     for split in declared.splits(spec, run.max_train_samples, run.max_eval_samples):
         texts, raw = userdata.classification_rows(split, text, column)
@@ -81,16 +78,21 @@ def examples(run) -> tuple[glue.Examples, glue.Examples, tuple]:
     return out[0], out[1], tuple(labels)
 
 
+def label_set(spec: dict) -> tuple:
+    """A declared task's labels in id order: `labels`, else every label of the training split. Every
+    row of the training file is checked first, whichever split a held-out cut puts it in."""
+    text, column = spec.get("text", ["text"]), spec.get("label", "label")
+    userdata.classification_rows(declared.table(spec, "train"), text, column)
+    whole, _ = declared.splits(spec, None, 1)
+    _, values = userdata.classification_rows(whole, text, column)
+    return userdata.label_set(values, spec.get("labels"), where=whole.where, column=column)
+
+
 def num_labels(run) -> int:
     """The classifier's outputs: the preset's labels, or the declared set (read without tokenising)."""
     if run.data is None:
         return len(glue.spec_of(run.task).labels)
-    spec = specs.loads(run.data)
-    if "labels" in spec:
-        return len(spec["labels"])
-    whole, _ = declared.splits(spec, None, 1)
-    _, values = userdata.classification_rows(whole, spec.get("text", ["text"]), spec.get("label", "label"))
-    return len(userdata.label_set(values, where=whole.where, column=spec.get("label", "label")))
+    return len(label_set(specs.loads(run.data)))
 
 
 def encode_run(run, tokenizer, say: bool = False) -> dict:
