@@ -344,15 +344,12 @@ class CausalLM(Task):
 
     @classmethod
     def check_data(cls, run) -> None:
-        """Every row the run will read, checked and encoded (into the cache), before anything is written."""
-        declared.check_unchanged(run)
-        encode_run(run, models.tokenizer(run.model), say=True)
+        """Every row the run will read, checked and tokenised (into the cache), before anything is written."""
+        declared.check(run, encode_run)
 
     @classmethod
     def data_files(cls, run) -> dict[str, str]:
-        if run.data is not None:
-            return specs.files(specs.loads(run.data))
-        return {role: str(path) for role, path in lm_data.files(slices.base(run.task), _data_dir(run)).items()}
+        return declared.files_of(run, lambda: lm_data.files(slices.base(run.task), _data_dir(run)))
 
     @classmethod
     def data_size(cls, run, split: str) -> tuple[int, float] | None:

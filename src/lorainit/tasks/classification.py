@@ -217,14 +217,11 @@ class Classification(Task):
     @classmethod
     def check_data(cls, run) -> None:
         """Every row the run will read, checked and tokenised (into the cache), before anything is written."""
-        declared.check_unchanged(run)
-        encode_run(run, models.tokenizer(run.model), say=True)
+        declared.check(run, encode_run)
 
     @classmethod
     def data_files(cls, run) -> dict[str, str]:
-        if run.data is not None:
-            return specs.files(specs.loads(run.data))
-        return {role: str(path) for role, path in glue.files(run.task, run.data_dir).items()}
+        return declared.files_of(run, lambda: glue.files(run.task, run.data_dir))
 
     @classmethod
     def skeleton(cls, run):

@@ -169,3 +169,17 @@ def check_unchanged(run) -> None:
         files = ", ".join(specs.files(spec).values()) or spec.get("hub", "")
         raise DataError(f"{files}: the data changed since this run was declared (fingerprint {run.data_sha} -> "
                         f"{now}); restore it, or declare the sweep again in a new folder")
+
+
+def check(run, encode) -> None:
+    """A family's `check_data`: the data unchanged since the run was keyed, every row read, checked and
+    tokenised by `encode(run, tokenizer, say=True)` into the cache, its notes shown."""
+    check_unchanged(run)
+    encode(run, models.tokenizer(run.model), say=True)
+
+
+def files_of(run, preset) -> dict[str, str]:
+    """A family's `data_files`: a declared spec's files, else those `preset()` names (role -> path)."""
+    if run.data is not None:
+        return specs.files(specs.loads(run.data))
+    return {role: str(path) for role, path in preset().items()}
