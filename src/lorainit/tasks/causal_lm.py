@@ -355,11 +355,9 @@ class CausalLM(Task):
     def data_size(cls, run, split: str) -> tuple[int, float] | None:
         """(rows, tokens per row) from the local files, the tokens guessed at ~4 characters each."""
         if run.data is not None:
-            try:
-                found = declared.splits(specs.loads(run.data), run.max_train_samples, run.max_eval_samples)
-            except BadInput:
+            table = declared.split_for_estimate(run, split)
+            if table is None:
                 return None
-            table = found[0 if split == "train" else 1]
             sample = table.rows[:200]
             chars = sum(len(json.dumps(row)) for row in sample) / max(1, len(sample))
             return len(table.rows), min(run.max_seq_len, chars / 4)

@@ -232,11 +232,9 @@ class Classification(Task):
         """(rows, mean tokens per row) of a split in a local data folder, the tokens guessed from the
         first rows' characters (about 4 per token, plus 2 special tokens); None without local files."""
         if run.data is not None:
-            try:
-                rows = declared.splits(specs.loads(run.data), run.max_train_samples, run.max_eval_samples)
-            except BadInput:
+            table = declared.split_for_estimate(run, split)
+            if table is None:
                 return None
-            table = rows[0 if split == "train" else 1]
             spec = specs.loads(run.data)
             texts = [[str(row.get(c) or "") for c in spec.get("text", ["text"])] for row in table.rows[:sample]]
             tokens = sum(len(" ".join(t)) for t in texts) / max(1, len(texts)) / 4 + 2

@@ -183,3 +183,13 @@ def files_of(run, preset) -> dict[str, str]:
     if run.data is not None:
         return specs.files(specs.loads(run.data))
     return {role: str(path) for role, path in preset().items()}
+
+
+def split_for_estimate(run, split: str) -> readers.Table | None:
+    """The declared table a run reads for `split` ('train' or 'eval'), for the dry run's estimates;
+    None where it cannot be read (an estimate is never an error)."""
+    try:
+        found = splits(specs.loads(run.data), run.max_train_samples, run.max_eval_samples)
+    except DataError:
+        return None
+    return found[0 if split == "train" else 1]

@@ -197,8 +197,7 @@ def _unclosed_quote(text: str, line: int) -> bool:
     """Whether the CSV row starting at `line` (1-based) opens a quoted field it never closes."""
     tail = "".join(io.StringIO(text, newline="").readlines()[line - 1:])
     try:
-        for _ in csv.reader(io.StringIO(tail, newline=""), strict=True):
-            pass
+        list(csv.reader(io.StringIO(tail, newline=""), strict=True))  # read to the end: strict raises there
     except csv.Error as err:
         return "unexpected end of data" in str(err)
     return False

@@ -262,7 +262,7 @@ def _conversation(value, i: int, table: Table, column: str, keys: tuple[str, str
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            pass
+            pass  # plain text stays as it is: reported just below as not a list of messages
     at = table.at(i)
     if not isinstance(value, list):
         problems.add("not_list", i, f"{at}, column {column!r}: {_show(value)} is not a list of messages",
