@@ -29,7 +29,6 @@ import torch
 
 from lorainit import decoders, models, slices
 from lorainit.engine.packing import FlatLayout, causal_mask
-from lorainit.errors import BadInput
 from lorainit.tasks import declared, lm_data, sft_data, spec as specs
 from lorainit.tasks.base import Forward, Losses, OnDevice, Task, eval_budget, host_tensor, stack_padded, token_chunks
 
