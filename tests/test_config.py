@@ -16,7 +16,7 @@ def test_values_are_coerced_from_text():
     ({"lr": "fast"}, "lr must be a number, got 'fast'"),
     ({"max_steps": 2.5}, "max_steps must be an integer"),
     ({"rslora": "maybe"}, "rslora must be true or false"),
-    ({"init": "c"}, "init is 'c'; allowed: a, b"),
+    ({"init": "c"}, "init is 'c'; expected one of a, b, ab"),
     ({"task": "cola"}, "task is 'cola'; allowed: sst2, qnli, mnli"),
     ({"precision": "fp8"}, "precision is 'fp8'; allowed: fp32, bf16, fp16"),
     ({"lr": -1}, "lr must be a positive number"),

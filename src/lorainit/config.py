@@ -18,11 +18,13 @@ import json
 import math
 from dataclasses import dataclass
 
+import yaml
+
 from lorainit import decoders, slices, tasks
+from lorainit.engine import families
 from lorainit.tasks import spec
 from lorainit.errors import BadInput
 
-INITS = ("a", "b")
 VARIANCES = ("kaiming", "gaussian")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -39,8 +41,12 @@ class RunConfig:
     data: str | None = None               # (pack) classification | sft: the data spec, canonical JSON (`tasks.spec`);
     #                                       set from a sweep file's `task: {type: ..., train: ..., ...}`
     data_sha: str | None = None           # (pack) a hash of that data's contents (`tasks.spec.fingerprint`)
-    init: str = "a"                       # a: A random, B = 0 (Init[A]); b: B random, A = 0 (Init[B])
-    init_variance: str = "kaiming"        # kaiming (PEFT's) | gaussian (the theory's)
+    init_args: str | None = None          # the family's options that differ from their defaults, canonical JSON
+    #                                       (given as a mapping, e.g. {reset: false} for ab); None: all defaults
+    init: str = "a"                       # the init family: a (Init[A]: A random, B = 0), b (Init[B]: B random,
+    #                                       A = 0), ab, gaussian, orthogonal, pissa, pissa_niter_<K>, olora
+    #                                       (`engine.families`); PEFT's strings are accepted (true = a)
+    init_variance: str = "kaiming"        # a and b: kaiming (PEFT's) | gaussian (the theory's, N(0, 1/fan_in))
     lr: float = 1e-4                      # AdamW learning rate of A (and of the head)
     lr_b_ratio: float = 1.0               # B's learning rate is lr x this (LoRA+); 1 is plain LoRA
     seed: int = 0                         # draws init, head init, data order and dropout masks
@@ -87,6 +93,7 @@ class RunConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         values = _declared_data(dict(values), where, relative_to)
+        values = _init_family(values, where)
         task = str(values.get("task", cls.task))
         if "targets" not in values and task in tasks.names():
             # the model's own where it is a decoder lorainit knows (qkv_proj for Phi-3), else the task's
@@ -105,10 +112,21 @@ class RunConfig:
 
     def validate(self, where: str = "run") -> None:
         """Raise BadInput naming the first impossible value."""
-        choices = {"task": tasks.names(), "init": INITS, "init_variance": VARIANCES, "precision": PRECISIONS}
+        choices = {"task": tasks.names(), "init_variance": VARIANCES, "precision": PRECISIONS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise BadInput(f"{where}: {key} is {getattr(self, key)!r}; allowed: {', '.join(allowed)}")
+        if families.canonical(self.init) != self.init:
+            raise BadInput(f"{where}: init {self.init!r} is spelled {families.canonical(self.init)!r} in a run")
+        family = families.get(self.init)
+        args = json.loads(self.init_args) if self.init_args else {}
+        if families.check_args(self.init, args, self.rank, where) != args:
+            raise BadInput(f"{where}: init_args must hold only options that differ from their defaults")
+        if self.init_variance != "kaiming" and not family.variance:
+            clash = (" (PEFT's gaussian init is A ~ N(0, 1/r^2); init_variance gaussian is the theory's "
+                     "N(0, 1/fan_in) for a and b)" if self.init == "gaussian" else "")
+            raise BadInput(f"{where}: init_variance applies to inits a and b only, not {self.init}; its "
+                           f"distribution is its reference's{clash}")
         positive = ("lr", "lr_b_ratio", "rank", "alpha", "batch_size", "max_seq_len", "divergence_factor",
                     "max_new_tokens")
         for key in positive:
@@ -204,6 +222,33 @@ def _declared_data(values: dict, where: str, relative_to: str | None) -> dict:
     values["data"] = spec.dumps(parsed)
     if values.get("data_sha") is None:
         values["data_sha"] = spec.fingerprint(parsed)
+    return values
+
+
+def _init_family(values: dict, where: str) -> dict:
+    """`values` with `init` as its family's name (PEFT's strings mapped, refused ones refused with
+    their reason) and `init_args` as canonical JSON of the options that differ from their defaults."""
+    if "init" in values:
+        try:
+            values["init"] = families.canonical(values["init"])
+        except BadInput as err:
+            raise BadInput(f"{where}: {err}") from None
+    given = values.get("init_args", values.get("init-args"))
+    values.pop("init-args", None)
+    if given is None:
+        return values
+    if isinstance(given, str):
+        try:
+            given = yaml.safe_load(given)
+        except yaml.YAMLError:
+            raise BadInput(f"{where}: init_args must be a mapping, e.g. {{reset: false}}, got {given!r}") from None
+    if not isinstance(given, dict):
+        raise BadInput(f"{where}: init_args must be a mapping, e.g. {{reset: false}}, got {given!r}")
+    init = values.get("init", RunConfig.init)
+    rank = values.get("rank", RunConfig.rank)
+    rank = rank if isinstance(rank, int) else RunConfig.rank  # a bad rank is named by its own check
+    changed = families.check_args(init, given, rank, where)
+    values["init_args"] = json.dumps(changed, sort_keys=True, separators=(",", ":")) if changed else None
     return values
 
 

@@ -23,6 +23,7 @@ their results.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ import torch
 
 from lorainit import models, tasks
 from lorainit.config import RunConfig
-from lorainit.engine import checkpoint, packing, precision
+from lorainit.engine import checkpoint, families, packing, precision
 from lorainit.engine.lora import LoRAConfig, LoRAPack
 from lorainit.engine.optim import PackedAdamW, PackedGradScaler
 from lorainit.engine.order import DataOrder, total_steps
@@ -101,7 +102,9 @@ class PackTrainer:
     """Holds one pack's model, task, optimiser and state; `run()` trains it to the end."""
 
     def __init__(self, runs: list[RunConfig], device: str | None = None, show_progress: bool = True,
-                 model_overrides: dict | None = None):
+                 model_overrides: dict | None = None, factor_cache: families.FactorCache | None = None):
+        """`factor_cache`: where the init families' decompositions are kept (a sweep keeps them in
+        its folder); default `inits/` in lorainit's cache ($LORAINIT_CACHE)."""
         if not runs:
             raise BadInput("a pack needs at least one run")
         keys = {r.pack_key() for r in runs}
@@ -120,8 +123,10 @@ class PackTrainer:
         self.pack = LoRAPack(self.model, LoRAConfig(rank=first.rank, alpha=first.alpha, dropout=first.dropout,
                                                     rslora=first.rslora, targets=first.targets), self.K,
                               fresh=self.task.fresh_weights)
+        cache = factor_cache if factor_cache is not None else families.FactorCache(models.cache_dir() / "inits")
         for k, run in enumerate(runs):
-            self.pack.init_run(k, run.init, run.init_variance, run.seed)
+            self.pack.init_run(k, run.init, run.init_variance, run.seed,
+                               json.loads(run.init_args) if run.init_args else None, cache)
         self.state = packing.install(self.pack, [r.seed for r in runs])
         if first.gradient_checkpointing:
             self.task.checkpoint_base(self.state)
@@ -317,6 +322,8 @@ class PackTrainer:
         return {"run_ids": [r.run_id() for r in self.runs], "step": self.step, "finished": self.finished,
                 "params": {n: p.detach().clone() for n, p in self.pack.named_parameters().items()},
                 "fresh": {n: t.detach().clone() for n, t in self.pack.fresh_tensors().items()},
+                "initial": {n: t.detach().clone() for n, t in self.pack.initial_factors().items()},
+                "corrected": self.pack.corrected,
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "streams": streams, "alive": list(self.alive), "first_loss": list(self.first_loss),
@@ -332,6 +339,8 @@ class PackTrainer:
                 p.copy_(state["params"][name])
             for name, t in self.pack.fresh_tensors().items():
                 t.copy_(state["fresh"][name])
+            if "initial" in state:  # the corrections as they were drawn, never recomputed
+                self.pack.set_initial_factors(state["initial"], state["corrected"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])

@@ -6,11 +6,15 @@ LoRA layer applies adapter k to run k's rows only, by batched matmul:
 
     y = W x + bias + s * B_k (A_k dropout_k(x)),   s = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
+and, for a run whose init family rewrites the base to W - s B0_k A0_k (PiSSA, OLoRA, Init[AB]
+with reset; `families.py`), minus s * B0_k (A0_k x) on the undropped x: the same function of
+(A_k, B_k) as the rewritten base, while W stays shared.
+
 with A of shape (K, r, in) and B of shape (K, out, r). The task head (the classifier's final
 projection) is packed the same way: K full copies of its weight. So is every other linear layer
 whose weights the pretrained checkpoint lacks (RoBERTa's `classifier.dense`): frozen, but drawn
 from each run's own seed, as each run alone would draw it. Nothing here knows about training; the
-init schemes live in `inits.py`.
+init schemes live in `inits.py` and `families.py`.
 
 Every trained tensor (A, B, the head) and every per-run frozen draw is kept in fp32 whatever dtype
 the base model is stored in, as PEFT keeps its adapters: in bf16, the spacing near a B entry of
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorainit.engine import rng
+from lorainit.engine import families, rng
 from lorainit.engine.inits import VARIANCES, get_init
 from lorainit.errors import BadInput
 
@@ -208,6 +212,14 @@ class PackedLoRALinear(nn.Module):
         self.row_counts: list[int] | None = None
         self.row_subset: RowSubset | None = None  # with row_counts: the rows present of each run's
         self.streams: DropoutStreams | None = None
+        # Frozen initial factors of the runs whose family rewrites the base (`families.py`), made on
+        # the first such run: run k subtracts s B0_k (A0_k x) on the undropped input x.
+        self.register_buffer("lora_A0", None, persistent=False)  # (K, r, in)
+        self.register_buffer("lora_B0", None, persistent=False)  # (K, out, r)
+        self.corrected: list[bool] = [False] * num_runs
+        # the corrected runs among the active ones: (positions in the stack, runs) on the device
+        # and on the host; None when no active run is corrected (`LoRAPack.set_active` sets it)
+        self.correct: tuple[torch.Tensor, torch.Tensor, list[int], list[int]] | None = None
 
     @classmethod
     def from_linear(cls, base: nn.Module, num_runs: int, rank: int, alpha: float,
@@ -230,6 +242,7 @@ class PackedLoRALinear(nn.Module):
             return y + self.scaling * self._ragged(x.reshape(-1, x.shape[-1]), A, B).view(y.shape).to(y.dtype)
         if x.shape[0] % n:
             raise ValueError(f"batch of {x.shape[0]} rows does not split evenly over {n} runs")
+        clean = x
         if self.training and self.dropout > 0:
             if self.streams is not None:
                 per_run = (x.shape[0] // n, *x.shape[1:])  # (b, T, in): dim 1 runs along the sequence
@@ -241,7 +254,40 @@ class PackedLoRALinear(nn.Module):
         xs = x.reshape(n, -1, x.shape[-1])  # (n, rows, in)
         z = torch.bmm(xs, A.transpose(1, 2).to(xs.dtype))  # (n, rows, r): Z_A = A x
         d = torch.bmm(z, B.transpose(1, 2).to(z.dtype))    # (n, rows, out)
+        if self.correct is not None:
+            d = self._subtract_initial(d, clean.reshape(n, -1, clean.shape[-1]))
         return y + self.scaling * d.reshape(*y.shape[:-1], d.shape[-1]).to(y.dtype)
+
+    def set_initial(self, k: int, A0: torch.Tensor | None, B0: torch.Tensor | None) -> None:
+        """Make run k subtract s B0 A0 x (its family rewrote the base to W - s B0 A0), or stop
+        doing so (None)."""
+        if A0 is None:
+            if self.lora_A0 is not None:
+                self.lora_A0[k].zero_()
+                self.lora_B0[k].zero_()
+            self.corrected[k] = False
+            return
+        if self.lora_A0 is None:
+            self.lora_A0 = torch.zeros_like(self.lora_A, requires_grad=False)
+            self.lora_B0 = torch.zeros_like(self.lora_B, requires_grad=False)
+        with torch.no_grad():
+            self.lora_A0[k].copy_(A0)
+            self.lora_B0[k].copy_(B0)
+        self.corrected[k] = True
+
+    def _subtract_initial(self, d: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """d (n, rows, out) with B0_k (A0_k x) taken from each corrected active run's rows, x the
+        undropped input xs (n, rows, in). With every active run corrected, the products run on the
+        same shapes as the adapters', so a run still at its initial factors gets exactly zero."""
+        pos, runs, pos_host, _ = self.correct
+        if len(pos_host) == d.shape[0]:
+            A0, B0, xc = self.lora_A0[runs], self.lora_B0[runs], xs
+        else:
+            A0, B0, xc = self.lora_A0[runs], self.lora_B0[runs], xs[pos]
+        c = torch.bmm(torch.bmm(xc, A0.transpose(1, 2).to(xc.dtype)), B0.transpose(1, 2).to(xc.dtype))
+        if len(pos_host) == d.shape[0]:
+            return d - c
+        return d.index_add(0, pos, c.to(d.dtype), alpha=-1)
 
     def forward_shared(self, x0: torch.Tensor, n: int) -> torch.Tensor:
         """The layer on rows x0 (N0, in) that all n active runs hold alike, under one dropout stream:
@@ -253,6 +299,7 @@ class PackedLoRALinear(nn.Module):
             A, B = A[self.active], B[self.active]
         if A.shape[0] != n:
             raise ValueError(f"{n} runs share the rows but {A.shape[0]} adapters are active")
+        clean = x0
         if self.training and self.dropout > 0:
             first = self.active[:1] if self.active is not None else torch.zeros(1, dtype=torch.long)
             if self.streams is not None:  # the runs' one mask, drawn as `forward` draws it
@@ -261,11 +308,13 @@ class PackedLoRALinear(nn.Module):
                 raise ValueError("shared rows need the pack's dropout streams")
         z = (x0 @ A.reshape(-1, A.shape[-1]).T.to(x0.dtype)).view(x0.shape[0], n, -1).transpose(0, 1)  # (n, N0, r)
         d = torch.bmm(z, B.transpose(1, 2).to(z.dtype))       # (n, N0, out)
+        if self.correct is not None:
+            d = self._subtract_initial(d, clean.unsqueeze(0).expand(n, *clean.shape))
         return (y0.unsqueeze(0) + self.scaling * d.to(y0.dtype)).reshape(-1, y0.shape[-1])
 
     def _ragged(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """The LoRA path for rows laid run after run in unequal numbers: (sum of counts, out)."""
-        counts = self.row_counts
+        counts, clean = self.row_counts, x
         if self.training and self.dropout > 0:
             if self.streams is not None:
                 x = self.streams.drop_ragged(x, self.dropout, counts, self.active, self.row_subset)
@@ -274,14 +323,24 @@ class PackedLoRALinear(nn.Module):
         if len(set(counts)) == 1:  # equal shares: one batched matmul
             xs = x.view(len(counts), counts[0], -1)  # (n, rows, in)
             z = torch.bmm(xs, A.transpose(1, 2).to(xs.dtype))
-            return torch.bmm(z, B.transpose(1, 2).to(z.dtype)).reshape(x.shape[0], -1)
+            d = torch.bmm(z, B.transpose(1, 2).to(z.dtype))
+            if self.correct is not None:
+                d = self._subtract_initial(d, clean.view(xs.shape))
+            return d.reshape(x.shape[0], -1)
         parts = [xk @ A[j].T.to(xk.dtype) @ B[j].T.to(xk.dtype) for j, xk in enumerate(x.split(counts))]
+        if self.correct is not None:
+            rows = clean.split(counts)
+            for j, k in zip(self.correct[2], self.correct[3]):
+                parts[j] = parts[j] - rows[j] @ self.lora_A0[k].T.to(rows[j].dtype) @ self.lora_B0[k].T.to(rows[j].dtype)
         return torch.cat(parts)
 
     @torch.no_grad()
     def merged_weight(self, k: int) -> torch.Tensor:
-        """W + s * B_k A_k in the base's layout: (out, in), or (in, out) for a `Conv1D`."""
+        """W + s * (B_k A_k - B0_k A0_k) in the base's layout: (out, in), or (in, out) for a `Conv1D`
+        (B0_k A0_k = 0 for a run whose family keeps the base)."""
         delta = self.scaling * (self.lora_B[k] @ self.lora_A[k])  # (out, in)
+        if self.corrected[k]:
+            delta = delta - self.scaling * (self.lora_B0[k] @ self.lora_A0[k])
         return self.base.weight + (delta.T if self.fan_in_fan_out else delta).to(self.base.weight.dtype)
 
     def merge(self, k: int) -> nn.Module:
@@ -292,8 +351,9 @@ class PackedLoRALinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
+        corrected = f", corrected={sum(self.corrected)}" if any(self.corrected) else ""
         return (f"runs={self.num_runs}, rank={self.rank}, alpha={self.alpha:g}, "
-                f"scaling={self.scaling:g}, dropout={self.dropout:g}")
+                f"scaling={self.scaling:g}, dropout={self.dropout:g}{corrected}")
 
 
 class PackedHead(nn.Module):
@@ -425,6 +485,7 @@ class LoRAPack:
         if self.head_name is not None:
             self.head = PackedHead(_get(model, self.head_name), num_runs)
             _set(model, self.head_name, self.head)
+        self._active_host: list[int] | None = None  # the active runs in stacking order (None: all)
         self.fresh: dict[str, PackedHead] = {}
         for name in fresh_modules:
             self.fresh[name] = PackedHead(_get(model, name), num_runs, trainable=False)
@@ -467,28 +528,42 @@ class LoRAPack:
 
     # -- init -------------------------------------------------------------------------------
 
-    def init_run(self, k: int, init: str, variance: str = "kaiming", seed: int = 0) -> None:
-        """Initialise run k's adapters with scheme `init` ('a'|'b'), its head and its fresh layers,
-        from `seed`.
+    def init_run(self, k: int, init: str, variance: str = "kaiming", seed: int = 0, args: dict | None = None,
+                 cache: "families.FactorCache | None" = None) -> None:
+        """Initialise run k's adapters with family `init` (`families.py`; `args` its options), its
+        head and its fresh layers, from `seed`.
 
-        LoRA factors are drawn layer by layer in module order from the run's 'init' stream; the
-        head from its 'head' stream, as the model itself initialises a fresh head
-        (N(0, initializer_range), bias 0); the i-th fresh layer (module order) the same way from
-        the 'head' stream salted with i + 1. Every draw is made on the CPU and then copied, so a
-        seed gives the same starting point on every device.
+        LoRA factors are drawn layer by layer in module order from the run's 'init' stream (`a`
+        and `b` by `inits.py`, the others as their reference draws them); a family that rewrites
+        the base keeps its initial factors as run k's correction. Factors from a decomposition
+        come from `cache` when it holds them. The head is drawn from the run's 'head' stream, as
+        the model itself initialises a fresh head (N(0, initializer_range), bias 0); the i-th
+        fresh layer (module order) the same way from the 'head' stream salted with i + 1. Every
+        draw is made on the CPU and then copied, so a seed gives the same starting point on every
+        device.
         """
         if not 0 <= k < self.num_runs:
             raise IndexError(f"run {k} is outside this pack of {self.num_runs}")
         if variance not in VARIANCES:
             raise BadInput(f"unknown init_variance {variance!r}; expected one of {', '.join(VARIANCES)}")
-        fill = get_init(init)
-        g = rng.generator(seed, "init")
         with torch.no_grad():
-            for layer in self.layers.values():
-                a, b = layer.lora_A[k].cpu().clone(), layer.lora_B[k].cpu().clone()
-                fill(a, b, variance, g)
-                layer.lora_A[k].copy_(a)
-                layer.lora_B[k].copy_(b)
+            if init in ("a", "b"):
+                fill = get_init(init)
+                g = rng.generator(seed, "init")
+                for layer in self.layers.values():
+                    a, b = layer.lora_A[k].cpu().clone(), layer.lora_B[k].cpu().clone()
+                    fill(a, b, variance, g)
+                    layer.lora_A[k].copy_(a)
+                    layer.lora_B[k].copy_(b)
+                    layer.set_initial(k, None, None)
+            else:
+                cfg = self.config
+                drawn = families.factors(init, args or {}, self.targets(), cfg.rank, cfg.alpha, cfg.rslora, seed, cache)
+                for layer, a, b in zip(self.layers.values(), drawn.A, drawn.B):
+                    layer.lora_A[k].copy_(a)
+                    layer.lora_B[k].copy_(b)
+                    layer.set_initial(k, a, b) if drawn.corrected else layer.set_initial(k, None, None)
+            self._route(self._active_host)
             std = float(getattr(getattr(self.model, "config", None), "initializer_range", 0.02))
             drawn = ([(self.head, rng.generator(seed, "head"))] if self.head is not None else [])
             drawn += [(layer, rng.generator(seed, "head", i + 1)) for i, layer in enumerate(self.fresh.values())]
@@ -497,6 +572,53 @@ class LoRAPack:
                 layer.weight[k].copy_(w.normal_(0.0, std, generator=gh))
                 if layer.bias is not None:
                     layer.bias[k].zero_()
+
+    def targets(self) -> list[families.Target]:
+        """The adapted layers' frozen weights as the families read them: (out, in), fp32, CPU."""
+        out = []
+        for name, layer in self.layers.items():
+            w = layer.base.weight.detach().to("cpu", torch.float32)
+            out.append(families.Target(name, w.T.contiguous() if layer.fan_in_fan_out else w.clone(),
+                                       layer.fan_in_fan_out))
+        return out
+
+    @property
+    def corrected(self) -> list[bool]:
+        """Per run: whether it keeps its initial factors as a correction of the shared base."""
+        first = next(iter(self.layers.values()), None)
+        return list(first.corrected) if first is not None else [False] * self.num_runs
+
+    def initial_factors(self) -> dict[str, torch.Tensor]:
+        """The corrected runs' frozen initial factors by model path (`...query.lora_A0`), (K, ...)
+        each (zero for runs without a correction); empty when no run has one."""
+        out = {}
+        for name, layer in self.layers.items():
+            if layer.lora_A0 is not None:
+                out[f"{name}.lora_A0"], out[f"{name}.lora_B0"] = layer.lora_A0, layer.lora_B0
+        return out
+
+    def set_initial_factors(self, tensors: dict[str, torch.Tensor], corrected: list[bool]) -> None:
+        """Put back `initial_factors()` as saved (a checkpoint), with the runs they apply to."""
+        for name, layer in self.layers.items():
+            for k in range(self.num_runs):
+                if corrected[k]:
+                    layer.set_initial(k, tensors[f"{name}.lora_A0"][k], tensors[f"{name}.lora_B0"][k])
+                else:
+                    layer.set_initial(k, None, None)
+        self._route(self._active_host)
+
+    def _route(self, runs: list[int] | None) -> None:
+        """Tell every layer which of the active runs (`runs` in stacking order; None: all) are corrected."""
+        corrected = self.corrected
+        active = list(range(self.num_runs)) if runs is None else list(runs)
+        pos = [j for j, k in enumerate(active) if corrected[k]]
+        route = None
+        if pos:
+            device = self.parameters()[0].device
+            own = [active[j] for j in pos]
+            route = (torch.tensor(pos, device=device), torch.tensor(own, device=device), pos, own)
+        for layer in self.layers.values():
+            layer.correct = route
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -514,6 +636,8 @@ class LoRAPack:
             idx = host.to(self.parameters()[0].device, non_blocking=True)
         for m in [*self.layers.values(), *([self.head] if self.head is not None else []), *self.fresh.values()]:
             m.active = idx
+        self._active_host = None if host is None else host.tolist()
+        self._route(self._active_host)
         streams = {id(layer.streams): layer.streams for layer in self.layers.values() if layer.streams is not None}
         for s in streams.values():
             s.set_active(idx, None if host is None else host.tolist())

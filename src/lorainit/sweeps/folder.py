@@ -4,6 +4,7 @@
     DIR/results.csv, DIR/metrics.csv  tables written from the store after each pack
     DIR/checkpoints/<pack_id>/        a pack's checkpoints (removed once its runs are done or diverged)
     DIR/adapters/<run_id>/            each finished run's PEFT adapter
+    DIR/inits/<key>.safetensors       decompositions of the init families (PiSSA, OLoRA), computed once
     DIR/driver.lock                   names the driver holding the folder's lock (see `DriverLock`)
 """
 
@@ -27,6 +28,11 @@ def checkpoints(out: str | Path, pack_id: str) -> Path:
 
 def adapters(out: str | Path) -> Path:
     return Path(out) / "adapters"
+
+
+def inits(out: str | Path) -> Path:
+    """Where the sweep keeps its runs' init decompositions (`engine.families.FactorCache`)."""
+    return Path(out) / "inits"
 
 
 class DriverLock:

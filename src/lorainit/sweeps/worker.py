@@ -9,6 +9,7 @@ they are made), and hands its results back.
 from __future__ import annotations
 
 from lorainit.config import RunConfig
+from lorainit.engine.families import FactorCache
 from lorainit.sweeps import folder
 from lorainit.sweeps.plan import Pack
 from lorainit.sweeps.store import MetricWriter, RowFile
@@ -30,7 +31,8 @@ def train_pack(run_dicts: list[dict], out: str, device: str | None, on_step=None
     resumed_at = None
     sink = MetricWriter(out) if rows == "store" else RowFile(folder.checkpoints(out, pack_id))
     try:
-        trainer = PackTrainer(runs, device=device, show_progress=False)
+        trainer = PackTrainer(runs, device=device, show_progress=False,
+                              factor_cache=FactorCache(folder.inits(out)))
         results = trainer.run(adapters_dir=folder.adapters(out), checkpoint_dir=folder.checkpoints(out, pack_id),
                               on_step=on_step, on_eval=on_eval, sink=sink)
         resumed_at = trainer.resumed_at
