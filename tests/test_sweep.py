@@ -239,7 +239,7 @@ BAD_FILES = {
     "unknown task": (TINY.replace("task: sst2", "task: cola"), r"task is 'cola'; allowed: sst2, qnli, mnli"),
     "unknown model": (TINY.replace("model: minilm", "model: ./no/such/model"),
                       r"model './no/such/model' is not an alias \(minilm, smollm2-135m\)"),
-    "unknown init": (TINY.replace("init: [a, b]", "init: [a, c]"), r"init is 'c'; allowed: a, b"),
+    "unknown init": (TINY.replace("init: [a, b]", "init: [a, c]"), r"init is 'c'; expected one of a, b, ab, "),
     "impossible value": (TINY.replace("batch_size: 4", "batch_size: 4\n  dropout: 1.5"),
                          r"dropout must be in \[0, 1\), got 1.5"),
     "negative learning rate": (TINY.replace("lr: [1.0e-4, 2.0e-3]", "lr: [1.0e-4, -1.0]"),

@@ -184,21 +184,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lorainit import report
+    from lorainit.report import families
 
+    pairs = [families.parse_pair(p, "--pair") for p in args.pair or []]
     if args.compare:
         folders = [args.folder, *args.compare]
         out = args.out or f"{args.folder.rstrip('/')}/report/compare"
-        path = report.compare(folders, out)
+        path = report.compare(folders, out, pairs)
         print(f"comparison of {len(folders)} sweeps: {path}")
         return 0
     from lorainit.report import toy
 
     if toy.is_toy(args.folder) and not (Path(args.folder) / "store.sqlite").is_file():
+        if pairs:
+            raise BadInput(f"--pair: {args.folder} is a `lorainit toy` folder, which has no init families to pair")
         index, lines = toy.build(args.folder)
         print("\n".join(lines))
         print(f"\nreport: {index}")
         return 0
-    built = report.build(args.folder)
+    built = report.build(args.folder, pairs)
     print(built.text())
     print(f"\nreport: {built.index}")
     return 0
@@ -279,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--compare", nargs="+", metavar="DIR", default=None,
                     help="other sweep folders to put side by side with FOLDER")
     rp.add_argument("--out", default=None, help="with --compare: the output folder (default FOLDER/report/compare)")
+    rp.add_argument("--pair", action="append", metavar="X:Y", default=None,
+                    help="also judge init family X against Y (e.g. pissa:olora, or ab:'ab{\"reset\":false}'), "
+                         "as a sweep file's compare: does; repeatable. Init[A] is judged against every family "
+                         "without it")
     rp.set_defaults(func=_cmd_report)
 
     tr = sub.add_parser("train", help="train one LoRA run; every run field is an option (--lr, --init, ...)")

@@ -4,6 +4,9 @@ Reads only the folder's store (read-only, so it can run while the sweep does) an
 `DIR/report/`: `index.html` (findings, then figures embedded as images, then every run with its
 status; no network needed to view it), `summary.md` (the same findings and tables as text), and
 each figure as PNG and SVG. `compare` puts two sweeps side by side.
+
+Init[A] is judged against every other init family of a group; further family pairs come from the
+sweep file's `compare:` and from `pairs` (`lorainit report --pair X:Y`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorainit.report import figures, page
+from lorainit.errors import BadInput
+from lorainit.report import families, figures, page
 from lorainit.report.findings import Finding, judge, summary_lines
 from lorainit.report.sweep import Sweep, finished, load
 
@@ -32,9 +36,18 @@ class Report:
         return page.findings_text(self)
 
 
-def analyse(sweep: Sweep) -> list[Finding]:
-    """One finding per group and metric that some run of the group has recorded."""
-    return [judge(group, metric) for group in sweep.groups for metric in group.metrics
+def analyse(sweep: Sweep, pairs: list[tuple[str, str]] = ()) -> list[Finding]:
+    """One finding per group and metric that some run of the group has recorded; besides Init[A]
+    against each family, the sweep file's `compare:` pairs and `pairs` (family keys) are judged.
+    BadInput when a pair of `pairs` names a family no run of the sweep has."""
+    present = {r.family for r in sweep.runs}
+    for pair in pairs:
+        missing = [families.name(x) for x in pair if x not in present]
+        if missing:
+            raise BadInput(f"--pair {':'.join(pair)}: {' and '.join(missing)} not in the sweep at {sweep.folder}; "
+                           f"its families: {', '.join(sorted(present, key=families.order))}")
+    wanted = [*sweep.compare, *pairs]
+    return [judge(group, metric, wanted) for group in sweep.groups for metric in group.metrics
             if any(metric.name in r.final for r in group.runs)]
 
 
@@ -58,25 +71,28 @@ def draw(report: Report, out: Path) -> None:
             report.figures.append((f"{group.title}: training curves per run", drawn[0]))
 
 
-def build(folder: str | Path) -> Report:
-    """Read DIR's store, write DIR/report/, and return the report (its findings and files)."""
+def build(folder: str | Path, pairs: list[tuple[str, str]] = ()) -> Report:
+    """Read DIR's store, write DIR/report/, and return the report (its findings and files); `pairs`:
+    family pairs to judge beyond the defaults (`analyse`)."""
     sweep = load(folder)
+    report = Report(sweep, analyse(sweep, pairs))
     out = Path(folder) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(sweep, analyse(sweep), out=out)
+    report.out = out
     draw(report, out)
     page.write(report, out)
     return report
 
 
-def compare(folders: list[str | Path], out: str | Path) -> Path:
+def compare(folders: list[str | Path], out: str | Path, pairs: list[tuple[str, str]] = ()) -> Path:
     """Two or more sweeps' findings and main figures side by side in OUT/index.html."""
+    sweeps = [load(folder) for folder in folders]
+    analysed = [analyse(sweep, pairs) for sweep in sweeps]  # a bad pair is refused before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
-    for i, folder in enumerate(folders):
-        sweep = load(folder)
-        report = Report(sweep, analyse(sweep), out=out)
+    for i, (sweep, found) in enumerate(zip(sweeps, analysed)):
+        report = Report(sweep, found, out=out)
         for group in sweep.groups:
             mine = [f for f in report.findings if f.group is group]
             if mine and finished(group):

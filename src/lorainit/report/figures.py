@@ -1,5 +1,10 @@
-"""The report's figures, each written as PNG and SVG: the metric against lr per init (the paper's
-main figure), a heatmap of (init, lr) -> metric, the LoRA features' norms, and training curves.
+"""The report's figures, each written as PNG and SVG: the metric against lr per init family (the
+paper's main figure), a heatmap of (family, lr) -> metric, the LoRA features' norms, and training
+curves.
+
+Each family keeps one colour and marker in every figure of a group: Init[A] and Init[B] the
+paper's blue and orange, the other inits their own, and a family with arguments (or an init not
+listed) one of the spare colours. Red is left to the crosses of diverged and failed runs.
 
 Diverged and failed runs are drawn, never dropped: a red x at the edge of the axis where the
 metric has no value, and a labelled cell in the heatmap.
@@ -7,16 +12,22 @@ metric has no value, and a labelled cell in the heatmap.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
-from lorainit.report.findings import INIT_NAMES, FAILED_TO_LEARN, Finding
+from lorainit.report import families
+from lorainit.report.findings import FAILED_TO_LEARN, Finding
 from lorainit.report.sweep import Group, finite
 from lorainit.sweeps import outcome
 from lorainit.theory.toy_figures import _plt
 
-COLORS = {"a": "tab:blue", "b": "tab:orange"}
+COLORS = {"a": "tab:blue", "b": "tab:orange", "ab": "tab:green", "gaussian": "tab:purple",
+          "orthogonal": "tab:brown", "pissa": "tab:pink", "olora": "tab:cyan"}
+SPARE_COLORS = ("tab:olive", "tab:gray", "navy", "darkgoldenrod", "teal", "black", "yellowgreen", "sienna")
+MARKERS = ("s", "^", "D", "v", "P", "X", "*", "h", "p", "<", ">")  # the paper's two inits keep "o"
+MANY = 3  # more families than this: legends go beside the panels, curves wrap into rows
 PROBES = (("z_a_rms", "RMS of Z_A = A x"), ("lora_out_rms", "RMS of the LoRA output s B A x"))
 
 
@@ -30,21 +41,44 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
     return paths
 
 
-def _color(init: str) -> str:
-    return COLORS.get(init, "tab:gray")
+def styles(group: Group) -> dict[str, tuple[str, str]]:
+    """family -> (colour, marker) for every family of the group, the same in each of its figures."""
+    out, spare = {}, iter(SPARE_COLORS * 4)
+    others = 0
+    for family in sorted({r.family for r in group.runs}, key=families.order):
+        color = COLORS.get(family) or next(spare)
+        if family in ("a", "b"):
+            marker = "o"
+        else:
+            marker, others = MARKERS[others % len(MARKERS)], others + 1
+        out[family] = (color, marker)
+    return out
+
+
+def _legend(ax, many: bool, fontsize: int = 7) -> None:
+    """Inside the panel for a few lines; beside it, out of the data's way, for many; none for none."""
+    if not ax.get_legend_handles_labels()[0]:
+        return
+    if many:
+        ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=fontsize)
 
 
 def metric_vs_lr(findings: list[Finding], out: Path, stem: str) -> list[Path]:
-    """One panel per metric: each seed's final value (dots), the seeds' mean (line), per init."""
+    """One panel per metric: each seed's final value (dots), the seeds' mean (line), per family."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(findings), figsize=(5.2 * len(findings), 3.9), squeeze=False)
+    style = styles(findings[0].group)
+    many = len(style) > MANY
+    fig, axes = plt.subplots(1, len(findings), figsize=((5.2 + 2.4 * many) * len(findings), 3.9 + 0.8 * many),
+                             squeeze=False)
     for ax, f in zip(axes[0], findings):
         failed_x, unlearned = [], False
         for init, cells in f.cells.items():
-            color, name = _color(init), INIT_NAMES.get(init, init)
+            (color, marker), name = style[init], families.name(init)
             lrs = [c.lr for c in cells if c.complete]
-            ax.plot(lrs, [c.mean for c in cells if c.complete], "-o", color=color, ms=4,
-                    label=f"{name}, mean over seeds")
+            ax.plot(lrs, [c.mean for c in cells if c.complete], "-", marker=marker, color=color, ms=4,
+                    label=name if many else f"{name}, mean over seeds")
             for c in cells:
                 vals = c.values
                 ax.scatter([c.lr] * len(vals), vals, color=color, s=12, alpha=0.5)
@@ -72,16 +106,17 @@ def metric_vs_lr(findings: list[Finding], out: Path, stem: str) -> list[Path]:
         ax.set_title(f.group.title, fontsize=10)
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=7)
-    fig.suptitle("Final metric against learning rate; line: lrs where every seed learned; dotted: each init's "
-                 "best lr", fontsize=10)
+            _legend(ax, many)
+    fig.suptitle("Final metric against learning rate; line: lrs where every seed learned"
+                 + (" (mean over seeds)" if many else "") + "; dotted: each init's best lr", fontsize=10)
     fig.tight_layout()
     return _save(fig, out, stem)
 
 
 def heatmap(finding: Finding, out: Path, stem: str) -> list[Path]:
-    """(init, lr) -> mean final metric where every seed learned; cells where a seed did not learn,
-    collapsed, diverged or failed say so (with the mean of the seeds that trained to the end)."""
+    """(family, lr) -> mean final metric where every seed learned; cells where a seed did not learn,
+    collapsed, diverged or failed say so (with the mean of the seeds that trained to the end), and
+    an lr outside a family's own lr list is left white."""
     plt = _plt()
     f = finding
     lrs = sorted({c.lr for cells in f.cells.values() for c in cells})
@@ -106,12 +141,15 @@ def heatmap(finding: Finding, out: Path, stem: str) -> list[Path]:
     shown = np.ma.masked_invalid(grid)
     im = ax.imshow(shown, aspect="auto", cmap=cmap)
     ax.set_facecolor("#f2d0d0")  # cells without a value
-    for i in range(len(inits)):
-        for j in range(len(lrs)):
+    for i, init in enumerate(inits):
+        own = {c.lr for c in f.cells[init]}
+        for j, lr in enumerate(lrs):
+            if lr not in own:  # not in this family's grid: no run, not a failure
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color="white"))
             ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7,
                     color="black" if not np.isfinite(grid[i, j]) else "white")
     ax.set_xticks(range(len(lrs)), [f"{lr:.2g}" for lr in lrs], rotation=45, fontsize=8)
-    ax.set_yticks(range(len(inits)), [INIT_NAMES.get(i, i) for i in inits])
+    ax.set_yticks(range(len(inits)), [families.name(i) for i in inits])
     ax.set_xlabel("learning rate")
     ax.set_title(f"{f.group.title}: mean final {f.metric.label}", fontsize=10)
     fig.colorbar(im, ax=ax, label=f.metric.label)
@@ -120,24 +158,28 @@ def heatmap(finding: Finding, out: Path, stem: str) -> list[Path]:
 
 
 def dynamics(group: Group, best: dict[str, float | None], out: Path, stem: str) -> list[Path] | None:
-    """Probes, mean over LoRA layers: at the end of training against lr (left two panels), and over
-    training for the best-lr run of each init (right two). None when the store has no probes."""
+    """Probes, mean over LoRA layers: at the end of training against lr (top two panels), and over
+    training for the best-lr run of each family (bottom two); `best` is keyed by family. None when
+    the store has no probes."""
     runs = [r for r in group.runs if r.probes]
     if not runs:
         return None
     plt = _plt()
-    fig, grid = plt.subplots(2, 2, figsize=(11, 7.5))
+    style = styles(group)
+    many = len(style) > MANY
+    fig, grid = plt.subplots(2, 2, figsize=(11 + 4 * many, 7.5))
     axes = [grid[0, 0], grid[0, 1], grid[1, 0], grid[1, 1]]
     for p, (probe, title) in enumerate(PROBES):
         ax = axes[p]
-        for init in sorted({r.init for r in runs}):
-            mine = [r for r in runs if r.init == init and r.probe_at_end(probe) is not None]
+        for init in sorted({r.family for r in runs}, key=families.order):
+            mine = [r for r in runs if r.family == init and r.probe_at_end(probe) is not None]
             by_lr: dict[float, list[float]] = {}
             for r in mine:
                 by_lr.setdefault(r.lr, []).append(r.probe_at_end(probe))
             lrs = sorted(lr for lr in by_lr if np.mean(by_lr[lr]) > 0)
-            ax.plot(lrs, [float(np.mean(by_lr[lr])) for lr in lrs], "-o", ms=4, color=_color(init),
-                    label=INIT_NAMES.get(init, init))
+            color, marker = style[init]
+            ax.plot(lrs, [float(np.mean(by_lr[lr])) for lr in lrs], "-", marker=marker, ms=4, color=color,
+                    label=families.name(init))
             for r in mine:
                 if r.status != "done":
                     ax.scatter([r.lr], [r.probe_at_end(probe)], marker="x", color="red", s=30)
@@ -148,19 +190,20 @@ def dynamics(group: Group, best: dict[str, float | None], out: Path, stem: str) 
         ax.set_ylabel(f"{probe} at the end (log scale)")
         ax.set_title(title + ", end of training", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, many)
         ax = axes[2 + p]
         for init, lr in best.items():
-            for r in [r for r in runs if r.init == init and r.lr == lr][:1]:
+            for r in [r for r in runs if r.family == init and r.lr == lr][:1]:
                 steps = sorted(r.probes.get(probe, {}))
-                ax.plot(steps, [r.probes[probe][s] for s in steps], "-o", ms=3, color=_color(init),
-                        label=f"{INIT_NAMES.get(init, init)}, lr {lr:.2g} (seed {r.seed})")
+                color, marker = style[init]
+                ax.plot(steps, [r.probes[probe][s] for s in steps], "-", marker=marker, ms=3, color=color,
+                        label=f"{families.name(init)}, lr {lr:.2g} (seed {r.seed})")
         ax.set_yscale("symlog", linthresh=1e-6)
         ax.set_xlabel("step")
         ax.set_ylabel(probe)
         ax.set_title(title + ", best run of each init", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, many)
     fig.suptitle(f"{group.title}: LoRA features, mean over layers", fontsize=10)
     fig.tight_layout()
     return _save(fig, out, stem)
@@ -168,25 +211,32 @@ def dynamics(group: Group, best: dict[str, float | None], out: Path, stem: str) 
 
 def curves(group: Group, metric_names: list[str], out: Path, stem: str) -> list[Path] | None:
     """Training loss (and each evaluation metric over steps, when evaluated more than once), one
-    panel per init, one line per run coloured by lr. None when no run has recorded a curve."""
+    column of panels per family, one line per run coloured by lr; more than four families wrap into
+    further rows. None when no run has recorded a curve."""
     if not any(r.series.get("train_loss") for r in group.runs):
         return None
     plt = _plt()
     import matplotlib.colors as mcolors
 
-    inits = sorted({r.init for r in group.runs})
+    inits = sorted({r.family for r in group.runs}, key=families.order)
     evaluated = [m for m in metric_names if any(len(r.series.get(m, [])) > 1 for r in group.runs)]
-    rows = 1 + len(evaluated)
-    fig, axes = plt.subplots(rows, len(inits), figsize=(5.5 * len(inits), 3.3 * rows), squeeze=False,
-                             layout="constrained")
+    rows = 1 + len(evaluated)                           # panels per family, one above the other
+    columns = min(len(inits), 4)                        # families side by side
+    blocks = math.ceil(len(inits) / columns)            # rows of families
+    width, height = (5.5, 3.3) if len(inits) <= 2 else (4.4, 2.9)
+    fig, axes = plt.subplots(rows * blocks, columns, figsize=(width * columns + 1, height * rows * blocks),
+                             squeeze=False, layout="constrained")
     lrs = [r.lr for r in group.runs]
     norm = mcolors.LogNorm(min(lrs), max(lrs) if max(lrs) > min(lrs) else min(lrs) * 10)
     cmap = plt.get_cmap("plasma")
-    for j, init in enumerate(inits):
+    used = []
+    for k, init in enumerate(inits):
+        block, j = divmod(k, columns)
         for i, name in enumerate(["train_loss", *evaluated]):
-            ax = axes[i, j]
+            ax = axes[block * rows + i, j]
+            used.append(ax)
             positive = True
-            for r in (r for r in group.runs if r.init == init):
+            for r in (r for r in group.runs if r.family == init):
                 pts = [(s, v) for s, v in r.series.get(name, []) if finite(v)]
                 if not pts:
                     continue
@@ -206,10 +256,12 @@ def curves(group: Group, metric_names: list[str], out: Path, stem: str) -> list[
                           + smoothed)
             if name == "train_loss" and positive and ax.lines:
                 ax.set_yscale("log")
-            ax.set_title(f"{INIT_NAMES.get(init, init)}: {name}", fontsize=9)
+            ax.set_title(f"{families.name(init)}: {name}", fontsize=9)
             ax.grid(alpha=0.3)
-        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[:, j].tolist(), label="learning rate")
+    for ax in axes.ravel():
+        if ax not in used:  # the last row of families, when it is not full
+            ax.remove()
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=used, label="learning rate")
     fig.suptitle(f"{group.title}: per run, dashed = did not learn, collapsed, diverged or failed "
                  "(x: where a diverged or failed run stopped)", fontsize=10)
     return _save(fig, out, stem)
-

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
 
 from lorainit.files import write_text_atomic
-from lorainit.report.findings import INIT_NAMES, headline, summary_lines
+from lorainit.report import families
+from lorainit.report.findings import beyond_paper, headline, summary_lines
 from lorainit.report.sweep import task_name
 from lorainit.sweeps import outcome
 
@@ -70,9 +72,34 @@ def _findings_html(report) -> str:
                 text = f"{head}:{rest}"
             items.append(f"<li>{text}</li>")
         title = f"{html.escape(f.group.title)}: final {html.escape(f.metric.label)}"
+        table = ""
+        if beyond_paper(f):
+            header, rows = _family_table(f)
+            table = _table_html(header, rows, [""] * len(rows))
         parts.append(f'<section class="finding"><h3>{title}</h3><p class="answer">{html.escape(headline(f))}</p>'
-                     f'<ul>{"".join(items)}</ul></section>')
+                     f'{table}<ul>{"".join(items)}</ul></section>')
     return "".join(parts) or "<p>No run of a known task has finished yet: no findings.</p>"
+
+
+def _family_table(f) -> tuple[list[str], list[list[str]]]:
+    """Per family: its best lr, the metric there with the seeds' range, the largest lr at which every
+    seed learned, and its best lr against Init[A]'s, as a factor and in octaves."""
+    header = ["family", "best lr", f"{f.metric.name} (seeds)", "largest lr every seed learned",
+              "lr / Init[A]'s", "octaves"]
+    rows = []
+    for family, i in f.inits.items():
+        if i.best_lr is None:
+            value = f"every lr gives {i.tie:.4g}" if i.tie is not None else "no lr at which every seed learned"
+            best = "-"
+        else:
+            best = f"{i.best_lr:.3g}"
+            value = f"{i.best_mean:.4g}" + (f" ({i.best_min:.4g}–{i.best_max:.4g})" if i.seeds > 1 else " (one seed)")
+        learned = f"{i.largest_learned_lr:.3g}" if i.largest_learned_lr is not None else "none"
+        ratio = f.ratios.get(family)
+        rows.append([families.name(family), best, value, learned,
+                     f"{ratio:.3g}x" if ratio is not None else "-",
+                     f"{math.log2(ratio):+.1f}" if ratio is not None else "-"])
+    return header, rows
 
 
 def image(path: Path) -> str:
@@ -105,7 +132,7 @@ def _run_table(report) -> tuple[list[str], list[list[str]], list[str]]:
         cfg = r.config
         status = r.status + (f" at step {r.diverged_step}" if r.status == "diverged" and r.diverged_step else "")
         values = [f"{r.final[m]:.4g}" if isinstance(r.final.get(m), (int, float)) else "" for m in metrics]
-        rows.append([r.run_id, task_name(cfg), *[str(cfg.get(a, "")) for a in axes], INIT_NAMES.get(r.init, r.init),
+        rows.append([r.run_id, task_name(cfg), *[str(cfg.get(a, "")) for a in axes], families.name(r.family),
                      f"{r.lr:.3g}", str(r.seed), status, str(r.steps or ""), *values])
         classes.append(r.status)
     return header, rows, classes
@@ -129,7 +156,7 @@ def _cells_md(report) -> str:
     out = []
     for f in report.findings:
         lrs = sorted({c.lr for cells in f.cells.values() for c in cells})
-        header = ["lr", *[INIT_NAMES.get(i, i) for i in f.cells]]
+        header = ["lr", *[families.name(i) for i in f.cells]]
         rows = []
         for lr in lrs:
             row = [f"{lr:.3g}"]
@@ -173,6 +200,8 @@ only when every seed learned; a verdict is judged against the seeds' spread.</p>
     md = [f"# lorainit report: {sweep.name}", "", _status_line(report), "", "## Findings", ""]
     for f in report.findings:
         md += [f"### {f.group.title}: final {f.metric.label}", "", f"**{headline(f)}**", ""]
+        if beyond_paper(f):
+            md += [_table_md(*_family_table(f)), ""]
         md += [f"- {line}" for line in summary_lines(f)] + [""]
     if not report.findings:
         md += ["No run of a known task has finished yet: no findings.", ""]

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from lorainit import tasks
 from lorainit.errors import BadInput
+from lorainit.report import families
 from lorainit.sweeps import outcome
 from lorainit.sweeps.store import Store
 
 STORE = Store.FILE
-# fields that place a run in the lr x init picture, not in a group of its own
-PICTURE = ("init", "lr", "seed")
+# fields that place a run in the lr x init-family picture, not in a group of its own
+PICTURE = ("init", "init_args", "lr", "seed")
 
 
 @dataclass
@@ -41,6 +42,11 @@ class Run:
     @property
     def init(self) -> str:
         return self.config["init"]
+
+    @property
+    def family(self) -> str:
+        """Its init and the init's arguments (`report.families`): what the findings compare."""
+        return families.key(self.config)
 
     @property
     def lr(self) -> float:
@@ -86,6 +92,7 @@ class Sweep:
     name: str
     runs: list[Run]
     groups: list[Group]
+    compare: list[tuple[str, str]] = field(default_factory=list)  # the sweep file's extra family pairs
 
     def count(self, *statuses: str) -> int:
         return sum(r.status in statuses for r in self.runs)
@@ -117,8 +124,9 @@ def _read(db: sqlite3.Connection, folder: Path) -> Sweep:
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "runs" not in tables:
         return Sweep(folder, folder.name, [], [])
-    row = db.execute("SELECT name, grid FROM sweeps").fetchone() if "sweeps" in tables else None
+    row = db.execute("SELECT name, grid, file FROM sweeps").fetchone() if "sweeps" in tables else None
     name, grid = (row[0], json.loads(row[1])) if row else (folder.name, None)
+    compare = _compare(row[2]) if row else []
     runs = []
     for run_id, config, status, steps, dstep, final, error in db.execute(
             "SELECT run_id, config, status, steps, diverged_step, final, error FROM runs ORDER BY position"):
@@ -141,7 +149,20 @@ def _read(db: sqlite3.Connection, folder: Path) -> Sweep:
         losses = [v for _, v in run.series.get("eval_loss", [])]
         run.status, run.trivial_loss = judge(run.config, run.status, run.final.get("eval_loss"),
                                              min(losses) if losses else None, stored[0][1] if stored else None)
-    return Sweep(folder, name, runs, _groups(runs, grid))
+    return Sweep(folder, name, runs, _groups(runs, grid), compare)
+
+
+def _compare(text: str) -> list[tuple[str, str]]:
+    """The family pairs named by the stored sweep file's `compare:` (checked when the sweep was
+    run, `sweeps.file`); none in a file without it or a store of `lorainit train`."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text or "")
+    except yaml.YAMLError:
+        return []
+    pairs = doc.get("compare") if isinstance(doc, dict) else None
+    return [families.check_pair(p, "the sweep file's compare") for p in pairs or []]
 
 
 TASK_FIELDS = ("task", "data", "data_sha")  # together, what a group's runs were trained on
