@@ -126,25 +126,28 @@ class TokenCounter:
         self._handle.remove()
 
 
-def peft_lora(model, rank: int, alpha: float, dropout: float, targets, task_type: str, init: str):
-    """`model` wrapped in PEFT LoRA (PEFT's Init[A] draw); for Init[B], A zeroed and B redrawn by
-    hand with PEFT's own distribution, since PEFT only offers Init[A]."""
-    import math
+def peft_lora(model, rank: int, alpha: float, dropout: float, targets, task_type: str, init: str, seed: int = 0):
+    """`model` wrapped in PEFT LoRA, initialised as a user would: with PEFT's own `init_lora_weights`
+    for the families PEFT has (Init[A] is its default), drawn from the run's init seed as lorainit
+    draws them; with `lorainit.peft.apply_init` for those it lacks (Init[B], Init[AB])."""
     import warnings
 
     from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
+
+    from lorainit.engine import families, rng
+    from lorainit.peft import apply_init
 
     # raised inside transformers when PEFT wraps a model; nothing of the project's
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                                             target_modules=list(targets), task_type=task_type))
-    if init == "b":
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, LoraLayer):
-                    module.lora_A["default"].weight.zero_()
-                    torch.nn.init.kaiming_uniform_(module.lora_B["default"].weight, a=math.sqrt(5))
+    family = families.get(families.canonical(init))
+    how = family.peft if family.peft is not None else True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.purpose_seed(seed, "init"))
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                                                 target_modules=list(targets), task_type=task_type,
+                                                 init_lora_weights=how))
+    if family.peft is None:
+        apply_init(model, init=family.name, seed=seed)
     return model
 
 

@@ -7,6 +7,11 @@ on SST-2, batch 4, seed 0, rank 8, alpha 16, LoRA dropout 0.1 on query and value
 training rows; each evaluated once, at the end, on the first 200 dev rows. `--runs K` keeps K of
 the 22, at evenly spaced learning rates.
 
+`--inits a,b,gaussian,orthogonal,ab,pissa,olora` trains those init families instead of Init[A] and
+Init[B], each at `--runs / families` evenly spaced lrs; `--alpha 8` sets alpha = r. Run by run,
+each run's init is PEFT's own (`init_lora_weights`, drawn from the run's init seed) where PEFT has
+the family, and `lorainit.peft.apply_init` where it lacks it (Init[B], Init[AB]).
+
 Each variant runs in a fresh subprocess of this script (`--only NAME --json`), so that its peak
 memory is its own: RSS on the CPU, `torch.cuda.max_memory_allocated()` on CUDA. The parent first
 measures the device's fp32 matmul peak (on CUDA with torch's TF32 setting as it stands, which it
@@ -59,10 +64,10 @@ from _common import (
 )
 
 LR_EXPONENTS = 11          # lr = 2^k x 1e-5 for k = 0..10 (the paper's GLUE setting)
-INITS = ("a", "b")         # Init[A]: A random, B = 0; Init[B]: B random, A = 0
+INITS = ("a", "b")         # default: Init[A]: A random, B = 0; Init[B]: B random, A = 0
 SEED = 0
 BATCH_SIZE = 4
-RANK, ALPHA, LORA_DROPOUT = 8, 16.0, 0.1
+RANK, LORA_DROPOUT = 8, 0.1
 TARGETS = ("query", "value")
 WARMUP_RATIO = 0.06
 MAX_GRAD_NORM = 1.0
@@ -75,16 +80,16 @@ DEVICES = ("cpu", "cuda")
 MATMUL_N = {"cpu": 2048, "cuda": 4096}
 
 
-def grid(num_runs: int) -> list[tuple[float, str]]:
-    """(lr, init) of `num_runs` runs: evenly spaced exponents of the 11-point grid, both inits each."""
-    num_lrs = math.ceil(num_runs / len(INITS))
+def grid(num_runs: int, inits: tuple[str, ...] = INITS) -> list[tuple[float, str]]:
+    """(lr, init) of `num_runs` runs: evenly spaced exponents of the 11-point grid, every init each."""
+    num_lrs = math.ceil(num_runs / len(inits))
     ks = [round(i * (LR_EXPONENTS - 1) / max(1, num_lrs - 1)) for i in range(num_lrs)]
-    return [(2.0**k * 1e-5, init) for k in ks for init in INITS][:num_runs]
+    return [(2.0**k * 1e-5, init) for k in ks for init in inits][:num_runs]
 
 
 def run_fields(args: argparse.Namespace) -> dict:
     """The run fields every run of the benchmark shares (lr and init are the grid's)."""
-    return dict(model="minilm", task="sst2", seed=SEED, rank=RANK, alpha=ALPHA, dropout=LORA_DROPOUT,
+    return dict(model="minilm", task="sst2", seed=SEED, rank=RANK, alpha=args.alpha, dropout=LORA_DROPOUT,
                 targets=list(TARGETS), batch_size=BATCH_SIZE, max_steps=args.steps, warmup_ratio=WARMUP_RATIO,
                 weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, max_seq_len=MAX_SEQ_LEN,
                 max_train_samples=args.train_rows, max_eval_samples=args.eval_rows, precision="fp32",
@@ -98,7 +103,7 @@ def bench_pack(args: argparse.Namespace) -> dict:
     from lorainit.config import RunConfig
     from lorainit.train import PackTrainer
 
-    runs = [RunConfig.from_dict(run_fields(args) | {"lr": lr, "init": init}) for lr, init in grid(args.runs)]
+    runs = [RunConfig.from_dict(run_fields(args) | {"lr": lr, "init": init}) for lr, init in grid(args.runs, args.inits)]
     import_model_code()
     start = clock(args.device)
     trainer = PackTrainer(runs, device=args.device, show_progress=False)  # loads the model and the data
@@ -143,9 +148,9 @@ class _PackPositions:
         del self._task.logits  # the instance attribute; the class's method shows through again
 
 
-def _peft_model(model, init: str):
-    """PEFT LoRA on query/value with the head trainable; Init[B] redrawn by hand (PEFT's default is Init[A])."""
-    return peft_lora(model, RANK, ALPHA, LORA_DROPOUT, TARGETS, "SEQ_CLS", init)
+def _peft_model(model, init: str, alpha: float):
+    """PEFT LoRA on query/value with the head trainable, initialised by PEFT or by `apply_init`."""
+    return peft_lora(model, RANK, alpha, LORA_DROPOUT, TARGETS, "SEQ_CLS", init, SEED)
 
 
 class _Rows:
@@ -204,12 +209,12 @@ def bench_trainer(args: argparse.Namespace) -> dict:
     tokens = tokens_fed = 0
     accuracies = []
     with tempfile.TemporaryDirectory() as out_dir:  # Trainer wants one; nothing is saved
-        for lr, init in grid(args.runs):
+        for lr, init in grid(args.runs, args.inits):
             torch.manual_seed(SEED)  # the fresh head's init, as a seeded script would draw it
             model, tokenizer = models.load("minilm", "classification", num_labels=2)
             rows.tokenise(tokenizer)
             frozen_params = frozen_flop_params(model)
-            model = _peft_model(model, init)
+            model = _peft_model(model, init, args.alpha)
             counter = TokenCounter(model.get_base_model().base_model)
             training_args = TrainingArguments(
                 output_dir=out_dir, max_steps=args.steps, per_device_train_batch_size=BATCH_SIZE,
@@ -267,12 +272,12 @@ def bench_loop(args: argparse.Namespace) -> dict:
     train_s = eval_s = 0.0
     tokens = tokens_fed = 0
     accuracies = []
-    for lr, init in grid(args.runs):
+    for lr, init in grid(args.runs, args.inits):
         torch.manual_seed(SEED)
         model, tokenizer = models.load("minilm", "classification", num_labels=2)
         rows.tokenise(tokenizer)
         frozen_params = frozen_flop_params(model)
-        model = _peft_model(model, init).to(args.device)
+        model = _peft_model(model, init, args.alpha).to(args.device)
         counter = TokenCounter(model.get_base_model().base_model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -328,7 +333,8 @@ def measure(name: str, args: argparse.Namespace) -> dict:
 def measure_in_subprocess(name: str, args: argparse.Namespace) -> dict:
     """Run one variant in a fresh process of this script, so that its peak memory is its own."""
     command = [sys.executable, __file__, "--only", name, "--json", "--device", args.device, "--steps", str(args.steps),
-               "--runs", str(args.runs), "--eval-rows", str(args.eval_rows), "--train-rows", str(args.train_rows)]
+               "--runs", str(args.runs), "--eval-rows", str(args.eval_rows), "--train-rows", str(args.train_rows),
+               "--inits", ",".join(args.inits), "--alpha", str(args.alpha)]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -392,6 +398,9 @@ def main() -> None:
                         help="runs to train (at most 22): evenly spaced learning rates, both inits each")
     parser.add_argument("--eval-rows", type=int, default=200, help="the first N SST-2 dev rows")
     parser.add_argument("--train-rows", type=int, default=2000, help="the first N SST-2 training rows")
+    parser.add_argument("--inits", default=",".join(INITS),
+                        help="init families to train, comma-separated (default a,b)")
+    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (s = alpha / 8)")
     parser.add_argument("--only", choices=VARIANTS, help="measure one variant, in this process")
     parser.add_argument("--json", action="store_true",
                         help="with --only, print one JSON line of its results instead of the table; "
@@ -399,8 +408,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every variant this many times, interleaved, and give the medians")
     args = parser.parse_args()
-    if not 1 <= args.runs <= 2 * LR_EXPONENTS:
-        parser.error(f"--runs must be between 1 and {2 * LR_EXPONENTS}")
+    args.inits = tuple(i.strip() for i in args.inits.split(",") if i.strip())
+    if not 1 <= args.runs <= len(args.inits) * LR_EXPONENTS:
+        parser.error(f"--runs must be between 1 and {len(args.inits) * LR_EXPONENTS}")
     if args.only and args.rounds != 1:
         parser.error("--rounds needs every variant (no --only)")
     for name in ("steps", "eval_rows", "train_rows", "rounds"):

@@ -290,3 +290,12 @@ def test_training_curves_of_eight_families_wrap_into_rows(tmp_path):
     width, height = Image.open(png).size
     # four families a row, two rows: not one strip of eight panels (which would be ~13:1)
     assert 2.5 < width / height < 4
+
+
+def test_an_optimum_at_the_edge_of_a_familys_grid_is_named(tmp_path):
+    """PiSSA is best at 1e-4 of its list, inside; a curve rising to its last lr is named."""
+    text = SWEEP.replace("pissa: [6.25e-6, 2.5e-5, 1.0e-4, 4.0e-4]", "pissa: [6.25e-6, 2.5e-5, 1.0e-4]")
+    lrs = {init: list(v) for init, v in file.parse(text).grid["lr"].items()}
+    f = _judged(_write(tmp_path / "edge", text, lambda run: _accuracy(run.init, run.lr, run.seed, lrs)))
+    assert "PiSSA's best lr 0.0001 is the largest it was run at: its optimum may lie above its grid" in f.notes
+    assert not any(n.startswith(("Init[A]'s best lr", "OLoRA's best lr", "Init[B]'s best lr")) for n in f.notes)

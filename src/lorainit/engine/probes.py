@@ -5,7 +5,11 @@ batch's real (non-padding) tokens x:
 
 - `z_a_rms`: RMS of Z_A = A_k x (the LoRA layer's internal features; Init[A] grows them);
 - `lora_out_rms`: RMS of the LoRA output s B_k A_k x (its contribution to the layer's output);
-- `a_norm`, `b_norm`: Frobenius norms of A_k and B_k.
+- `a_norm`, `b_norm`: Frobenius norms of A_k and B_k;
+- `net_out_rms`, for a run whose init family rewrites the base (`families.py`) only: RMS of the
+  net change s (B_k A_k - B0_k A0_k) x, what the adapter adds to the base model it started from
+  (`lora_out_rms` is then the RMS of s B_k A_k x, which starts at the rank-r part PiSSA or OLoRA
+  took out of the base).
 
 Rows are plain dicts (step, layer, run, name, value), in the style of muP's coordinate checks.
 The hooks do nothing outside a `capture` block, so the cost is one rank-r matmul per layer at
@@ -21,6 +25,7 @@ import torch
 from lorainit.engine.lora import LoRAPack
 
 NAMES = ("z_a_rms", "lora_out_rms", "a_norm", "b_norm")
+NET = "net_out_rms"  # corrected runs only
 
 
 class Probes:
@@ -51,17 +56,24 @@ class Probes:
                     parts = [xs[j][real[j]] for j in range(n)]
                 else:
                     parts = list(xs)
-            z_rms, o_rms = [], []
+            z_rms, o_rms, net = [], [], {}
             for j, xj in enumerate(parts):
                 z = xj @ A[j].T                                          # (tokens, r): Z_A
                 out = layer.scaling * (z @ B[j].T)                       # (tokens, out)
                 z_rms.append(z.pow(2).mean().sqrt())
                 o_rms.append(out.pow(2).mean().sqrt())
+                k = self._runs[j]
+                if layer.corrected[k]:
+                    initial = layer.scaling * ((xj @ layer.lora_A0[k].float().T) @ layer.lora_B0[k].float().T)
+                    net[j] = (out - initial).pow(2).mean().sqrt()
             for j, run in enumerate(self._runs):
                 values = (z_rms[j], o_rms[j], A[j].norm(), B[j].norm())
                 for metric, value in zip(NAMES, values):
                     self.rows.append({"step": self._step, "layer": name, "run": run, "name": metric,
                                       "value": float(value)})
+                if j in net:
+                    self.rows.append({"step": self._step, "layer": name, "run": run, "name": NET,
+                                      "value": float(net[j])})
         return hook
 
     @contextmanager

@@ -191,9 +191,24 @@ def judge(group: Group, metric: Metric, pairs: list[tuple[str, str]] = ()) -> Fi
     ratio = a.best_lr / b.best_lr if a and b and a.best_lr and b.best_lr else None
     ratios = {family: i.best_lr / a.best_lr for family, i in inits.items() if a and a.best_lr and i.best_lr}
     notes += _no_optimum(inits, metric)
+    notes += _at_the_edge(cells, inits)
     defaults = [("a", family) for family in inits if family != "a"] if a else []
     claims, not_judged = _claims(inits, [*defaults, *pairs], metric)
     return Finding(group, metric, cells, inits, ratio, claims, notes + not_judged, ratios)
+
+
+def _at_the_edge(cells: dict[str, list[Cell]], inits: dict[str, InitFinding]) -> list[str]:
+    """A note for each family whose best lr is the smallest or the largest it was run at: its
+    optimum may lie beyond, and so may its ratio to Init[A]'s."""
+    notes = []
+    for family, cs in cells.items():
+        best, lrs = inits[family].best_lr, [c.lr for c in cs]
+        if best is None or len(lrs) < 2 or min(lrs) < best < max(lrs):
+            continue
+        side = "smallest" if best == min(lrs) else "largest"
+        notes.append(f"{families.name(family)}'s best lr {_lr(best)} is the {side} it was run at: its optimum may "
+                     f"lie {'below' if side == 'smallest' else 'above'} its grid")
+    return notes
 
 
 def _no_optimum(inits: dict[str, InitFinding], metric: Metric) -> list[str]:
