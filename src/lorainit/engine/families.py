@@ -31,7 +31,10 @@ W x + s B A drop(x) - s B_0 A_0 x: the same function as PEFT's rewritten base, s
 training. After PEFT's layer is built, its rewritten base is checked to be W - s B_0 A_0 bit for
 bit, which is what the correction assumes.
 
-Factors from a decomposition (SVD, QR) are cached (`FactorCache`) under a key of everything that
+On a pack whose model is on an accelerator, PiSSA's and OLoRA's decompositions run there, as PEFT
+runs them for a model on that device (`pissa_niter_<K>` then draws from the run's 'init' stream on
+that device, as PEFT draws from the device's generator). Factors from a decomposition (SVD, QR)
+are cached (`FactorCache`) under a key of everything that
 determines them: the family, its options, r, alpha, rsLoRA, the bytes of every adapted weight, the
 seed where the family also draws, and PEFT's version. Every pack, resume and machine that shares
 the cache folder then starts from the same bits, although SVDs differ in their last bits between
@@ -194,13 +197,16 @@ class Factors:
     corrected: bool
 
 
-def _peft_layer(target: Target, rank: int, alpha: float, rslora: bool, how, generator: torch.Generator):
-    """PEFT's own LoRA layer built on a CPU fp32 copy of `target`, drawing from `generator` as if it
-    were torch's global generator (which is left as it was); `generator` advances past its draws."""
+def _peft_layer(target: Target, rank: int, alpha: float, rslora: bool, how, generator: torch.Generator,
+                device_generator: torch.Generator | None = None):
+    """PEFT's own LoRA layer built on an fp32 copy of `target` (on the CPU, or on the device of
+    `device_generator`), drawing from `generator` as if it were torch's global CPU generator, and
+    from `device_generator` as if it were the device's (PEFT's randomised SVD draws on the weight's
+    device); the global generators are left as they were, and the given ones advance past the draws."""
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear
 
-    W = target.weight
+    W = target.weight if device_generator is None else target.weight.to(device_generator.device)
     if target.fan_in_fan_out:
         from transformers.pytorch_utils import Conv1D
         base = Conv1D(W.shape[0], W.shape[1])
@@ -210,11 +216,17 @@ def _peft_layer(target: Target, rank: int, alpha: float, rslora: bool, how, gene
         base.weight = nn.Parameter(W.clone(), requires_grad=False)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=how, use_rslora=rslora, lora_dropout=0.0,
                         fan_in_fan_out=target.fan_in_fan_out)
-    with torch.random.fork_rng(devices=[]):
+    devices = [] if device_generator is None else [device_generator.device]
+    with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices else None):
         torch.set_rng_state(generator.get_state())
+        if device_generator is not None:
+            module = torch.get_device_module(device_generator.device)
+            module.set_rng_state(device_generator.get_state(), device_generator.device)
         layer = Linear(base, "default", config=config, r=rank, lora_alpha=alpha,
                        is_target_conv_1d_layer=False)
         generator.set_state(torch.get_rng_state())
+        if device_generator is not None:
+            device_generator.set_state(module.get_rng_state(device_generator.device))
     return layer
 
 
@@ -226,7 +238,8 @@ def _check_base(target: Target, layer, family: Family, scaling: float) -> None:
     B = layer.lora_B["default"].weight.detach()
     got = layer.get_base_layer().weight.detach()
     got = got.T if target.fan_in_fan_out else got
-    want = target.weight - scaling * B @ A if family.rewrites_base() else target.weight
+    W = target.weight.to(got.device)
+    want = W - scaling * B @ A if family.rewrites_base() else W
     if got.shape != want.shape or not torch.equal(got, want):
         raise RuntimeError(f"{target.name}: PEFT's {family.name} init changed the base weight by more than "
                            f"s * B_0 A_0, which a pack cannot carry as a rank-{A.shape[0]} correction")
@@ -236,9 +249,11 @@ def _check_base(target: Target, layer, family: Family, scaling: float) -> None:
 
 
 def draw(init: str, args: dict, targets: list[Target], rank: int, alpha: float, rslora: bool,
-         generator: torch.Generator) -> Factors:
+         generator: torch.Generator, device_generator: torch.Generator | None = None) -> Factors:
     """Run the family's draws over `targets` (module order) from `generator` (the run's 'init'
-    stream): A_0 and B_0 per layer. Not for `a` and `b`, which `inits.py` draws."""
+    stream): A_0 and B_0 per layer, fp32 on the CPU. Not for `a` and `b`, which `inits.py` draws.
+    With `device_generator` (the run's 'init' stream on an accelerator), a family that decomposes W
+    does so there, as PEFT does for a model on that device."""
     family = get(init)
     args = {**family.args, **args}
     scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
@@ -257,11 +272,12 @@ def draw(init: str, args: dict, targets: list[Target], rank: int, alpha: float, 
         return Factors(A, B, family.rewrites_base(args))
     if family.peft is None or family.name in ("a", "b"):
         raise ValueError(f"init {init} is drawn by lorainit.engine.inits, not here")
+    on_device = device_generator if family.decomposes else None
     for t in targets:
-        layer = _peft_layer(t, rank, alpha, rslora, family.peft, generator)
+        layer = _peft_layer(t, rank, alpha, rslora, family.peft, generator, on_device)
         _check_base(t, layer, family, scaling)
-        A.append(layer.lora_A["default"].weight.detach().float().clone())
-        B.append(layer.lora_B["default"].weight.detach().float().clone())
+        A.append(layer.lora_A["default"].weight.detach().to("cpu", torch.float32).clone())
+        B.append(layer.lora_B["default"].weight.detach().to("cpu", torch.float32).clone())
     return Factors(A, B, family.rewrites_base(args))
 
 
@@ -329,9 +345,10 @@ class FactorCache:
 
 
 def factors(init: str, args: dict, targets: list[Target], rank: int, alpha: float, rslora: bool, seed: int,
-            cache: FactorCache | None = None) -> Factors:
+            cache: FactorCache | None = None, device: str | torch.device = "cpu") -> Factors:
     """A run's initial factors for family `init` from `seed`'s 'init' stream; those of a family that
-    decomposes W come from `cache` when it holds them."""
+    decomposes W come from `cache` when it holds them, else are computed on `device` (a 7B model's
+    full SVDs take hours on 2 CPU cores, minutes on a GPU) in fp32."""
     from lorainit.engine import rng
     family = get(init)
     key = None
@@ -339,5 +356,7 @@ def factors(init: str, args: dict, targets: list[Target], rank: int, alpha: floa
         key = FactorCache.key(init, args, targets, rank, alpha, rslora, seed)
         if (hit := cache.get(key)) is not None:
             return hit
-    found = draw(init, args, targets, rank, alpha, rslora, rng.generator(seed, "init"))
+    device = torch.device(device)
+    on_device = rng.generator(seed, "init", device=device) if device.type != "cpu" else None
+    found = draw(init, args, targets, rank, alpha, rslora, rng.generator(seed, "init"), on_device)
     return cache.put(key, found) if key is not None else found

@@ -558,7 +558,9 @@ class LoRAPack:
                     layer.set_initial(k, None, None)
             else:
                 cfg = self.config
-                drawn = families.factors(init, args or {}, self.targets(), cfg.rank, cfg.alpha, cfg.rslora, seed, cache)
+                device = next(iter(self.layers.values())).lora_A.device if self.layers else "cpu"
+                drawn = families.factors(init, args or {}, self.targets(), cfg.rank, cfg.alpha, cfg.rslora, seed,
+                                         cache, device)
                 for layer, a, b in zip(self.layers.values(), drawn.A, drawn.B):
                     layer.lora_A[k].copy_(a)
                     layer.lora_B[k].copy_(b)
