@@ -366,3 +366,25 @@ def test_peft_strings_and_defaults_keep_run_ids():
     assert same.init_args is None and same.run_id() == ab.run_id()  # defaults are not options
     other = RunConfig.from_dict({"max_steps": 1, "init": "ab", "init_args": "{reset: false}"})
     assert json.loads(other.init_args) == {"reset": False} and other.run_id() != ab.run_id()
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"init": "lora_xs"}, "init is 'lora_xs'; expected one of"),
+    ({"init": "ab", "init_args": {"reset_b": True}}, "init_args has 'reset_b'"),
+    ({"init": "orthogonal", "rank": 7}, "needs an even rank"),
+    ({"init": "olora", "init_variance": "gaussian"}, "init_variance applies to inits a and b only"),
+    ({"init": "loftq"}, "LoftQ replaces the frozen base"),
+    ({"init": False}, "PEFT's init_lora_weights=false"),
+])
+def test_a_sweep_with_a_bad_init_exits_2_before_any_write(tmp_path, capsys, fields, needle):
+    import yaml
+
+    from lorainit import cli
+
+    sweep = tmp_path / "bad.yaml"
+    grid = {"lr": [1e-3]} | {key: [value] for key, value in fields.items()}
+    sweep.write_text(yaml.safe_dump({"name": "bad", "base": {"task": "sst2-slice", "max_steps": 5}, "grid": grid}))
+    out = tmp_path / "out"
+    assert cli.main(["sweep", str(sweep), "--out", str(out)]) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()
