@@ -391,3 +391,33 @@ def test_a_sweep_with_a_bad_init_exits_2_before_any_write(tmp_path, capsys, fiel
     assert cli.main(["sweep", str(sweep), "--out", str(out)]) == 2
     assert needle in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_every_familys_trained_adapter_reloads_in_peft_to_the_runs_eval_loss_and_accuracy(tmp_path, measured):
+    """Trained in one pack, each family's adapter (the converted rank-2r form where the run is
+    corrected) is loaded by PEFT alone onto the unmodified base and evaluated on the run's rows."""
+    from peft import PeftModel
+
+    from lorainit.tasks import glue
+    from lorainit.tasks.classification import collate
+
+    runs = [RunConfig.from_dict(BASE | {"init": init, "seed": 1, "max_eval_samples": 32, "lr": 5e-3})
+            for init in ("b", "orthogonal", "pissa", "pissa_niter_4", "olora", "ab")]
+    results = train_pack(runs, adapters_dir=tmp_path, show_progress=False)
+    examples = glue.read("sst2-slice", "eval", max_rows=32)
+    base, tokenizer = models.load("minilm", "classification", num_labels=2)
+    ids, type_ids = glue.encode(examples, tokenizer, 128)
+    batch = collate(ids, tokenizer.pad_token_id, type_ids)
+    labels = torch.tensor(examples.labels)
+    for run, res in zip(runs, results):
+        config = json.loads((tmp_path / run.run_id() / "adapter_config.json").read_text())
+        corrected = families.get(run.init).rewrites_base()
+        assert config["r"] == (2 * run.rank if corrected else run.rank), run.init
+        model = PeftModel.from_pretrained(copy.deepcopy(base), res.adapter).eval()
+        with torch.no_grad():
+            logits = model(**batch).logits
+        # PEFT's layers against the pack's batched ones, padded against unpadded: fp32 rounding
+        assert measured("reloaded_eval_loss", float(F.cross_entropy(logits, labels)), res.final["eval_loss"]) <= 1e-5
+        assert float((logits.argmax(-1) == labels).float().mean()) == res.final["accuracy"], run.init
+        sidecar = json.loads((tmp_path / run.run_id() / "lorainit_init.json").read_text())
+        assert sidecar["init"] == run.init and sidecar["seed"] == 1

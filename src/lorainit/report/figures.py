@@ -28,7 +28,15 @@ COLORS = {"a": "tab:blue", "b": "tab:orange", "ab": "tab:green", "gaussian": "ta
 SPARE_COLORS = ("tab:olive", "tab:gray", "navy", "darkgoldenrod", "teal", "black", "yellowgreen", "sienna")
 MARKERS = ("s", "^", "D", "v", "P", "X", "*", "h", "p", "<", ">")  # the paper's two inits keep "o"
 MANY = 3  # more families than this: legends go beside the panels, curves wrap into rows
-PROBES = (("z_a_rms", "RMS of Z_A = A x"), ("lora_out_rms", "RMS of the LoRA output s B A x"))
+PROBES = (("z_a_rms", "RMS of Z_A = A x"),
+          ("lora_out_rms", "RMS of the LoRA output's change s (B A - B0 A0) x"))
+
+
+def _probe(run, probe: str) -> str:
+    """The probe a run is plotted by: a run whose family rewrote the base (PiSSA, OLoRA) starts its
+    LoRA output at the part of W it took out, so its output panel shows the net change it recorded
+    (`net_out_rms`); for every other run B0 A0 = 0 and the two are one."""
+    return "net_out_rms" if probe == "lora_out_rms" and "net_out_rms" in run.probes else probe
 
 
 def _save(fig, out: Path, stem: str) -> list[Path]:
@@ -172,17 +180,17 @@ def dynamics(group: Group, best: dict[str, float | None], out: Path, stem: str) 
     for p, (probe, title) in enumerate(PROBES):
         ax = axes[p]
         for init in sorted({r.family for r in runs}, key=families.order):
-            mine = [r for r in runs if r.family == init and r.probe_at_end(probe) is not None]
+            mine = [r for r in runs if r.family == init and r.probe_at_end(_probe(r, probe)) is not None]
             by_lr: dict[float, list[float]] = {}
             for r in mine:
-                by_lr.setdefault(r.lr, []).append(r.probe_at_end(probe))
+                by_lr.setdefault(r.lr, []).append(r.probe_at_end(_probe(r, probe)))
             lrs = sorted(lr for lr in by_lr if np.mean(by_lr[lr]) > 0)
             color, marker = style[init]
             ax.plot(lrs, [float(np.mean(by_lr[lr])) for lr in lrs], "-", marker=marker, ms=4, color=color,
                     label=families.name(init))
             for r in mine:
                 if r.status != "done":
-                    ax.scatter([r.lr], [r.probe_at_end(probe)], marker="x", color="red", s=30)
+                    ax.scatter([r.lr], [r.probe_at_end(_probe(r, probe))], marker="x", color="red", s=30)
         ax.set_xscale("log")
         if any(len(line.get_xdata()) for line in ax.lines):
             ax.set_yscale("log")
@@ -194,9 +202,9 @@ def dynamics(group: Group, best: dict[str, float | None], out: Path, stem: str) 
         ax = axes[2 + p]
         for init, lr in best.items():
             for r in [r for r in runs if r.family == init and r.lr == lr][:1]:
-                steps = sorted(r.probes.get(probe, {}))
+                steps = sorted(r.probes.get(_probe(r, probe), {}))
                 color, marker = style[init]
-                ax.plot(steps, [r.probes[probe][s] for s in steps], "-", marker=marker, ms=3, color=color,
+                ax.plot(steps, [r.probes[_probe(r, probe)][s] for s in steps], "-", marker=marker, ms=3, color=color,
                         label=f"{families.name(init)}, lr {lr:.2g} (seed {r.seed})")
         ax.set_yscale("symlog", linthresh=1e-6)
         ax.set_xlabel("step")

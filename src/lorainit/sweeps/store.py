@@ -14,7 +14,7 @@ Tables:
              diverged, failed: how training ended; whether a done run learned is worked out on
              reading, see `outcome`), pack, diverged_step, steps, seconds, final and best metrics, error
   metrics    (run_id, step, name) -> value: evaluations, training losses and probe rows
-             (`probe/<layer>/<z_a_rms|lora_out_rms|a_norm|b_norm>`)
+             (`probe/<layer>/<z_a_rms|lora_out_rms|a_norm|b_norm|net_out_rms>`)
   artifacts  (run_id, kind) -> path, e.g. the PEFT adapter folder
   packs      pack_id -> the ordered run ids trained together (a resumed pack keeps its runs)
   data       a data key (task, data_dir, declared spec without paths) -> the files its runs read,
