@@ -203,8 +203,11 @@ def test_a_mixed_pack_matches_each_runs_own_peft_model_at_init_and_after_5_adamw
             head.bias.copy_(pack.head.bias[k])
         refs.append(ref)
     model.train()
-    opt = torch.optim.AdamW(pack.parameters(), lr=2e-3)  # elementwise: each run's slice steps alone
-    ref_opts = [torch.optim.AdamW([p for p in r.parameters() if p.requires_grad], lr=2e-3) for r in refs]
+    # elementwise, so each run's slice steps alone; eps 1e-6, not 1e-8: Adam divides each gradient
+    # entry by its running RMS, so an entry whose gradient is rounding noise would step by about lr
+    # in a direction the rounding decides, on one side and not the other
+    opt = torch.optim.AdamW(pack.parameters(), lr=2e-3, eps=1e-6)
+    ref_opts = [torch.optim.AdamW([p for p in r.parameters() if p.requires_grad], lr=2e-3, eps=1e-6) for r in refs]
     for r in refs:
         r.train()
     for step in range(6):
@@ -235,10 +238,8 @@ def test_a_mixed_pack_matches_each_runs_own_peft_model_at_init_and_after_5_adamw
             opt.zero_grad()
     for k in range(K):  # the factors themselves, after 5 steps
         for name, layer in pack.layers.items():
-            # Adam divides each gradient entry by its own running RMS, so an entry whose gradient is
-            # near zero still steps by about lr, in a direction that rounding decides: up to 1.3e-4
-            # of the factors' scale measured (Intel Xeon), where outputs and gradients agree to 1e-5
-            assert measured("A_after_5", layer.lora_A[k], _lora_param(refs[k], name, "A")) <= 1e-3
+            # 6.1e-5 measured (Intel Xeon): what rounding leaves after 5 Adam steps of entries near zero
+            assert measured("A_after_5", layer.lora_A[k], _lora_param(refs[k], name, "A")) <= 5e-4
 
 
 def _lora_param(peft_model, name, f):

@@ -158,7 +158,7 @@ def test_train_command_writes_results_metrics_and_adapter(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--lr", "fast"], "lr must be a number"),
-    (["--init", "c"], "init is 'c'; allowed: a, b"),
+    (["--init", "c"], "init is 'c'; expected one of a, b, ab"),
     (["--lr_b_rato", "2"], "unrecognized arguments"),
 ])
 def test_train_command_rejects_bad_options(tmp_path, args, needle):
