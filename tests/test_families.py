@@ -403,7 +403,8 @@ def test_every_familys_trained_adapter_reloads_in_peft_to_the_runs_eval_loss_and
     from lorainit.tasks.classification import collate
 
     runs = [RunConfig.from_dict(BASE | {"init": init, "seed": 1, "max_eval_samples": 32, "lr": 5e-3})
-            for init in ("b", "orthogonal", "pissa", "pissa_niter_4", "olora", "ab")]
+            for init in ("a", "b", "gaussian", "orthogonal", "pissa", "pissa_niter_4", "olora", "ab")]
+    runs.append(RunConfig.from_dict(runs[-1].to_dict() | {"init_args": {"reset": False}}))
     results = train_pack(runs, adapters_dir=tmp_path, show_progress=False)
     examples = glue.read("sst2-slice", "eval", max_rows=32)
     base, tokenizer = models.load("minilm", "classification", num_labels=2)
@@ -412,7 +413,7 @@ def test_every_familys_trained_adapter_reloads_in_peft_to_the_runs_eval_loss_and
     labels = torch.tensor(examples.labels)
     for run, res in zip(runs, results):
         config = json.loads((tmp_path / run.run_id() / "adapter_config.json").read_text())
-        corrected = families.get(run.init).rewrites_base()
+        corrected = families.get(run.init).rewrites_base(json.loads(run.init_args or "{}"))
         assert config["r"] == (2 * run.rank if corrected else run.rank), run.init
         model = PeftModel.from_pretrained(copy.deepcopy(base), res.adapter).eval()
         with torch.no_grad():
