@@ -250,8 +250,10 @@ def test_apply_init_trains_as_the_pack_trains_its_run(minilm, sst2_batch, init, 
         for f in "AB":
             ours, theirs = getattr(layer, f"lora_{f}")[0], params[f"base_model.model.{name}.lora_{f}.default.weight"]
             # another implementation of the same run (batched adapters, a correction in place of a
-            # rewritten base) through 5 AdamW steps: fp32 rounding relative to the factor's scale
-            assert measured(f"trained_{f}", ours, theirs) <= 1e-5, (name, f)
+            # rewritten base) through 5 AdamW steps: fp32 rounding relative to the factor's scale,
+            # which Adam's normalised steps carry (4.1e-5 measured for Init[A]'s B under AVX2 kernels
+            # on an Intel Xeon, 5.5e-6 under AVX-512)
+            assert measured(f"trained_{f}", ours, theirs) <= 2e-4, (name, f)
             assert (ours - start[name, f]).abs().max() > 5e-5  # and training moved it, by far more
     with torch.no_grad():
         ours, theirs = pack_model(**batch).logits, peft_model(**batch).logits
