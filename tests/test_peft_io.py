@@ -156,6 +156,8 @@ def test_every_family_reloads_in_peft_on_the_unmodified_base(minilm, sst2_batch,
     assert sidecar["init_args"] == {"scale_a": 1.0, "scale_b": 1.0, "reset": False}  # every option, defaults too
 
 
+# PEFT warns, saving its own reference model, that a base-rewriting init should be converted: it is
+@pytest.mark.filterwarnings("ignore:(PiSSA|OLoRA) changes the base weights:UserWarning")
 @pytest.mark.parametrize("init, rslora", [("pissa", False), ("olora", False), ("pissa", True)])
 def test_a_corrected_run_exports_what_peft_converts_bit_for_bit(minilm, tmp_path, init, rslora):
     """PEFT's documented conversion: save the initial adapter with init_lora_weights=True, train,
