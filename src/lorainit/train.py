@@ -127,6 +127,7 @@ class PackTrainer:
         for k, run in enumerate(runs):
             self.pack.init_run(k, run.init, run.init_variance, run.seed,
                                json.loads(run.init_args) if run.init_args else None, cache)
+        self.pack.release_targets()
         self.state = packing.install(self.pack, [r.seed for r in runs])
         if first.gradient_checkpointing:
             self.task.checkpoint_base(self.state)

@@ -186,6 +186,14 @@ class Target:
     name: str
     weight: torch.Tensor  # (out, in), fp32, CPU
     fan_in_fan_out: bool = False
+    _digest: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the weight's bytes (computed once: the weight is frozen)."""
+        if self._digest is None:
+            self._digest = hashlib.sha256(self.weight.contiguous().numpy().tobytes()).hexdigest()
+        return self._digest
 
 
 @dataclass
@@ -303,8 +311,7 @@ class FactorCache:
                              "rslora": rslora, "seed": seed if family.draws else None, "peft": peft.__version__},
                             sort_keys=True).encode())
         for t in targets:
-            h.update(f"{t.name}:{tuple(t.weight.shape)}:{t.fan_in_fan_out}".encode())
-            h.update(t.weight.contiguous().numpy().tobytes())
+            h.update(f"{t.name}:{tuple(t.weight.shape)}:{t.fan_in_fan_out}:{t.digest}".encode())
         return h.hexdigest()[:32]
 
     def path(self, key: str) -> Path | None:

@@ -486,6 +486,7 @@ class LoRAPack:
             self.head = PackedHead(_get(model, self.head_name), num_runs)
             _set(model, self.head_name, self.head)
         self._active_host: list[int] | None = None  # the active runs in stacking order (None: all)
+        self._targets: list[families.Target] | None = None  # the frozen weights' CPU copies, made on demand
         self.fresh: dict[str, PackedHead] = {}
         for name in fresh_modules:
             self.fresh[name] = PackedHead(_get(model, name), num_runs, trainable=False)
@@ -576,13 +577,19 @@ class LoRAPack:
                     layer.bias[k].zero_()
 
     def targets(self) -> list[families.Target]:
-        """The adapted layers' frozen weights as the families read them: (out, in), fp32, CPU."""
-        out = []
-        for name, layer in self.layers.items():
-            w = layer.base.weight.detach().to("cpu", torch.float32)
-            out.append(families.Target(name, w.T.contiguous() if layer.fan_in_fan_out else w.clone(),
-                                       layer.fan_in_fan_out))
-        return out
+        """The adapted layers' frozen weights as the families read them: (out, in), fp32, CPU. Copied
+        once per pack (the weights are frozen), and each hashed once for the decomposition cache."""
+        if self._targets is None:
+            self._targets = []
+            for name, layer in self.layers.items():
+                w = layer.base.weight.detach().to("cpu", torch.float32)
+                self._targets.append(families.Target(name, w.T.contiguous() if layer.fan_in_fan_out else w.clone(),
+                                                     layer.fan_in_fan_out))
+        return self._targets
+
+    def release_targets(self) -> None:
+        """Free the CPU copies `targets()` made (once every run is initialised)."""
+        self._targets = None
 
     @property
     def corrected(self) -> list[bool]:
