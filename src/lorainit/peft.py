@@ -98,8 +98,7 @@ def _lora_layers(peft_model: nn.Module, adapter_name: str) -> list[tuple[str, nn
 def _target(name: str, layer: nn.Module) -> families.Target:
     """The layer's frozen weight as the families read it: (out, in), fp32, CPU."""
     base = layer.get_base_layer()
-    w = base.weight.detach().to("cpu", torch.float32)
-    return families.Target(name, w.T.contiguous() if is_conv1d(base) else w.clone(), is_conv1d(base))
+    return families.Target.of(name, base.weight, is_conv1d(base))
 
 
 def _draw(init: str, args: dict, targets: list[families.Target], ranks: list[int], alphas: list[float],

@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorainit.engine import rng
 from lorainit.errors import BadInput
 from lorainit.files import write_atomic
 
@@ -187,6 +188,13 @@ class Target:
     weight: torch.Tensor  # (out, in), fp32, CPU
     fan_in_fan_out: bool = False
     _digest: str | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, name: str, weight: torch.Tensor, fan_in_fan_out: bool) -> "Target":
+        """The target of a layer's frozen weight as stored: (out, in), or (in, out) with
+        `fan_in_fan_out` (GPT-2's Conv1D); copied to the CPU in fp32."""
+        w = weight.detach().to("cpu", torch.float32)
+        return cls(name, w.T.contiguous() if fan_in_fan_out else w.clone(), fan_in_fan_out)
 
     @property
     def digest(self) -> str:
@@ -356,7 +364,6 @@ def factors(init: str, args: dict, targets: list[Target], rank: int, alpha: floa
     """A run's initial factors for family `init` from `seed`'s 'init' stream; those of a family that
     decomposes W come from `cache` when it holds them, else are computed on `device` (a 7B model's
     full SVDs take hours on 2 CPU cores, minutes on a GPU) in fp32."""
-    from lorainit.engine import rng
     family = get(init)
     key = None
     if family.decomposes and cache is not None:

@@ -280,14 +280,10 @@ class PackedLoRALinear(nn.Module):
         undropped input xs (n, rows, in). With every active run corrected, the products run on the
         same shapes as the adapters', so a run still at its initial factors gets exactly zero."""
         pos, runs, pos_host, _ = self.correct
-        if len(pos_host) == d.shape[0]:
-            A0, B0, xc = self.lora_A0[runs], self.lora_B0[runs], xs
-        else:
-            A0, B0, xc = self.lora_A0[runs], self.lora_B0[runs], xs[pos]
+        every = len(pos_host) == d.shape[0]
+        A0, B0, xc = self.lora_A0[runs], self.lora_B0[runs], xs if every else xs[pos]
         c = torch.bmm(torch.bmm(xc, A0.transpose(1, 2).to(xc.dtype)), B0.transpose(1, 2).to(xc.dtype))
-        if len(pos_host) == d.shape[0]:
-            return d - c
-        return d.index_add(0, pos, c.to(d.dtype), alpha=-1)
+        return d - c if every else d.index_add(0, pos, c.to(d.dtype), alpha=-1)
 
     def forward_shared(self, x0: torch.Tensor, n: int) -> torch.Tensor:
         """The layer on rows x0 (N0, in) that all n active runs hold alike, under one dropout stream:
@@ -565,7 +561,7 @@ class LoRAPack:
                 for layer, a, b in zip(self.layers.values(), drawn.A, drawn.B):
                     layer.lora_A[k].copy_(a)
                     layer.lora_B[k].copy_(b)
-                    layer.set_initial(k, a, b) if drawn.corrected else layer.set_initial(k, None, None)
+                    layer.set_initial(k, *((a, b) if drawn.corrected else (None, None)))
             self._route(self._active_host)
             std = float(getattr(getattr(self.model, "config", None), "initializer_range", 0.02))
             drawn = ([(self.head, rng.generator(seed, "head"))] if self.head is not None else [])
@@ -580,11 +576,8 @@ class LoRAPack:
         """The adapted layers' frozen weights as the families read them: (out, in), fp32, CPU. Copied
         once per pack (the weights are frozen), and each hashed once for the decomposition cache."""
         if self._targets is None:
-            self._targets = []
-            for name, layer in self.layers.items():
-                w = layer.base.weight.detach().to("cpu", torch.float32)
-                self._targets.append(families.Target(name, w.T.contiguous() if layer.fan_in_fan_out else w.clone(),
-                                                     layer.fan_in_fan_out))
+            self._targets = [families.Target.of(name, layer.base.weight, layer.fan_in_fan_out)
+                             for name, layer in self.layers.items()]
         return self._targets
 
     def release_targets(self) -> None:
