@@ -346,7 +346,12 @@ def test_the_factor_cache_keeps_the_first_bits_written(tmp_path):
     ({"init": "loftq"}, "LoftQ replaces the frozen base by its quantised copy"),
     ({"init": False}, "PEFT's init_lora_weights=false draws both A and B"),
     ({"init": "false"}, "the model's output moves at step 0"),
-    ({"init": "eva"}, "EVA is computed from the training data's activations"),
+    ({"init": "eva", "init_args": {"rho": 2}}, "init_args.rho is 2; EVA's rank redistribution (rho > 1)"),
+    ({"init": "lora_ga", "init_args": {"scale": "huge"}}, "init_args.scale is 'huge'; init lora_ga takes stable, "
+                                                          "weight_svd, gd_scale, unit, original"),
+    ({"init": "corda", "init_args": {"batches": 0}}, "init_args.batches must be a whole number of at least 1"),
+    ({"init": "lora_one", "init_args": {"batches": 2.5}}, "init_args.batches must be a whole number"),
+    ({"init": "eva", "init_args": {"tau": 2}}, "init_args.tau must be in (0, 1]"),
     ({"init": "dora"}, "DoRA rescales every row of the base weight"),
     ({"init": "ab", "init_args": "[1, 2]"}, "init_args must be a mapping"),
 ])

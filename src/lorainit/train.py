@@ -35,7 +35,7 @@ import torch
 
 from lorainit import models, tasks
 from lorainit.config import RunConfig
-from lorainit.engine import checkpoint, families, packing, precision
+from lorainit.engine import checkpoint, families, packing, precision, statistics
 from lorainit.engine.lora import LoRAConfig, LoRAPack
 from lorainit.engine.optim import PackedAdamW, PackedGradScaler
 from lorainit.engine.order import DataOrder, total_steps
@@ -123,23 +123,28 @@ class PackTrainer:
         self.pack = LoRAPack(self.model, LoRAConfig(rank=first.rank, alpha=first.alpha, dropout=first.dropout,
                                                     rslora=first.rslora, targets=first.targets), self.K,
                               fresh=self.task.fresh_weights)
+        self.model_overrides = model_overrides
+        self.total = total_steps(self.task.train_size, first.batch_size, first.epochs, first.max_steps)
+        # one order per seed: runs sharing a seed share their batches
+        self.orders = {r.seed: DataOrder(r.seed, self.task.train_size, first.batch_size) for r in runs}
         cache = factor_cache if factor_cache is not None else families.FactorCache(models.cache_dir() / "inits")
         for k, run in enumerate(runs):
             self.pack.init_run(k, run.init, run.init_variance, run.seed,
                                json.loads(run.init_args) if run.init_args else None, cache)
-        self.pack.release_targets()
         self.state = packing.install(self.pack, [r.seed for r in runs])
+        self.statistics_seconds = 0.0  # the data-driven inits' statistics pass, when it ran
+        data_runs = [k for k, run in enumerate(runs) if families.get(run.init).needs]
+        if data_runs:
+            statistics.initialise(self, data_runs, cache, show_progress)
+        self.pack.release_targets()
         if first.gradient_checkpointing:
             self.task.checkpoint_base(self.state)
         self.probes = Probes(self.pack)
-        self.total = total_steps(self.task.train_size, first.batch_size, first.epochs, first.max_steps)
         self.optimizer = PackedAdamW(
             self.pack.named_parameters(), lr=[r.lr for r in runs], lr_b_ratio=[r.lr_b_ratio for r in runs],
             weight_decay=[r.weight_decay for r in runs], max_grad_norm=[r.max_grad_norm for r in runs],
             warmup_ratio=[r.warmup_ratio for r in runs], total_steps=self.total)
         self.scaler = PackedGradScaler(self.K, self.device) if first.precision == "fp16" else None
-        # one order per seed: runs sharing a seed share their batches
-        self.orders = {r.seed: DataOrder(r.seed, self.task.train_size, first.batch_size) for r in runs}
         self.alive = [True] * self.K
         self.first_loss: list[float | None] = [None] * self.K
         self.smoothed: list[float | None] = [None] * self.K  # the divergence test's moving average

@@ -68,12 +68,15 @@ class Family:
     decomposes: bool = False       # its factors come from an SVD or QR of W (cached)
     draws: bool = True             # it draws from the run's 'init' stream
     variance: bool = False         # `init_variance` applies (a, b)
+    needs: str | None = None       # statistics of the run's rows it reads: "grad" or "acts" (`statistics.py`)
+    choices: dict = field(default_factory=dict)  # option -> the values a text option takes
+    rewrites: bool | None = None   # whether it rewrites W (None: when it decomposes W)
 
     def rewrites_base(self, args: dict | None = None) -> bool:
         """Whether PEFT's (or the reference's) init replaces W by W - s B_0 A_0."""
         if self.name == "ab":
             return bool({**self.args, **(args or {})}["reset"])
-        return self.decomposes
+        return self.decomposes if self.rewrites is None else self.rewrites
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -84,11 +87,23 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("orthogonal", "Orthogonal", peft="orthogonal"),
     Family("pissa", "PiSSA", peft="pissa", decomposes=True, draws=False),
     Family("olora", "OLoRA", peft="olora", decomposes=True, draws=False),
+    Family("lora_ga", "LoRA-GA", peft="lora_ga", needs="grad", rewrites=True,
+           args={"batches": 8, "direction": "ArB2r", "scale": "stable", "gamma": 16.0, "reuse": True},
+           choices={"direction": ("ArB2r", "ArBr", "A2rBr", "random"),
+                    "scale": ("stable", "weight_svd", "gd_scale", "unit", "original")}),
+    Family("lora_one", "LoRA-One", needs="grad", draws=False, rewrites=False,
+           args={"batches": 8, "gamma": 128.0, "reuse": True}),
+    Family("eva", "EVA", peft="eva", needs="acts", draws=False, rewrites=False,
+           args={"max_batches": 64, "tau": 0.99, "whiten": False, "label_mask": True, "rho": 1.0, "reuse": True}),
+    Family("corda", "CorDA", peft="corda", needs="acts", draws=False, rewrites=True,
+           args={"batches": 32, "mode": "ipm", "reuse": True}, choices={"mode": ("ipm", "kpm")}),
 )}
+DATA = tuple(name for name, f in FAMILIES.items() if f.needs)  # the families computed from the run's rows
 _NITER = re.compile(r"^pissa_niter_([1-9][0-9]*)$")
 
 # PEFT's `init_lora_weights` strings for lorainit's families (true is Init[A])
-PEFT_NAMES = {"true": "a", "gaussian": "gaussian", "orthogonal": "orthogonal", "pissa": "pissa", "olora": "olora"}
+PEFT_NAMES = {"true": "a", "gaussian": "gaussian", "orthogonal": "orthogonal", "pissa": "pissa", "olora": "olora",
+              "lora_ga": "lora_ga", "eva": "eva", "corda": "corda"}
 
 # families the `init` field names but refuses, each with its one-line reason
 REFUSED = {
@@ -99,11 +114,9 @@ REFUSED = {
     "dora": "DoRA rescales every row of the base weight, a full-rank change that runs sharing one base "
             "cannot carry",
     "mica": "MiCA freezes B, which changes training, not only the init",
-    "lora_ga": "LoRA-GA is computed from gradients of the training data, which this version does not gather",
-    "lora_one": "LoRA-One is computed from gradients of the training data, which this version does not gather",
-    "eva": "EVA is computed from the training data's activations, which this version does not gather",
-    "corda": "CorDA is computed from the training data's activations, which this version does not gather",
 }
+RHO = ("EVA's rank redistribution (rho > 1) gives each layer its own rank, 0 to rho x r, and drops the "
+       "layers it gives 0; a pack's runs share one rank per layer, so only rho 1 (every layer rank r) is built")
 
 
 def names() -> list[str]:
@@ -123,7 +136,7 @@ def canonical(init) -> str:
         return key
     if key in PEFT_NAMES:
         return PEFT_NAMES[key]
-    base = key.split("_")[0] if key.startswith(("corda", "loftq")) else key
+    base = key.split("_")[0] if key.startswith("loftq") else key
     if base in REFUSED:
         return _refuse(init, REFUSED[base])
     raise BadInput(f"init is {init!r}; expected one of {', '.join(names())} (or PEFT's true)")
@@ -159,6 +172,13 @@ def check_args(init: str, args: dict | None, rank: int, where: str = "run") -> d
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 raise BadInput(f"{where}: init_args.{key} must be true or false, got {value!r}")
+        elif isinstance(default, str):
+            if value not in family.choices[key]:
+                raise BadInput(f"{where}: init_args.{key} is {value!r}; init {init} takes "
+                               f"{', '.join(family.choices[key])}")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BadInput(f"{where}: init_args.{key} must be a whole number of at least 1, got {value!r}")
         else:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                     math.isfinite(value) and value > 0):
@@ -166,6 +186,10 @@ def check_args(init: str, args: dict | None, rank: int, where: str = "run") -> d
             value = float(value)
         if value != default:
             out[key] = value
+    if init == "eva" and "rho" in out:
+        raise BadInput(f"{where}: init_args.rho is {out['rho']:g}; {RHO}")
+    if init == "eva" and not 0 < out.get("tau", 0.5) <= 1:
+        raise BadInput(f"{where}: init_args.tau must be in (0, 1], got {out['tau']!r}")
     if init == "orthogonal" and rank % 2:
         raise BadInput(f"{where}: init orthogonal needs an even rank (it pairs the rows of an r x r rotation), "
                        f"got rank {rank}")
@@ -214,11 +238,14 @@ class Factors:
 
 
 def _peft_layer(target: Target, rank: int, alpha: float, rslora: bool, how, generator: torch.Generator,
-                device_generator: torch.Generator | None = None):
+                device_generator: torch.Generator | None = None, attach: dict | None = None,
+                config: dict | None = None):
     """PEFT's own LoRA layer built on an fp32 copy of `target` (on the CPU, or on the device of
     `device_generator`), drawing from `generator` as if it were torch's global CPU generator, and
     from `device_generator` as if it were the device's (PEFT's randomised SVD draws on the weight's
-    device); the global generators are left as they were, and the given ones advance past the draws."""
+    device); the global generators are left as they were, and the given ones advance past the draws.
+    `attach`: attributes set on the base layer first, as PEFT's preprocessing leaves them there (a
+    data family's statistics); `config`: more `LoraConfig` fields (its family's sub-config)."""
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear
 
@@ -230,8 +257,13 @@ def _peft_layer(target: Target, rank: int, alpha: float, rslora: bool, how, gene
     else:
         base = nn.Linear(W.shape[1], W.shape[0], bias=False)
         base.weight = nn.Parameter(W.clone(), requires_grad=False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=how, use_rslora=rslora, lora_dropout=0.0,
-                        fan_in_fan_out=target.fan_in_fan_out)
+    for name, value in (attach or {}).items():
+        setattr(base, name, value)
+    import warnings
+    with warnings.catch_warnings():  # PEFT warns that a data family needs its preprocessing: done here
+        warnings.simplefilter("ignore", UserWarning)
+        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=how, use_rslora=rslora, lora_dropout=0.0,
+                            fan_in_fan_out=target.fan_in_fan_out, **(config or {}))
     devices = [] if device_generator is None else [device_generator.device]
     with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices else None):
         torch.set_rng_state(generator.get_state())
@@ -255,8 +287,9 @@ def _check_base(target: Target, layer, family: Family, scaling: float) -> None:
     got = layer.get_base_layer().weight.detach()
     got = got.T if target.fan_in_fan_out else got
     W = target.weight.to(got.device)
-    want = W - scaling * B @ A if family.rewrites_base() else W
-    if got.shape != want.shape or not torch.equal(got, want):
+    # PEFT rounds the offset as (s B) A for most families, as s (B A) for LoRA-GA: either is W - s B_0 A_0
+    wants = [W - scaling * B @ A, W - scaling * (B @ A)] if family.rewrites_base() else [W]
+    if not any(got.shape == want.shape and torch.equal(got, want) for want in wants):
         raise RuntimeError(f"{target.name}: PEFT's {family.name} init changed the base weight by more than "
                            f"s * B_0 A_0, which a pack cannot carry as a rank-{A.shape[0]} correction")
     if A.shape != (layer.r["default"], target.weight.shape[1]) or B.shape != (target.weight.shape[0], A.shape[0]):
@@ -297,12 +330,113 @@ def draw(init: str, args: dict, targets: list[Target], rank: int, alpha: float, 
     return Factors(A, B, family.rewrites_base(args))
 
 
+# -- from the run's own rows ------------------------------------------------------------------
+
+
+def _drawing(generator: torch.Generator, fn):
+    """fn() drawing from `generator` as if it were torch's global CPU generator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(generator.get_state())
+        out = fn()
+        generator.set_state(torch.get_rng_state())
+    return out
+
+
+def _pick(U: torch.Tensor, Vh: torch.Tensor, rank: int, direction: str, generator: torch.Generator):
+    """LoRA-GA's split of the top 2r singular pairs between B (columns of U) and A (rows of Vh)."""
+    if direction == "ArBr":
+        return U[:, 0:2 * rank:2], Vh[1:2 * rank:2]
+    if direction == "A2rBr":
+        return U[:, :rank], Vh[rank:2 * rank]
+    if direction == "ArB2r":
+        return U[:, rank:2 * rank], Vh[:rank]
+    perm = torch.randperm(2 * rank, generator=generator)
+    return U[:, perm[rank:2 * rank]], Vh[perm[:rank]]
+
+
+def _lora_ga_original(grad: torch.Tensor, rank: int, args: dict, generator: torch.Generator):
+    """The LoRA-GA paper's code (its `stable` scale): the singular vectors of the gradient estimate,
+    both factors times out^(1/4) / sqrt(gamma), no singular values: (A_0, B_0)."""
+    U, _, V = _drawing(generator, lambda: torch.svd_lowrank(grad, q=min(4 * rank, min(grad.shape)), niter=4))
+    B, A = _pick(U, V.T, rank, args["direction"], generator)
+    scale = grad.shape[0] ** 0.25 / math.sqrt(args["gamma"])
+    return (A * scale).contiguous(), (B * scale).contiguous()
+
+
+def _lora_one(name: str, grad: torch.Tensor, rank: int, gamma: float):
+    """LoRA-One's factors from the averaged gradient G: with -G = U S Vᵀ, B_0 = U_r sqrt(S_r) and
+    A_0 = sqrt(S_r) V_rᵀ, both over sqrt(S_1 gamma); so s B_0 A_0 = -(s / (gamma S_1)) [G]_r."""
+    U, S, Vh = torch.linalg.svd(-grad, full_matrices=False)
+    if not S[0] > 0:
+        raise RuntimeError(f"{name}: the gradient LoRA-One reads is zero on the rows it read, so it gives no direction")
+    root = S[:rank].sqrt() / math.sqrt(float(S[0]) * gamma)
+    return (root[:, None] * Vh[:rank]).contiguous(), (U[:, :rank] * root).contiguous()
+
+
+def _corda_eigens(target: Target, covariance: torch.Tensor, rank: int, mode: str):
+    """PEFT's CorDA eigens of W C (its own `collect_eigens_for_layer`), the top r (ipm) or bottom r (kpm)."""
+    from peft import LoraConfig
+    from peft.tuners.lora.corda import CordaEigens, collect_eigens_for_layer
+
+    linear = nn.Linear(target.weight.shape[1], target.weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(target.weight.clone(), requires_grad=False)
+    linear.covariance_matrix = covariance
+    found = collect_eigens_for_layer(linear, LoraConfig(r=rank))
+    part = slice(None, rank) if mode == "ipm" else slice(-rank, None)
+    return CordaEigens(S_WC=found.S_WC[part].clone(), U_WC=found.U_WC[:, part].clone(),
+                       V_WC=found.V_WC[:, part].clone())
+
+
+def from_statistics(init: str, args: dict, targets: list[Target], rank: int, alpha: float, rslora: bool,
+                    generator: torch.Generator, stats: list) -> Factors:
+    """A data family's factors over `targets` (module order) from each one's statistics
+    (`statistics.py`: the gradient estimate G (out, in), EVA's components, CorDA's covariance),
+    drawing from `generator` (the run's 'init' stream) where the family draws. PEFT's families are
+    built by PEFT's own layer with the statistics attached as its preprocessing attaches them."""
+    from peft.tuners.lora.config import CordaConfig, LoraGAConfig
+
+    family = get(init)
+    args = {**family.args, **args}
+    scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+    A, B = [], []
+    for t, st in zip(targets, stats):
+        layer = None
+        if init == "lora_ga" and args["scale"] != "original":
+            gamma = int(args["gamma"]) if float(args["gamma"]).is_integer() else args["gamma"]
+            grad = st.grad.T.contiguous() if t.fan_in_fan_out else st.grad  # as W.grad is stored
+            layer = _peft_layer(t, rank, alpha, rslora, "lora_ga", generator, attach={"_peft_loraga_grad": grad},
+                                config={"lora_ga_config": LoraGAConfig(direction=args["direction"], scale=args["scale"],
+                                                                       stable_gamma=gamma)})
+        elif init == "lora_ga":
+            a, b = _lora_ga_original(st.grad, rank, args, generator)
+        elif init == "lora_one":
+            a, b = _lora_one(t.name, st.grad, rank, args["gamma"])
+        elif init == "eva":
+            a = st.components[:rank].clone()
+            if args["whiten"]:
+                a /= st.singular_values[:rank].sqrt().reshape(-1, 1)
+            b = torch.zeros(t.weight.shape[0], rank)
+        elif init == "corda":
+            eigens = _corda_eigens(t, st.covariance, rank, args["mode"])
+            layer = _peft_layer(t, rank, alpha, rslora, "corda", generator, attach={"eigens": eigens},
+                                config={"corda_config": CordaConfig(corda_method=args["mode"])})
+        else:
+            raise ValueError(f"init {init} is not computed from statistics")
+        if layer is not None:
+            _check_base(t, layer, family, scaling)
+            a = layer.lora_A["default"].weight.detach().to("cpu", torch.float32).clone()
+            b = layer.lora_B["default"].weight.detach().to("cpu", torch.float32).clone()
+        A.append(a.to("cpu", torch.float32))
+        B.append(b.to("cpu", torch.float32))
+    return Factors(A, B, family.rewrites_base(args))
+
+
 # -- the cache of decompositions --------------------------------------------------------------
 
 
 class FactorCache:
-    """Factors of the families that decompose W, kept by key in a folder (None: in this process
-    only). A file is written once: a second writer of the same key finds it there and uses it, so
+    """Factors of the families that decompose W or read the run's rows, kept by key in a folder
+    (None: in this process only). A file is written once: a second writer of the same key finds it there and uses it, so
     every reader sees the first bits written."""
 
     def __init__(self, folder: str | os.PathLike | None = None):
@@ -311,13 +445,17 @@ class FactorCache:
 
     @staticmethod
     def key(init: str, args: dict, targets: list[Target], rank: int, alpha: float, rslora: bool,
-            seed: int) -> str:
+            seed: int, data: str | None = None) -> str:
+        """`data`: for a family computed from the run's rows, a digest of everything its statistics
+        read besides the weights (the rows' tensors, the model, precision; `statistics.py`)."""
         import peft
         family = get(init)
         h = hashlib.sha256()
-        h.update(json.dumps({"init": init, "args": {**family.args, **args}, "rank": rank, "alpha": float(alpha),
-                             "rslora": rslora, "seed": seed if family.draws else None, "peft": peft.__version__},
-                            sort_keys=True).encode())
+        fields = {"init": init, "args": {**family.args, **args}, "rank": rank, "alpha": float(alpha),
+                  "rslora": rslora, "seed": seed if family.draws or family.needs else None, "peft": peft.__version__}
+        if data is not None:
+            fields["data"] = data
+        h.update(json.dumps(fields, sort_keys=True).encode())
         for t in targets:
             h.update(f"{t.name}:{tuple(t.weight.shape)}:{t.fan_in_fan_out}:{t.digest}".encode())
         return h.hexdigest()[:32]
@@ -331,11 +469,14 @@ class FactorCache:
         path = self.path(key)
         if path is None or not path.is_file():
             return None
+        from safetensors import safe_open
         from safetensors.torch import load_file
         tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
         n = len(tensors) // 2
         factors = Factors([tensors[f"{i}.A"] for i in range(n)], [tensors[f"{i}.B"] for i in range(n)],
-                          corrected=True)  # only families that decompose W are cached, and all rewrite it
+                          corrected=meta.get("corrected", "1") == "1")
         self._memory[key] = factors
         return factors
 
@@ -347,7 +488,8 @@ class FactorCache:
             tensors = {f"{i}.A": a.contiguous() for i, a in enumerate(factors.A)}
             tensors |= {f"{i}.B": b.contiguous() for i, b in enumerate(factors.B)}
             staged = path.with_name(f".{path.name}.{os.getpid()}")
-            write_atomic(staged, lambda tmp: save_file(tensors, tmp))
+            meta = {"corrected": "1" if factors.corrected else "0"}
+            write_atomic(staged, lambda tmp: save_file(tensors, tmp, metadata=meta))
             try:
                 os.link(staged, path)  # fails if the key exists: the first bits written are kept
             except FileExistsError:

@@ -78,8 +78,10 @@ class DropoutStreams:
     own length and its mask is drawn at that length (then padded), as the run alone would draw it.
     """
 
-    def __init__(self, seeds: list[int]):
+    def __init__(self, seeds: list[int], salt: tuple[int, ...] = ()):
+        """`salt`: draw from each seed's 'dropout' stream salted with it (a pass apart from training's)."""
         self.seeds = [int(s) for s in seeds]
+        self.salt = tuple(salt)
         self.distinct = sorted(set(self.seeds))
         self.group = torch.tensor([self.distinct.index(s) for s in self.seeds])  # (K,)
         self._generators: dict[torch.device, list[torch.Generator]] = {}
@@ -101,7 +103,7 @@ class DropoutStreams:
 
     def _streams(self, device: torch.device) -> list[torch.Generator]:
         if device not in self._generators:
-            self._generators[device] = [rng.generator(s, "dropout", device=device) for s in self.distinct]
+            self._generators[device] = [rng.generator(s, "dropout", *self.salt, device=device) for s in self.distinct]
         return self._generators[device]
 
     def get_state(self) -> dict[torch.device, list[torch.Tensor]]:
@@ -533,7 +535,9 @@ class LoRAPack:
         LoRA factors are drawn layer by layer in module order from the run's 'init' stream (`a`
         and `b` by `inits.py`, the others as their reference draws them); a family that rewrites
         the base keeps its initial factors as run k's correction. Factors from a decomposition
-        come from `cache` when it holds them. The head is drawn from the run's 'head' stream, as
+        come from `cache` when it holds them. A family computed from the run's rows (LoRA-GA,
+        LoRA-One, EVA, CorDA) leaves the factors at zero here: the trainer sets them from
+        statistics gathered with the pack built (`statistics.initialise`). The head is drawn from the run's 'head' stream, as
         the model itself initialises a fresh head (N(0, initializer_range), bias 0); the i-th
         fresh layer (module order) the same way from the 'head' stream salted with i + 1. Every
         draw is made on the CPU and then copied, so a seed gives the same starting point on every
@@ -553,16 +557,14 @@ class LoRAPack:
                     layer.lora_A[k].copy_(a)
                     layer.lora_B[k].copy_(b)
                     layer.set_initial(k, None, None)
+                self._route(self._active_host)
+            elif families.get(init).needs:  # computed from the run's rows once the pack runs (`statistics.py`)
+                self.set_factors(k, None)
             else:
                 cfg = self.config
                 device = next(iter(self.layers.values())).lora_A.device if self.layers else "cpu"
-                drawn = families.factors(init, args or {}, self.targets(), cfg.rank, cfg.alpha, cfg.rslora, seed,
-                                         cache, device)
-                for layer, a, b in zip(self.layers.values(), drawn.A, drawn.B):
-                    layer.lora_A[k].copy_(a)
-                    layer.lora_B[k].copy_(b)
-                    layer.set_initial(k, *((a, b) if drawn.corrected else (None, None)))
-            self._route(self._active_host)
+                self.set_factors(k, families.factors(init, args or {}, self.targets(), cfg.rank, cfg.alpha, cfg.rslora,
+                                                     seed, cache, device))
             std = float(getattr(getattr(self.model, "config", None), "initializer_range", 0.02))
             drawn = ([(self.head, rng.generator(seed, "head"))] if self.head is not None else [])
             drawn += [(layer, rng.generator(seed, "head", i + 1)) for i, layer in enumerate(self.fresh.values())]
@@ -571,6 +573,21 @@ class LoRAPack:
                 layer.weight[k].copy_(w.normal_(0.0, std, generator=gh))
                 if layer.bias is not None:
                     layer.bias[k].zero_()
+
+    def set_factors(self, k: int, drawn: "families.Factors | None") -> None:
+        """Run k's adapters set to `drawn` (kept as its correction where they are one), or to zero."""
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers.values()):
+                if drawn is None:
+                    layer.lora_A[k].zero_()
+                    layer.lora_B[k].zero_()
+                    layer.set_initial(k, None, None)
+                    continue
+                a, b = drawn.A[i], drawn.B[i]
+                layer.lora_A[k].copy_(a)
+                layer.lora_B[k].copy_(b)
+                layer.set_initial(k, *((a, b) if drawn.corrected else (None, None)))
+        self._route(self._active_host)
 
     def targets(self) -> list[families.Target]:
         """The adapted layers' frozen weights as the families read them: (out, in), fp32, CPU. Copied

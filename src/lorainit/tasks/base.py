@@ -96,6 +96,11 @@ class Task(ABC):
     def token_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(rows, T) bool: the real tokens of a stacked batch (probes read them; throughput counts them)."""
 
+    def label_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(rows, T) bool: the tokens whose labels count (EVA's `label_mask` reads the layer inputs
+        there). By default the real tokens: a family whose labels are per token says which count."""
+        return self.token_mask(batch)
+
     # -- training and evaluation -------------------------------------------------------------
 
     @abstractmethod

@@ -189,6 +189,14 @@ class CausalLM(Task):
     def token_mask(self, batch):
         return batch["attention_mask"].bool()
 
+    def label_mask(self, batch):
+        """The tokens that are targets: labels here are the next token's, so token t counts where
+        position t - 1's label does (Hugging Face's own labels mark the targets in place)."""
+        counts = batch["labels"] != IGNORE
+        target = torch.zeros_like(counts)
+        target[:, 1:] = counts[:, :-1]
+        return batch["attention_mask"].bool() & target
+
     def _sums(self, state, batch: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each of the n runs' summed counted-token loss and its count, on a stacked batch.
 

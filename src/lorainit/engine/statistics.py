@@ -1,0 +1,316 @@
+"""The statistics of a run's own rows that the data-driven init families read, gathered in a pack.
+
+| init | statistic of each adapted layer | pass | reference |
+|---|---|---|---|
+| `lora_ga`, `lora_one` | G: the gradient of the batch's mean loss with respect to W, averaged over `batches` batches | train mode, backward | PEFT's `preprocess_loraga` |
+| `eva` | the centred incremental PCA of the layer's inputs at the counted tokens, batch after batch until each layer's top r components have a cosine of at least `tau` to the previous batch's | eval mode | PEFT's `get_eva_state_dict` (rho 1) |
+| `corda` | C: the mean over rows of X̃ᵀX̃, X̃ a row's inputs divided by abs(max X) | eval mode | PEFT's `preprocess_corda`, one row per forward |
+
+Every run reads the batches of its own data order: by default the first ones, which its first
+training steps then train on again, as PEFT's examples reuse them (`reuse: true`); with
+`reuse: false`, the batches that follow its last training step, which it never trains on (refused
+when training reaches them). The statistics are gathered in one pass over the shared base for all
+the pack's data runs: forward hooks on the adapted layers split each batch by run, and each run's
+share goes to its own statistics. Its adapters are still zero, so every layer computes W x, as in
+the reference's preprocessing; its loss goes through its own head; in train mode the base's
+dropout draws from its own stream, kept apart from the one training draws from (salted), so that a
+run's statistics are those it gathers alone and training is not moved by them.
+
+Counted tokens are the real tokens of each row (EVA with `label_mask`: those whose label counts, for
+a causal LM); the layer input may be padded (rows, T, in), laid end to end (the padding-free
+layouts) or one vector per row (a pooler): all three are told apart by their number of rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lorainit.engine import families, rng
+from lorainit.engine.lora import DropoutStreams
+from lorainit.engine.order import steps_per_epoch
+from lorainit.errors import BadInput
+
+STREAM_SALT = 1  # the init pass's dropout stream: the run's 'dropout' stream salted with this
+
+
+@dataclass
+class LayerStats:
+    """One run's statistics of one adapted layer."""
+
+    grad: torch.Tensor | None = None        # sum of per-batch gradients (out, in), then their mean
+    batches: int = 0                        # backward passes that reached the layer
+    covariance: torch.Tensor | None = None  # sum of X̃ᵀX̃ (in, in), then the mean over rows
+    samples: int = 0                        # rows that went into it
+    pca: object | None = None               # EVA's incremental PCA
+    converged: torch.Tensor | None = None   # EVA: per component, cosine to the last batch >= tau
+    stopped: bool = False                   # EVA: converged, takes no more batches
+
+    def finish(self) -> "LayerStats":
+        if self.grad is not None:
+            self.grad = (self.grad / self.batches).cpu()
+        if self.covariance is not None:
+            self.covariance = (self.covariance / self.samples).cpu()
+        return self
+
+    @property
+    def components(self) -> torch.Tensor:
+        return self.pca.components_.cpu()
+
+    @property
+    def singular_values(self) -> torch.Tensor:
+        return self.pca.singular_values_.cpu()
+
+    def fit(self, xs: torch.Tensor, rank: int, tau: float) -> None:
+        """EVA's step on one batch's inputs (PEFT's SVDHook): too few rows are skipped; from the
+        second fit on, each component's cosine to the previous decides its convergence."""
+        from peft.utils.incremental_pca import IncrementalPCA
+
+        if self.pca is None:
+            self.pca = IncrementalPCA(n_components=rank, copy=True, lowrank=True, lowrank_seed=42)
+            self.converged = torch.zeros(rank, dtype=torch.bool)
+        if xs.shape[0] < rank:
+            return
+        previous = self.pca.components_.clone() if hasattr(self.pca, "components_") else None
+        self.pca.partial_fit(xs.to(torch.float32))
+        if previous is not None:
+            sim = nn.functional.cosine_similarity(self.pca.components_, previous)
+            self.converged = (sim >= tau).cpu()
+
+
+@dataclass
+class Plan:
+    """One run's statistics pass: what it reads and how."""
+
+    run: int               # its index in the pack
+    init: str
+    args: dict             # every option of its family
+    steps: list[int]       # the data-order steps whose batches it may read, in order
+    kind: str = field(init=False)
+
+    def __post_init__(self):
+        self.kind = "grad" if families.get(self.init).needs == "grad" else self.init
+
+
+def plan(trainer, k: int) -> Plan:
+    """Run k's pass: its first `batches` steps, or with `reuse: false` the steps after its last."""
+    run = trainer.runs[k]
+    args = families.args_of(run.init, run.init_args)
+    count = args.get("batches", args.get("max_batches"))
+    if args["reuse"]:
+        return Plan(k, run.init, args, list(range(count)))
+    per_epoch = steps_per_epoch(trainer.task.train_size, run.batch_size)
+    if trainer.total + count > per_epoch:
+        raise BadInput(f"run {run.run_id()}: init {run.init} with reuse: false reads the {count} batches after its "
+                       f"last training step, but its {trainer.total} steps and those {count} batches need "
+                       f"{trainer.total + count} of the {per_epoch} batches an epoch has; train fewer steps, read "
+                       "fewer batches, or set reuse: true")
+    return Plan(k, run.init, args, list(range(trainer.total, trainer.total + count)))
+
+
+def data_digest(trainer, p: Plan) -> str:
+    """What the run's statistics read besides the adapted weights: the rows' tensors of every batch
+    it may read, its model, precision, base-model settings and dropout (the cache key's `data`)."""
+    run = trainer.runs[p.run]
+    h = hashlib.sha256(json.dumps({
+        "model": run.model, "precision": run.precision, "dropout": run.dropout,
+        "overrides": {k: repr(v) for k, v in sorted((trainer.model_overrides or {}).items())},
+        "task": run.task}, sort_keys=True).encode())
+    order = trainer.orders[run.seed]
+    for step in p.steps:
+        batch = trainer.task.batch(order.rows_at(step))
+        for key in sorted(batch):
+            h.update(key.encode())
+            h.update(batch[key].contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Collector:
+    """Forward hooks on the adapted layers that give each active run its share of the batch."""
+
+    def __init__(self, layers: dict[str, nn.Module], plans: list[Plan], rank: int):
+        self.layers, self.rank = layers, rank
+        self.plans = {p.run: p for p in plans}
+        self.stats = {p.run: {name: LayerStats() for name in layers} for p in plans}
+        self.runs: list[int] = []
+        self.per = 0
+        self.masks: dict[str, torch.Tensor] = {}
+        self._selected: dict[tuple, list] = {}
+
+    def set_batch(self, runs: list[int], keep: torch.Tensor, labelled: torch.Tensor) -> None:
+        """The batch's runs in stacking order, its real tokens and its counted-label tokens (rows, T)."""
+        self.runs = runs
+        self.per = keep.shape[0] // len(runs)  # rows of each run
+        self.masks = {"keep": keep.bool().cpu(), "labelled": (labelled.bool() & keep.bool()).cpu()}
+        self._selected = {}
+
+    def _select(self, which: str, size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per active run: the positions of its `which` tokens among `size` input rows, and the row
+        (within the run's batch) each belongs to."""
+        key = (which, size, str(device))
+        if key in self._selected:
+            return self._selected[key]
+        keep, mask = self.masks["keep"], self.masks[which]
+        rows, width = keep.shape
+        per = rows // len(self.runs)
+        if size == rows * width:      # padded: (rows, T) slots
+            slot = torch.arange(rows * width).view(rows, width)
+        elif size == int(keep.sum()):  # real tokens laid end to end, row after row
+            slot = torch.full((rows, width), -1, dtype=torch.long)
+            slot[keep] = torch.arange(size)
+        elif size == rows:            # one vector per row
+            slot = torch.arange(rows)[:, None].expand(rows, width)
+            mask = torch.zeros_like(mask)
+            mask[:, 0] = True
+        else:
+            raise RuntimeError(f"an adapted layer's input has {size} rows, which is neither the batch's "
+                               f"{rows} x {width} slots, its {int(keep.sum())} tokens, nor its {rows} rows")
+        out = []
+        for j in range(len(self.runs)):
+            part = slice(j * per, (j + 1) * per)
+            where = mask[part].nonzero()
+            out.append((slot[part][where[:, 0], where[:, 1]].to(device), where[:, 0].to(device)))
+        self._selected[key] = out
+        return out
+
+    def hook(self, name: str):
+        def observe(module, inputs, output):
+            x = inputs[0].detach()
+            flat = x.reshape(-1, x.shape[-1])
+            grads = []
+            for j, k in enumerate(self.runs):
+                p = self.plans[k]
+                st = self.stats[k][name]
+                if p.kind == "grad":
+                    grads.append((j, k))
+                elif p.kind == "corda":
+                    idx, row = self._select("keep", flat.shape[0], flat.device)[j]
+                    xs = flat.index_select(0, idx).float()
+                    top = torch.full((self.per,), -torch.inf, device=xs.device)
+                    top = top.scatter_reduce(0, row, xs.amax(1), "amax")  # each row's max entry
+                    xs = xs / top.abs()[row, None]
+                    cov = xs.T @ xs
+                    st.covariance = cov if st.covariance is None else st.covariance + cov
+                    st.samples += int(top.numel())
+                elif not st.stopped:  # eva
+                    which = "labelled" if p.args["label_mask"] else "keep"
+                    idx, _ = self._select(which, flat.shape[0], flat.device)[j]
+                    st.fit(flat.index_select(0, idx), self.rank, p.args["tau"])
+            if grads and output.requires_grad:
+                output.register_hook(lambda g: self._add_grad(name, flat, g, grads))
+        return observe
+
+    def _add_grad(self, name: str, flat: torch.Tensor, g: torch.Tensor, grads: list[tuple[int, int]]) -> None:
+        """Each gradient run's W.grad share: the output gradient times the input, over its tokens."""
+        gflat = g.detach().reshape(-1, g.shape[-1])
+        selected = self._select("keep", flat.shape[0], flat.device)
+        for j, k in grads:
+            idx, _ = selected[j]
+            part = gflat.index_select(0, idx).float().T @ flat.index_select(0, idx).float()  # (out, in)
+            st = self.stats[k][name]
+            st.grad = part if st.grad is None else st.grad + part
+            st.batches += 1
+
+
+def gather(trainer, plans: list[Plan], show_progress: bool = False) -> dict[int, list[LayerStats]]:
+    """Every plan's statistics, layer by layer in the pack's module order, in one pass over the
+    shared base per kind (gradients in train mode, then activations in eval mode)."""
+    from lorainit.display import ProgressDisplay
+    from lorainit.engine import precision
+    from lorainit.tasks.base import Forward
+
+    pack, state, task, model = trainer.pack, trainer.state, trainer.task, trainer.model
+    collector = Collector(pack.layers, plans, pack.config.rank)
+    handles = [layer.register_forward_hook(collector.hook(name)) for name, layer in pack.layers.items()]
+    streams = state.streams
+    state.streams = DropoutStreams([r.seed for r in trainer.runs], salt=(STREAM_SALT,))
+    for layer in pack.layers.values():
+        layer.streams = state.streams
+    was_training = model.training
+    bar = ProgressDisplay("init statistics", sum(len(p.steps) for p in plans), "batch", enabled=show_progress)
+    try:
+        for kind in ("grad", "acts"):
+            todo = [p for p in plans if (p.kind == "grad") == (kind == "grad")]
+            for i in range(max((len(p.steps) for p in todo), default=0)):
+                for p in todo:  # EVA: a layer whose components settled takes no more batches
+                    for st in collector.stats[p.run].values():
+                        if p.kind == "eva" and st.converged is not None and bool(st.converged.all()):
+                            st.stopped = True
+                active = [p.run for p in todo if i < len(p.steps) and not (
+                    p.kind == "eva" and all(st.stopped for st in collector.stats[p.run].values()))]
+                if not active:
+                    break
+                drawn, batches = {}, []
+                for k in active:
+                    seed, step = trainer.runs[k].seed, collector.plans[k].steps[i]
+                    if (seed, step) not in drawn:
+                        drawn[seed, step] = task.batch(trainer.orders[seed].rows_at(step))
+                    batches.append(drawn[seed, step])
+                batch, lengths = task.stack(batches, trainer.device)
+                state.set_batch(active, lengths)
+                collector.set_batch(active, task.token_mask(batch), task.label_mask(batch))
+                forward = Forward(active, probing=True, shared_rows=False)  # every token of every layer
+                with precision.autocast(trainer.runs[0].precision, trainer.device):
+                    if kind == "grad":
+                        model.train()
+                        with torch.enable_grad():
+                            task.loss(state, batch, forward).means().sum().backward()
+                    else:
+                        model.eval()
+                        with torch.no_grad():
+                            task.loss(state, batch, forward)
+                bar.update(len(active), f"{kind} batch {i + 1}")
+    finally:
+        for handle in handles:
+            handle.remove()
+        state.streams = streams
+        for layer in pack.layers.values():
+            layer.streams = streams
+        for p in pack.parameters():
+            p.grad = None
+        state.set_batch(None, None)
+        model.train(was_training)
+        bar.close()
+    for p in plans:
+        if p.kind == "eva":
+            late = [name for name, st in collector.stats[p.run].items() if not st.stopped and not (
+                st.converged is not None and bool(st.converged.all()))]
+            if late:
+                raise BadInput(f"run {trainer.runs[p.run].run_id()}: EVA's components of {late[0]} (and "
+                               f"{len(late) - 1} more layers) did not settle to tau {p.args['tau']} within "
+                               f"{len(p.steps)} batches; raise init_args.max_batches or lower tau")
+    return {p.run: [st.finish() for st in collector.stats[p.run].values()] for p in plans}
+
+
+def initialise(trainer, runs: list[int], cache: families.FactorCache | None, show_progress: bool = False) -> None:
+    """Set the data-driven runs' initial factors: from `cache` where it holds them (keyed also by
+    the rows and seed their statistics read), else from statistics gathered now for all of them in
+    one pass. Records the pass's seconds on `trainer.statistics_seconds`."""
+    pack, cfg = trainer.pack, trainer.pack.config
+    targets = pack.targets()
+    missing = []
+    for k in runs:
+        p = plan(trainer, k)
+        run = trainer.runs[k]
+        key = families.FactorCache.key(run.init, p.args, targets, cfg.rank, cfg.alpha, cfg.rslora, run.seed,
+                                       data=data_digest(trainer, p))
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None:
+            pack.set_factors(k, hit)
+        else:
+            missing.append((p, key))
+    if not missing:
+        return
+    start = time.perf_counter()
+    found = gather(trainer, [p for p, _ in missing], show_progress)
+    trainer.statistics_seconds += time.perf_counter() - start
+    for p, key in missing:
+        run = trainer.runs[p.run]
+        made = families.from_statistics(run.init, p.args, targets, cfg.rank, cfg.alpha, cfg.rslora,
+                                        rng.generator(run.seed, "init"), found[p.run])
+        pack.set_factors(p.run, cache.put(key, made) if cache is not None else made)

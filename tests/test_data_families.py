@@ -1,0 +1,275 @@
+"""Data-driven init families (LoRA-GA, LoRA-One, EVA, CorDA) in a pack: the statistics each run
+gathers there equal PEFT's own preprocessing on the same rows, the factors made from them equal
+PEFT's, LoRA-One's start is its closed form, and a pack mixing them with data-free runs trains,
+resumes and exports as each run does alone."""
+
+import copy
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import NO_DROPOUT
+from lorainit import models
+from lorainit.config import RunConfig
+from lorainit.engine import families, rng, statistics
+from lorainit.train import PackTrainer, train_pack
+
+TARGETS = ["query", "value"]
+DATA = dict(task="sst2-slice", max_steps=5, max_train_samples=400, max_eval_samples=16, batch_size=8,
+            dropout=0.0, lr=2e-3, warmup_ratio=0.0, rank=4, alpha=8)
+# (init, seed, init_args): a pack of every data family over two seeds
+GATHERED = [("lora_ga", 0, {"batches": 3}), ("lora_one", 1, {"batches": 3}), ("eva", 0, {"tau": 0.9}),
+            ("corda", 1, {"batches": 3}), ("lora_ga", 1, {"batches": 3})]
+
+
+def _run(init, seed, args=None, **extra):
+    return RunConfig.from_dict(DATA | {"init": init, "seed": seed, "init_args": args} | extra)
+
+
+class _Seen:
+    """statistics.gather, recording what it returns and how often it runs."""
+
+    def __init__(self):
+        self.calls, self.found, self.real = 0, {}, statistics.gather
+
+    def __call__(self, trainer, plans, show_progress=False):
+        self.calls += 1
+        found = self.real(trainer, plans, show_progress)
+        self.found = found
+        return found
+
+
+@pytest.fixture(scope="module")
+def gathered():
+    """A pack of GATHERED with base dropout off (the references' preprocessing needs it), and what
+    each run's statistics were."""
+    seen = _Seen()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(statistics, "gather", seen)
+        trainer = PackTrainer([_run(*r) for r in GATHERED], show_progress=False, model_overrides=NO_DROPOUT,
+                              factor_cache=families.FactorCache(None))
+    return trainer, seen.found
+
+
+def _reference(trainer, k):
+    """MiniLM as a run alone has it before training: the frozen base with run k's own head."""
+    model, _ = models.load("minilm", "classification", num_labels=2, **NO_DROPOUT)
+    model.classifier = trainer.pack.head.unpack(k)
+    return model
+
+
+def _batches(trainer, k, count, labels=True):
+    run = trainer.runs[k]
+    out = []
+    for step in range(count):
+        batch = trainer.task.batch(trainer.orders[run.seed].rows_at(step))
+        out.append(batch if labels else {key: v for key, v in batch.items() if key != "labels"})
+    return out
+
+
+def _peft_config(init, **extra):
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init, task_type="SEQ_CLS",
+                      **extra)
+
+
+def _assert_factors_are_peft(trainer, k, peft_model):
+    for name, layer in trainer.pack.layers.items():
+        lora = peft_model.base_model.model.get_submodule(name)
+        A, B = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+        assert torch.equal(layer.lora_A[k], A) and torch.equal(layer.lora_B[k], B), name
+        if trainer.pack.corrected[k]:
+            assert torch.equal(layer.lora_A0[k], A) and torch.equal(layer.lora_B0[k], B), name
+
+
+def test_lora_ga_gradient_equals_peft_preprocess_loraga_and_factors_from_it_are_peft_s(gathered, measured):
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraGAConfig
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    trainer, found = gathered
+    model = _reference(trainer, 0)
+    config = _peft_config("lora_ga", lora_ga_config=LoraGAConfig())
+    batches = _batches(trainer, 0, 3)
+
+    def train_step():
+        for batch in batches:
+            model(**batch).loss.backward()
+
+    preprocess_loraga(model, config, train_step)
+    for name, st in zip(trainer.pack.layers, found[0]):
+        # the pack's unpadded batched layers against PEFT's padded ones: fp32 rounding
+        assert measured("lora_ga_grad", st.grad, model.get_submodule(name)._peft_loraga_grad) <= 1e-5, name
+        model.get_submodule(name)._peft_loraga_grad = st.grad.clone()  # then PEFT makes the factors
+    torch.manual_seed(rng.purpose_seed(0, "init"))
+    _assert_factors_are_peft(trainer, 0, get_peft_model(model, config))
+    assert trainer.pack.corrected[0]
+
+
+def test_lora_one_starts_at_its_closed_form_from_a_full_svd_of_the_autograd_gradient(gathered, measured):
+    trainer, _ = gathered
+    k, run = 1, trainer.runs[1]
+    model = _reference(trainer, k).train()
+    weights = [model.get_submodule(name).weight for name in trainer.pack.layers]
+    for w in weights:
+        w.requires_grad_(True)
+    grads = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
+    for batch in _batches(trainer, k, 3):
+        for g, part in zip(grads, torch.autograd.grad(model(**batch).loss, weights)):
+            g += part.double() / 3
+    gamma, s = 128.0, run.alpha / run.rank
+    for (name, layer), G in zip(trainer.pack.layers.items(), grads):
+        U, S, Vh = torch.linalg.svd(-G, full_matrices=False)
+        closed = s / (gamma * S[0]) * (U[:, :4] * S[:4]) @ Vh[:4]  # -(s / (gamma sigma_1)) [G]_r
+        start = s * layer.lora_B[k].double() @ layer.lora_A[k].double()
+        assert measured("lora_one_start", start, closed) <= 1e-5, name
+    assert not trainer.pack.corrected[k]
+
+
+def test_eva_components_equal_peft_get_eva_state_dict(gathered, measured):
+    from peft.tuners.lora import EvaConfig
+    from peft.tuners.lora.eva import get_eva_state_dict
+
+    trainer, found = gathered
+    k = 2
+    model = _reference(trainer, k)
+    loader = _batches(trainer, k, 64, labels=False)  # sequence labels are no token mask
+    config = _peft_config("eva", eva_config=EvaConfig(rho=1.0, tau=0.9))
+    theirs = get_eva_state_dict(model, loader, peft_config=config, show_progress_bar=False)
+    for name, layer in trainer.pack.layers.items():
+        ours, ref = layer.lora_A[k], theirs[name]
+        cos = (ours * ref).sum(1) / (ours.norm(dim=1) * ref.norm(dim=1))
+        assert measured("eva_cos", cos.abs(), torch.ones_like(cos)) <= 1e-5, name
+        assert torch.count_nonzero(layer.lora_B[k]) == 0
+    assert not trainer.pack.corrected[k]
+
+
+def test_corda_covariance_equals_peft_preprocess_corda_and_factors_from_it_are_peft_s(gathered, measured):
+    from peft import get_peft_model
+    from peft.tuners.lora import CordaConfig
+    from peft.tuners.lora.corda import collect_eigens, crop_corda_eigens, preprocess_corda
+
+    trainer, found = gathered
+    k = 3
+    model = _reference(trainer, k)
+    config = _peft_config("corda", corda_config=CordaConfig(corda_method="ipm", prune_temporary_fields=False))
+    rows = []
+    for batch in _batches(trainer, k, 3, labels=False):  # PEFT's CorDA takes one row per forward
+        for i in range(batch["input_ids"].shape[0]):
+            real = batch["attention_mask"][i].bool()
+            rows.append({key: v[i][real][None] for key, v in batch.items()})
+
+    def run_model():
+        for row in rows:
+            model(**row)
+
+    preprocess_corda(model, config, run_model=run_model)
+    for name, st in zip(trainer.pack.layers, found[k]):
+        module = model.get_submodule(name)
+        assert measured("corda_cov", st.covariance, module.covariance_matrix) <= 1e-5, name
+        module.covariance_matrix = st.covariance.clone()
+    collect_eigens(model, config, False)  # PEFT's eigens of the pack's covariance
+    crop_corda_eigens(model, config)
+    torch.manual_seed(rng.purpose_seed(1, "init"))
+    _assert_factors_are_peft(trainer, k, get_peft_model(model, config))
+    assert trainer.pack.corrected[k]
+
+
+def test_statistics_are_each_runs_own_and_a_rerun_reads_the_cache(gathered, tmp_path, monkeypatch, measured):
+    trainer, found = gathered
+    # two seeds read different rows and draw different heads: their gradients differ
+    assert measured("seeds_apart", found[4][0].grad, found[0][0].grad) > 1e-2
+    seen = _Seen()
+    monkeypatch.setattr(statistics, "gather", seen)
+    cache = families.FactorCache(tmp_path / "inits")
+    alone = PackTrainer([_run(*GATHERED[0])], show_progress=False, model_overrides=NO_DROPOUT, factor_cache=cache)
+    for mine, theirs in zip(seen.found[0], found[0]):  # the same run in a pack of 5 and alone
+        assert measured("packmates", mine.grad, theirs.grad) <= 1e-6
+    assert seen.calls == 1 and alone.statistics_seconds > 0
+    again = PackTrainer([_run(*GATHERED[0])], show_progress=False, model_overrides=NO_DROPOUT,
+                        factor_cache=families.FactorCache(tmp_path / "inits"))
+    assert seen.calls == 1 and again.statistics_seconds == 0  # a new process reads the folder's cache
+    for a, b in zip(alone.pack.layers.values(), again.pack.layers.values()):
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B0, b.lora_B0)
+    other = PackTrainer([_run("lora_ga", 0, {"batches": 2})], show_progress=False, model_overrides=NO_DROPOUT,
+                        factor_cache=families.FactorCache(tmp_path / "inits"))
+    assert seen.calls == 2 and other.statistics_seconds > 0  # other rows: gathered anew
+
+
+MIXED = [("lora_ga", 0, {"batches": 2}), ("lora_one", 1, {"batches": 2}), ("eva", 0, {"tau": 0.9}),
+         ("corda", 1, {"batches": 2, "mode": "kpm"}), ("lora_ga", 1, {"batches": 2, "scale": "original"}),
+         ("a", 0, None), ("pissa", 1, None)]
+
+
+def _mixed(**extra):
+    return [_run(init, seed, args, dropout=0.1, **extra) for init, seed, args in MIXED]
+
+
+def _losses(result):
+    return [m["value"] for m in result.metrics if m["name"] == "train_loss"]
+
+
+def test_a_mixed_pack_equals_each_run_alone_and_every_adapter_reloads_in_peft(tmp_path, measured):
+    from peft import PeftModel
+
+    from lorainit.tasks import glue
+    from lorainit.tasks.classification import collate
+
+    runs = _mixed(max_eval_samples=32)
+    cache = families.FactorCache(tmp_path / "inits")
+    packed = PackTrainer(runs, show_progress=False, factor_cache=cache).run(adapters_dir=tmp_path / "adapters")
+    for run, res in zip(runs, packed):
+        alone = PackTrainer([run], show_progress=False, factor_cache=families.FactorCache(None)).run()[0]
+        assert res.status == alone.status == "done"
+        # statistics gathered and trained in a pack of 7 against alone, with dropout: fp32 rounding
+        assert measured("mixed_vs_alone_loss", _losses(res), _losses(alone)) <= 1e-5, run.init
+        assert measured("mixed_vs_alone_eval", res.final["eval_loss"], alone.final["eval_loss"]) <= 1e-5
+    examples = glue.read("sst2-slice", "eval", max_rows=32)
+    base, tokenizer = models.load("minilm", "classification", num_labels=2)
+    ids, type_ids = glue.encode(examples, tokenizer, 128)
+    batch = collate(ids, tokenizer.pad_token_id, type_ids)
+    labels = torch.tensor(examples.labels)
+    for run, res in zip(runs, packed):
+        model = PeftModel.from_pretrained(copy.deepcopy(base), res.adapter).eval()  # the unmodified base
+        with torch.no_grad():
+            loss = float(F.cross_entropy(model(**batch).logits, labels))
+        assert measured("reloaded_eval_loss", loss, res.final["eval_loss"]) <= 1e-5, run.init
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_a_killed_mixed_pack_resumes_to_the_run_straight_through(tmp_path):
+    runs = _mixed(checkpoint_every=2)
+    straight = train_pack(runs, show_progress=False)
+
+    def kill(trainer, losses, seconds):
+        if trainer.step == 3:
+            raise _Kill
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Kill):
+        PackTrainer(runs, show_progress=False, factor_cache=families.FactorCache(tmp_path / "inits")).run(
+            checkpoint_dir=ckpt, on_step=kill)
+    resumed = PackTrainer(runs, show_progress=False, factor_cache=families.FactorCache(tmp_path / "inits"))
+    assert resumed.statistics_seconds == 0  # the folder's cache holds every data run's factors
+    results = resumed.run(checkpoint_dir=ckpt)
+    assert resumed.resumed_at == 2
+    for a, b in zip(results, straight):
+        assert _losses(a) == _losses(b) and a.final == b.final, a.config.init
+
+
+def test_reuse_false_reads_the_batches_after_training_and_is_refused_where_training_reaches_them():
+    from lorainit.errors import BadInput
+
+    trainer = PackTrainer([_run("lora_ga", 0, {"batches": 2, "reuse": False})], show_progress=False,
+                          factor_cache=families.FactorCache(None))
+    p = statistics.plan(trainer, 0)
+    assert p.steps == [5, 6]  # after its 5 training steps: rows it never trains on
+    trained = {row for step in range(5) for row in trainer.orders[0].rows_at(step)}
+    assert not trained & {row for step in p.steps for row in trainer.orders[0].rows_at(step)}
+    with pytest.raises(BadInput, match="with reuse: false reads the 2 batches after its last training step"):
+        PackTrainer([_run("lora_ga", 0, {"batches": 2, "reuse": False}, max_steps=49)], show_progress=False)
