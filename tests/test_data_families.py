@@ -84,6 +84,7 @@ def _assert_factors_are_peft(trainer, k, peft_model):
             assert torch.equal(layer.lora_A0[k], A) and torch.equal(layer.lora_B0[k], B), name
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # PEFT's counting hook, on frozen inputs
 def test_lora_ga_gradient_equals_peft_preprocess_loraga_and_factors_from_it_are_peft_s(gathered, measured):
     from peft import get_peft_model
     from peft.tuners.lora import LoraGAConfig
@@ -148,7 +149,7 @@ def test_eva_components_equal_peft_get_eva_state_dict(gathered, measured):
 
 def test_corda_covariance_equals_peft_preprocess_corda_and_factors_from_it_are_peft_s(gathered, measured):
     from peft import get_peft_model
-    from peft.tuners.lora import CordaConfig
+    from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import collect_eigens, crop_corda_eigens, preprocess_corda
 
     trainer, found = gathered
@@ -185,8 +186,8 @@ def test_statistics_are_each_runs_own_and_a_rerun_reads_the_cache(gathered, tmp_
     monkeypatch.setattr(statistics, "gather", seen)
     cache = families.FactorCache(tmp_path / "inits")
     alone = PackTrainer([_run(*GATHERED[0])], show_progress=False, model_overrides=NO_DROPOUT, factor_cache=cache)
-    for mine, theirs in zip(seen.found[0], found[0]):  # the same run in a pack of 5 and alone
-        assert measured("packmates", mine.grad, theirs.grad) <= 1e-6
+    for mine, theirs in zip(seen.found[0], found[0]):  # the same run in a pack of 5 and alone: the same bits
+        assert torch.equal(mine.grad, theirs.grad)
     assert seen.calls == 1 and alone.statistics_seconds > 0
     again = PackTrainer([_run(*GATHERED[0])], show_progress=False, model_overrides=NO_DROPOUT,
                         factor_cache=families.FactorCache(tmp_path / "inits"))

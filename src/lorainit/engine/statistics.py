@@ -9,12 +9,18 @@
 Every run reads the batches of its own data order: by default the first ones, which its first
 training steps then train on again, as PEFT's examples reuse them (`reuse: true`); with
 `reuse: false`, the batches that follow its last training step, which it never trains on (refused
-when training reaches them). The statistics are gathered in one pass over the shared base for all
-the pack's data runs: forward hooks on the adapted layers split each batch by run, and each run's
-share goes to its own statistics. Its adapters are still zero, so every layer computes W x, as in
-the reference's preprocessing; its loss goes through its own head; in train mode the base's
-dropout draws from its own stream, kept apart from the one training draws from (salted), so that a
-run's statistics are those it gathers alone and training is not moved by them.
+when training reaches them). The statistics are gathered on the pack's shared base, by forward
+hooks on the adapted layers, before training. A run's adapters are still zero then, so every layer
+computes W x, as in the reference's preprocessing; its loss goes through its own head; in train
+mode the base's dropout draws from the run's own stream, kept apart from the one training draws
+from (salted), so that gathering does not move training.
+
+Runs that share a seed read the same rows, through the same head, under the same dropout: one pass
+serves all of them (each stops at its own batch count), so a pack of K data runs over S seeds
+makes S passes per kind where the runs alone make K. Each pass forwards one batch of one seed's
+rows, the shapes the run alone forwards, so a run's statistics are bit for bit those it gathers
+alone, whatever its pack-mates: an SVD of them would turn last-bit differences into different
+factors where singular values are close.
 
 Counted tokens are the real tokens of each row (EVA with `label_mask`: those whose label counts, for
 a causal LM); the layer input may be padded (rows, T, in), laid end to end (the padding-free
@@ -131,33 +137,31 @@ def data_digest(trainer, p: Plan) -> str:
 
 
 class Collector:
-    """Forward hooks on the adapted layers that give each active run its share of the batch."""
+    """Forward hooks on the adapted layers that add a batch's share to the statistics of every run
+    listening to it (the runs of one seed: they read the same rows through the same head)."""
 
     def __init__(self, layers: dict[str, nn.Module], plans: list[Plan], rank: int):
         self.layers, self.rank = layers, rank
         self.plans = {p.run: p for p in plans}
         self.stats = {p.run: {name: LayerStats() for name in layers} for p in plans}
-        self.runs: list[int] = []
-        self.per = 0
+        self.listening: list[int] = []
         self.masks: dict[str, torch.Tensor] = {}
-        self._selected: dict[tuple, list] = {}
+        self._selected: dict[tuple, tuple] = {}
 
-    def set_batch(self, runs: list[int], keep: torch.Tensor, labelled: torch.Tensor) -> None:
-        """The batch's runs in stacking order, its real tokens and its counted-label tokens (rows, T)."""
-        self.runs = runs
-        self.per = keep.shape[0] // len(runs)  # rows of each run
+    def set_batch(self, listening: list[int], keep: torch.Tensor, labelled: torch.Tensor) -> None:
+        """The runs the next batch counts for, its real tokens and its counted-label tokens (rows, T)."""
+        self.listening = listening
         self.masks = {"keep": keep.bool().cpu(), "labelled": (labelled.bool() & keep.bool()).cpu()}
         self._selected = {}
 
-    def _select(self, which: str, size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per active run: the positions of its `which` tokens among `size` input rows, and the row
-        (within the run's batch) each belongs to."""
+    def _select(self, which: str, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positions of the batch's `which` tokens among a layer input's `size` rows, and the
+        batch row each belongs to."""
         key = (which, size, str(device))
         if key in self._selected:
             return self._selected[key]
         keep, mask = self.masks["keep"], self.masks[which]
         rows, width = keep.shape
-        per = rows // len(self.runs)
         if size == rows * width:      # padded: (rows, T) slots
             slot = torch.arange(rows * width).view(rows, width)
         elif size == int(keep.sum()):  # real tokens laid end to end, row after row
@@ -170,56 +174,63 @@ class Collector:
         else:
             raise RuntimeError(f"an adapted layer's input has {size} rows, which is neither the batch's "
                                f"{rows} x {width} slots, its {int(keep.sum())} tokens, nor its {rows} rows")
-        out = []
-        for j in range(len(self.runs)):
-            part = slice(j * per, (j + 1) * per)
-            where = mask[part].nonzero()
-            out.append((slot[part][where[:, 0], where[:, 1]].to(device), where[:, 0].to(device)))
-        self._selected[key] = out
-        return out
+        where = mask.nonzero()
+        self._selected[key] = (slot[where[:, 0], where[:, 1]].to(device), where[:, 0].to(device))
+        return self._selected[key]
 
     def hook(self, name: str):
         def observe(module, inputs, output):
             x = inputs[0].detach()
             flat = x.reshape(-1, x.shape[-1])
-            grads = []
-            for j, k in enumerate(self.runs):
-                p = self.plans[k]
-                st = self.stats[k][name]
-                if p.kind == "grad":
-                    grads.append((j, k))
-                elif p.kind == "corda":
-                    idx, row = self._select("keep", flat.shape[0], flat.device)[j]
-                    xs = flat.index_select(0, idx).float()
-                    top = torch.full((self.per,), -torch.inf, device=xs.device)
-                    top = top.scatter_reduce(0, row, xs.amax(1), "amax")  # each row's max entry
-                    xs = xs / top.abs()[row, None]
-                    cov = xs.T @ xs
+            kinds = {self.plans[k].kind for k in self.listening}
+            if "corda" in kinds:
+                idx, row = self._select("keep", flat.shape[0], flat.device)
+                xs = flat.index_select(0, idx).float()
+                rows = self.masks["keep"].shape[0]
+                top = torch.full((rows,), -torch.inf, device=xs.device).scatter_reduce(0, row, xs.amax(1), "amax")
+                xs = xs / top.abs()[row, None]  # each row over abs(its max entry)
+                cov = xs.T @ xs
+            for k in self.listening:
+                p, st = self.plans[k], self.stats[k][name]
+                if p.kind == "corda":
                     st.covariance = cov if st.covariance is None else st.covariance + cov
-                    st.samples += int(top.numel())
-                elif not st.stopped:  # eva
-                    which = "labelled" if p.args["label_mask"] else "keep"
-                    idx, _ = self._select(which, flat.shape[0], flat.device)[j]
+                    st.samples += rows
+                elif p.kind == "eva" and not st.stopped:
+                    idx, _ = self._select("labelled" if p.args["label_mask"] else "keep", flat.shape[0], flat.device)
                     st.fit(flat.index_select(0, idx), self.rank, p.args["tau"])
-            if grads and output.requires_grad:
+            if "grad" in kinds and output.requires_grad:
+                grads = [k for k in self.listening if self.plans[k].kind == "grad"]
                 output.register_hook(lambda g: self._add_grad(name, flat, g, grads))
         return observe
 
-    def _add_grad(self, name: str, flat: torch.Tensor, g: torch.Tensor, grads: list[tuple[int, int]]) -> None:
-        """Each gradient run's W.grad share: the output gradient times the input, over its tokens."""
+    def _add_grad(self, name: str, flat: torch.Tensor, g: torch.Tensor, runs: list[int]) -> None:
+        """W.grad's share of this batch: the output gradient times the input, over the real tokens."""
+        idx, _ = self._select("keep", flat.shape[0], flat.device)
         gflat = g.detach().reshape(-1, g.shape[-1])
-        selected = self._select("keep", flat.shape[0], flat.device)
-        for j, k in grads:
-            idx, _ = selected[j]
-            part = gflat.index_select(0, idx).float().T @ flat.index_select(0, idx).float()  # (out, in)
+        part = gflat.index_select(0, idx).float().T @ flat.index_select(0, idx).float()  # (out, in)
+        for k in runs:
             st = self.stats[k][name]
             st.grad = part if st.grad is None else st.grad + part
             st.batches += 1
 
 
+def _groups(trainer, plans: list[Plan]) -> list[list[Plan]]:
+    """Plans that read the same batches in the same mode: one seed (so one data order, one head,
+    one dropout stream), one kind of pass, the same first step."""
+    out: dict[tuple, list[Plan]] = {}
+    for p in plans:
+        out.setdefault((trainer.runs[p.run].seed, p.kind == "grad", p.steps[0]), []).append(p)
+    return list(out.values())
+
+
 def gather(trainer, plans: list[Plan], show_progress: bool = False) -> dict[int, list[LayerStats]]:
-    """Every plan's statistics, layer by layer in the pack's module order, in one pass over the
-    shared base per kind (gradients in train mode, then activations in eval mode)."""
+    """Every plan's statistics, layer by layer in the pack's module order.
+
+    Runs that share a seed read the same rows through the same head under the same dropout, so
+    their statistics come from one pass: a forward (and, for gradients, a backward) of each batch
+    once, on that batch's rows alone, with one of them active. Each pass is then exactly the pass
+    the run makes alone, in the same shapes, bit for bit; and a pack of K runs over S seeds makes
+    S passes (per kind) where K runs alone make K."""
     from lorainit.display import ProgressDisplay
     from lorainit.engine import precision
     from lorainit.tasks.base import Forward
@@ -227,36 +238,36 @@ def gather(trainer, plans: list[Plan], show_progress: bool = False) -> dict[int,
     pack, state, task, model = trainer.pack, trainer.state, trainer.task, trainer.model
     collector = Collector(pack.layers, plans, pack.config.rank)
     handles = [layer.register_forward_hook(collector.hook(name)) for name, layer in pack.layers.items()]
-    streams = state.streams
-    state.streams = DropoutStreams([r.seed for r in trainer.runs], salt=(STREAM_SALT,))
-    for layer in pack.layers.values():
-        layer.streams = state.streams
-    was_training = model.training
-    bar = ProgressDisplay("init statistics", sum(len(p.steps) for p in plans), "batch", enabled=show_progress)
+    streams, was_training = state.streams, model.training
+    groups = _groups(trainer, plans)
+    bar = ProgressDisplay("init statistics", sum(max(len(p.steps) for p in g) for g in groups), "batch",
+                          enabled=show_progress)
     try:
-        for kind in ("grad", "acts"):
-            todo = [p for p in plans if (p.kind == "grad") == (kind == "grad")]
-            for i in range(max((len(p.steps) for p in todo), default=0)):
-                for p in todo:  # EVA: a layer whose components settled takes no more batches
-                    for st in collector.stats[p.run].values():
-                        if p.kind == "eva" and st.converged is not None and bool(st.converged.all()):
-                            st.stopped = True
-                active = [p.run for p in todo if i < len(p.steps) and not (
-                    p.kind == "eva" and all(st.stopped for st in collector.stats[p.run].values()))]
-                if not active:
+        for group in groups:
+            seed, grad = trainer.runs[group[0].run].seed, group[0].kind == "grad"
+            state.streams = DropoutStreams([r.seed for r in trainer.runs], salt=(STREAM_SALT,))  # fresh, as alone
+            for layer in pack.layers.values():
+                layer.streams = state.streams
+            for i in range(max(len(p.steps) for p in group)):
+                listening = []
+                for p in group:
+                    if i >= len(p.steps):
+                        continue
+                    if p.kind == "eva":  # a layer whose components settled takes no more batches
+                        for st in collector.stats[p.run].values():
+                            st.stopped = st.stopped or (st.converged is not None and bool(st.converged.all()))
+                        if all(st.stopped for st in collector.stats[p.run].values()):
+                            continue
+                    listening.append(p.run)
+                if not listening:
                     break
-                drawn, batches = {}, []
-                for k in active:
-                    seed, step = trainer.runs[k].seed, collector.plans[k].steps[i]
-                    if (seed, step) not in drawn:
-                        drawn[seed, step] = task.batch(trainer.orders[seed].rows_at(step))
-                    batches.append(drawn[seed, step])
-                batch, lengths = task.stack(batches, trainer.device)
-                state.set_batch(active, lengths)
-                collector.set_batch(active, task.token_mask(batch), task.label_mask(batch))
-                forward = Forward(active, probing=True, shared_rows=False)  # every token of every layer
+                batch, lengths = task.stack([task.batch(trainer.orders[seed].rows_at(group[0].steps[i]))],
+                                            trainer.device)
+                state.set_batch(listening[:1], lengths)
+                collector.set_batch(listening, task.token_mask(batch), task.label_mask(batch))
+                forward = Forward(listening[:1], probing=True, shared_rows=False)  # every token of every layer
                 with precision.autocast(trainer.runs[0].precision, trainer.device):
-                    if kind == "grad":
+                    if grad:
                         model.train()
                         with torch.enable_grad():
                             task.loss(state, batch, forward).means().sum().backward()
@@ -264,7 +275,7 @@ def gather(trainer, plans: list[Plan], show_progress: bool = False) -> dict[int,
                         model.eval()
                         with torch.no_grad():
                             task.loss(state, batch, forward)
-                bar.update(len(active), f"{kind} batch {i + 1}")
+                bar.update(1, f"seed {seed}: {len(listening)} runs")
     finally:
         for handle in handles:
             handle.remove()
