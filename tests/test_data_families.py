@@ -274,3 +274,52 @@ def test_reuse_false_reads_the_batches_after_training_and_is_refused_where_train
     assert not trained & {row for step in p.steps for row in trainer.orders[0].rows_at(step)}
     with pytest.raises(BadInput, match="with reuse: false reads the 2 batches after its last training step"):
         PackTrainer([_run("lora_ga", 0, {"batches": 2, "reuse": False}, max_steps=49)], show_progress=False)
+
+
+@pytest.mark.parametrize("init", ["lora_ga", "lora_one", "eva", "corda"])
+def test_apply_init_with_data_starts_a_peft_model_where_the_pack_starts_the_run(gathered, init, measured):
+    """The same rows through the same head, padded batches in PEFT against the pack's unpadded ones."""
+    from peft import get_peft_model
+
+    from lorainit.peft import apply_init
+
+    trainer, _ = gathered
+    k = next(i for i, (name, _, _) in enumerate(GATHERED) if name == init)
+    run = trainer.runs[k]
+    peft_model = get_peft_model(_reference(trainer, k), _peft_config(True))
+    args = dict(GATHERED[k][2])
+    applied = apply_init(peft_model, init, seed=run.seed, init_args=args,
+                         data=_batches(trainer, k, 64 if init == "eva" else 3))
+    assert applied.rewrote_base == trainer.pack.corrected[k]
+    for name, layer in trainer.pack.layers.items():
+        lora = peft_model.base_model.model.get_submodule(name)
+        A, B = lora.lora_A["default"].weight.detach(), lora.lora_B["default"].weight.detach()
+        # a singular pair's sign follows the last bits of its matrix: each row of A and column of B
+        # up to its sign
+        pairs = [("A", A, layer.lora_A[k].detach(), 1)] + ([] if init == "eva" else [("B", B, layer.lora_B[k].detach(), 0)])
+        for which, theirs, ours, dim in pairs:
+            cos = (theirs * ours).sum(dim) / (theirs.norm(dim=dim) * ours.norm(dim=dim))
+            assert measured(f"apply_{init}_{which}_cos", cos.abs(), torch.ones_like(cos)) <= 1e-4, name
+            assert measured(f"apply_{init}_{which}_norm", theirs.norm(dim=dim), ours.norm(dim=dim)) <= 1e-4, name
+        if applied.rewrote_base:
+            assert torch.equal(lora.get_base_layer().weight,
+                               layer.base.weight - layer.scaling * (B @ A) if init == "lora_ga" else
+                               layer.base.weight - layer.scaling * B @ A), name
+
+
+def test_apply_init_names_what_a_data_family_lacks(gathered):
+    from peft import get_peft_model
+
+    from lorainit.errors import BadInput
+    from lorainit.peft import apply_init
+
+    trainer, _ = gathered
+    model = get_peft_model(_reference(trainer, 0), _peft_config(True))
+    with pytest.raises(BadInput, match="init lora_ga is computed from data: give apply_init data="):
+        apply_init(model, "lora_ga")
+    with pytest.raises(BadInput, match="init pissa reads no data"):
+        apply_init(model, "pissa", data=_batches(trainer, 0, 1))
+    with pytest.raises(BadInput, match="init lora_ga reads 8 batches, but data gave 2"):
+        apply_init(model, "lora_ga", data=_batches(trainer, 0, 2))
+    with pytest.raises(BadInput, match="need labels"):
+        apply_init(model, "lora_one", init_args={"batches": 1}, data=_batches(trainer, 0, 1, labels=False))

@@ -13,6 +13,13 @@ that family and seed, bit for bit: the same draws from the run's 'init' stream, 
 module order (`engine/families.py`, `engine/inits.py`). The task head and every other parameter
 are left as they are.
 
+The families computed from data (lora_ga, lora_one, eva, corda) read `data`: an iterable of batches
+the model takes as `model(**batch)` (a DataLoader), with `labels` for the gradient families, whose
+loss is the model's own. The statistics are gathered as a pack gathers a run's
+(`engine/statistics.py`) with the adapter switched off, through the model's own head, in train mode
+(gradients, with the model's own dropout) or eval mode (activations), from the first `batches`
+batches (EVA: until its components settle, cycling `data` as PEFT does).
+
 A family that rewrites the base (pissa, pissa_niter_<K>, olora, ab with reset) rewrites it here as
 its reference does: W <- W - s B0 A0, computed on a CPU copy (in fp32 and cast back to W's dtype for
 PEFT's families, as PEFT's `pissa_init` does; `W -= (B0 @ A0) * s` in W's dtype for ab, as the
@@ -124,15 +131,83 @@ def _rewrite_base(layer: nn.Module, A0: torch.Tensor, B0: torch.Tensor, scaling:
     w = w.T if is_conv1d(base) else w  # (out, in)
     if init == "ab":  # the Init[AB] reference: `weight.data -= (B @ A) * scaling`, in W's dtype
         w -= (B0 @ A0) * scaling
+    elif init == "lora_ga":  # PEFT's lora_ga_init: `W - scaling * (B @ A)` in fp32, cast back
+        w = (w.to(torch.float32) - scaling * (B0 @ A0)).to(w.dtype)
     else:  # PEFT's pissa_init / olora_init: `W - scaling * B @ A` in fp32, cast back
         w = (w.to(torch.float32) - scaling * B0 @ A0).to(w.dtype)
     base.weight.copy_((w.T if is_conv1d(base) else w).to(base.weight.device))
 
 
+def _gathered(peft_model: nn.Module, layers: list[tuple[str, nn.Module]], init: str, args: dict, ranks: list[int],
+              data) -> list:
+    """A data family's statistics of each layer over `data`, with the adapters off (the base alone)."""
+    from itertools import cycle
+
+    from lorainit.engine import statistics
+
+    plan = statistics.Plan(0, init, args, list(range(args.get("batches", args.get("max_batches")))))
+    collector = statistics.Collector(dict(layers), [plan], dict(zip((n for n, _ in layers), ranks)))
+    handles = [layer.register_forward_hook(collector.hook(name)) for name, layer in layers]
+    grad = plan.kind == "grad"
+    weights = [layer.get_base_layer().weight for _, layer in layers]
+    was_training, frozen = peft_model.training, [w.requires_grad for w in weights]
+    device = weights[0].device
+    batches = iter(cycle(data) if plan.kind == "eva" else data)
+    try:
+        with peft_model.disable_adapter():
+            peft_model.train(grad)
+            for w in weights:  # the layers' outputs then carry the gradient the statistics read
+                w.requires_grad_(grad)
+            for i in plan.steps:
+                stats = collector.stats[0].values()
+                for st in stats:
+                    st.stopped = st.stopped or (st.converged is not None and bool(st.converged.all()))
+                if plan.kind == "eva" and all(st.stopped for st in stats):
+                    break
+                batch = next(batches, None)
+                if batch is None:
+                    raise BadInput(f"init {init} reads {len(plan.steps)} batches, but data gave {i}")
+                batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
+                ids = batch.get("input_ids")
+                keep = batch.get("attention_mask", torch.ones_like(ids) if ids is not None else None)
+                if keep is None:
+                    raise BadInput("apply_init's data gives batches with input_ids (and attention_mask)")
+                labels = batch.get("labels")
+                labelled = keep.bool() & (labels != -100) if labels is not None and labels.shape == keep.shape \
+                    else keep.bool()
+                collector.set_batch([0], keep, labelled)
+                if grad:
+                    with torch.enable_grad():
+                        loss = peft_model(**batch).loss
+                        if loss is None:
+                            raise BadInput(f"init {init} reads gradients: data's batches need labels, so that "
+                                           "the model returns its loss")
+                        loss.backward()
+                else:
+                    with torch.no_grad():
+                        peft_model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for w, flag in zip(weights, frozen):
+            w.grad = None
+            w.requires_grad_(flag)
+        for p in peft_model.parameters():
+            p.grad = None
+        peft_model.train(was_training)
+    if plan.kind == "eva":
+        late = [name for name, st in collector.stats[0].items() if not bool(st.converged.all())]
+        if late:
+            raise BadInput(f"EVA's components of {late[0]} did not settle to tau {args['tau']} within "
+                           f"{len(plan.steps)} batches; raise init_args.max_batches or lower tau")
+    return [st.finish() for st in collector.stats[0].values()]
+
+
 def apply_init(peft_model: nn.Module, init: str = "b", seed: int = 0, adapter_name: str = "default",
-               init_args: dict | None = None, init_variance: str = "kaiming") -> Applied:
+               init_args: dict | None = None, init_variance: str = "kaiming", data=None) -> Applied:
     """Set every LoRA layer of `adapter_name` to the factors a lorainit run of family `init` (with
     options `init_args`; `init_variance` for a and b) draws from `seed`; return what was done.
+    `data`: for a family computed from data, the batches it reads (see the module's doc).
 
     Bit for bit what `LoRAPack.init_run` draws for that run. Each layer's rank and scaling are read
     from the layer (rank_pattern, alpha_pattern and rsLoRA as PEFT built them). A family that
@@ -157,6 +232,14 @@ def apply_init(peft_model: nn.Module, init: str = "b", seed: int = 0, adapter_na
             raise BadInput(f"{name}: scaling is {layer.scaling[adapter_name]:g}, but r {r} and alpha {alpha:g} "
                            f"give {scaling:g} (was it rescaled?)")
     args = {**family.args, **(init_args or {})}
+    if family.needs and data is None:
+        raise BadInput(f"init {init} is computed from data: give apply_init data=, an iterable of batches "
+                       "the model takes as model(**batch)")
+    if not family.needs and data is not None:
+        raise BadInput(f"init {init} reads no data; leave out data=")
+    if family.needs and not args["reuse"]:
+        raise BadInput("init_args.reuse is a pack's choice of rows from its data order; apply_init reads "
+                       "the batches data gives")
     rewrites = family.rewrites_base(args)
     if rewrites and len(peft_model.peft_config) > 1:
         raise BadInput(f"init {init} rewrites the base weights, which the model's other adapters "
@@ -183,6 +266,12 @@ def apply_init(peft_model: nn.Module, init: str = "b", seed: int = 0, adapter_na
                 fill(a, b, init_variance, g)
                 A.append(a)
                 B.append(b)
+        elif family.needs:
+            stats = _gathered(peft_model, layers, init, args, ranks, data)
+            g = rng.generator(seed, "init")
+            per_layer = [families.from_statistics(init, args, [t], r, a, rslora, g, [st])
+                         for t, r, a, st in zip(targets, ranks, alphas, stats)]
+            A, B = [f.A[0] for f in per_layer], [f.B[0] for f in per_layer]
         else:
             drawn = _draw(init, init_args or {}, targets, ranks, alphas, rslora, seed)
             A, B = drawn.A, drawn.B

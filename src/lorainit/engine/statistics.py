@@ -140,8 +140,9 @@ class Collector:
     """Forward hooks on the adapted layers that add a batch's share to the statistics of every run
     listening to it (the runs of one seed: they read the same rows through the same head)."""
 
-    def __init__(self, layers: dict[str, nn.Module], plans: list[Plan], rank: int):
-        self.layers, self.rank = layers, rank
+    def __init__(self, layers: dict[str, nn.Module], plans: list[Plan], rank: int | dict[str, int]):
+        self.layers = layers
+        self.rank = rank if isinstance(rank, dict) else {name: rank for name in layers}  # per layer
         self.plans = {p.run: p for p in plans}
         self.stats = {p.run: {name: LayerStats() for name in layers} for p in plans}
         self.listening: list[int] = []
@@ -197,7 +198,7 @@ class Collector:
                     st.samples += rows
                 elif p.kind == "eva" and not st.stopped:
                     idx, _ = self._select("labelled" if p.args["label_mask"] else "keep", flat.shape[0], flat.device)
-                    st.fit(flat.index_select(0, idx), self.rank, p.args["tau"])
+                    st.fit(flat.index_select(0, idx), self.rank[name], p.args["tau"])
             if "grad" in kinds and output.requires_grad:
                 grads = [k for k in self.listening if self.plans[k].kind == "grad"]
                 output.register_hook(lambda g: self._add_grad(name, flat, g, grads))
