@@ -133,6 +133,7 @@ class PackTrainer:
                                json.loads(run.init_args) if run.init_args else None, cache)
         self.state = packing.install(self.pack, [r.seed for r in runs])
         self.statistics_seconds = 0.0  # the data-driven inits' statistics pass, when it ran
+        self.statistics_batches = 0    # the batches it forwarded
         data_runs = [k for k, run in enumerate(runs) if families.get(run.init).needs]
         if data_runs:
             statistics.initialise(self, data_runs, cache, show_progress)

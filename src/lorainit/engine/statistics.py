@@ -276,6 +276,7 @@ def gather(trainer, plans: list[Plan], show_progress: bool = False) -> dict[int,
                         model.eval()
                         with torch.no_grad():
                             task.loss(state, batch, forward)
+                trainer.statistics_batches += 1
                 bar.update(1, f"seed {seed}: {len(listening)} runs")
     finally:
         for handle in handles:

@@ -15,7 +15,8 @@ from lorainit.errors import BadInput
 
 # how the page, the figures and the sentences name each init; an unknown init is shown as given
 INIT_NAMES = {"a": "Init[A]", "b": "Init[B]", "ab": "Init[AB]", "gaussian": "Gaussian (PEFT)",
-              "orthogonal": "Orthogonal", "pissa": "PiSSA", "olora": "OLoRA"}
+              "orthogonal": "Orthogonal", "pissa": "PiSSA", "olora": "OLoRA", "lora_ga": "LoRA-GA",
+              "lora_one": "LoRA-One", "eva": "EVA", "corda": "CorDA"}
 _PISSA_NITER = re.compile(r"^pissa_niter_(\d+)$")  # PiSSA's fast SVD with K subspace iterations
 
 
