@@ -199,6 +199,28 @@ def test_statistics_are_each_runs_own_and_a_rerun_reads_the_cache(gathered, tmp_
     assert seen.calls == 2 and other.statistics_seconds > 0  # other rows: gathered anew
 
 
+def test_runs_of_one_seed_share_one_pass_and_each_reads_its_own_batches(monkeypatch):
+    seen = _Seen()
+    monkeypatch.setattr(statistics, "gather", seen)
+    runs = [_run("lora_ga", 0, {"batches": 3}), _run("lora_one", 0, {"batches": 2}), _run("corda", 0, {"batches": 2}),
+            _run("eva", 0, {"tau": 0.9})]
+    pack = PackTrainer(runs, show_progress=False, model_overrides=NO_DROPOUT, factor_cache=families.FactorCache(None))
+    together = seen.found
+    forwards = []
+    for k, run in enumerate(runs):
+        alone = PackTrainer([run], show_progress=False, model_overrides=NO_DROPOUT,
+                            factor_cache=families.FactorCache(None))
+        forwards.append(alone.statistics_batches)
+        for mine, theirs in zip(seen.found[0], together[k]):
+            for field in ("grad", "covariance"):
+                if getattr(mine, field) is not None:
+                    assert torch.equal(getattr(mine, field), getattr(theirs, field)), (run.init, field)
+            if mine.pca is not None:
+                assert torch.equal(mine.components, theirs.components)
+    assert forwards[:3] == [3, 2, 2] and forwards[3] > 2  # EVA: until its components settle
+    assert pack.statistics_batches == 3 + forwards[3]  # one pass per kind, not one per run
+
+
 MIXED = [("lora_ga", 0, {"batches": 2}), ("lora_one", 1, {"batches": 2}), ("eva", 0, {"tau": 0.9}),
          ("corda", 1, {"batches": 2, "mode": "kpm"}), ("lora_ga", 1, {"batches": 2, "scale": "original"}),
          ("a", 0, None), ("pissa", 1, None)]

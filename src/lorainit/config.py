@@ -44,7 +44,8 @@ class RunConfig:
     init_args: str | None = None          # the family's options that differ from their defaults, canonical JSON
     #                                       (given as a mapping, e.g. {reset: false} for ab); None: all defaults
     init: str = "a"                       # the init family: a (Init[A]: A random, B = 0), b (Init[B]: B random,
-    #                                       A = 0), ab, gaussian, orthogonal, pissa, pissa_niter_<K>, olora
+    #                                       A = 0), ab, gaussian, orthogonal, pissa, pissa_niter_<K>, olora,
+    #                                       and from the run's rows lora_ga, lora_one, eva, corda
     #                                       (`engine.families`); PEFT's strings are accepted (true = a)
     init_variance: str = "kaiming"        # a and b: kaiming (PEFT's) | gaussian (the theory's, N(0, 1/fan_in))
     lr: float = 1e-4                      # AdamW learning rate of A (and of the head)

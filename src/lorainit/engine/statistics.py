@@ -262,8 +262,8 @@ def gather(trainer, plans: list[Plan], show_progress: bool = False) -> dict[int,
                     listening.append(p.run)
                 if not listening:
                     break
-                batch, lengths = task.stack([task.batch(trainer.orders[seed].rows_at(group[0].steps[i]))],
-                                            trainer.device)
+                step = collector.plans[listening[0]].steps[i]  # a group's plans share their steps
+                batch, lengths = task.stack([task.batch(trainer.orders[seed].rows_at(step))], trainer.device)
                 state.set_batch(listening[:1], lengths)
                 collector.set_batch(listening, task.token_mask(batch), task.label_mask(batch))
                 forward = Forward(listening[:1], probing=True, shared_rows=False)  # every token of every layer
