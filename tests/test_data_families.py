@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import NO_DROPOUT
+from conftest import NO_DROPOUT, train_killed_at
 from lorainit import models
 from lorainit.config import RunConfig
 from lorainit.engine import families, rng, statistics
@@ -203,9 +203,13 @@ def test_runs_of_one_seed_share_one_pass_and_each_reads_its_own_batches(monkeypa
     seen = _Seen()
     monkeypatch.setattr(statistics, "gather", seen)
     runs = [_run("lora_ga", 0, {"batches": 3}), _run("lora_one", 0, {"batches": 2}), _run("corda", 0, {"batches": 2}),
-            _run("eva", 0, {"tau": 0.9})]
+            _run("eva", 0, {"tau": 0.9}), _run("lora_ga", 0, {"batches": 3}, lr=1e-3)]  # the last: a sweep's other lr
     pack = PackTrainer(runs, show_progress=False, model_overrides=NO_DROPOUT, factor_cache=families.FactorCache(None))
     together = seen.found
+    assert together[4] is together[0]  # same seed, family and options: gathered once
+    for layer in pack.pack.layers.values():
+        assert torch.equal(layer.lora_A[4], layer.lora_A[0]) and torch.equal(layer.lora_B0[4], layer.lora_B0[0])
+    runs = runs[:4]
     forwards = []
     for k, run in enumerate(runs):
         alone = PackTrainer([run], show_progress=False, model_overrides=NO_DROPOUT,
@@ -261,22 +265,11 @@ def test_a_mixed_pack_equals_each_run_alone_and_every_adapter_reloads_in_peft(tm
         assert measured("reloaded_eval_loss", loss, res.final["eval_loss"]) <= 1e-5, run.init
 
 
-class _Kill(Exception):
-    pass
-
-
 def test_a_killed_mixed_pack_resumes_to_the_run_straight_through(tmp_path):
     runs = _mixed(checkpoint_every=2)
     straight = train_pack(runs, show_progress=False)
-
-    def kill(trainer, losses, seconds):
-        if trainer.step == 3:
-            raise _Kill
-
     ckpt = tmp_path / "ckpt"
-    with pytest.raises(_Kill):
-        PackTrainer(runs, show_progress=False, factor_cache=families.FactorCache(tmp_path / "inits")).run(
-            checkpoint_dir=ckpt, on_step=kill)
+    train_killed_at(runs, ckpt, tmp_path / "inits", step=3)
     resumed = PackTrainer(runs, show_progress=False, factor_cache=families.FactorCache(tmp_path / "inits"))
     assert resumed.statistics_seconds == 0  # the folder's cache holds every data run's factors
     results = resumed.run(checkpoint_dir=ckpt)
@@ -345,3 +338,27 @@ def test_apply_init_names_what_a_data_family_lacks(gathered):
         apply_init(model, "lora_ga", data=_batches(trainer, 0, 2))
     with pytest.raises(BadInput, match="need labels"):
         apply_init(model, "lora_one", init_args={"batches": 1}, data=_batches(trainer, 0, 1, labels=False))
+
+
+def test_a_run_that_starts_off_the_base_is_judged_against_its_own_start():
+    """A decoder's trivial loss is its step-0 eval loss: LoRA-One starts one gradient step away from
+    the base, so it is not the base's, which a same-seed Init[A] run keeps."""
+    base = dict(model="smollm2-135m", task="wikitext2-slice", max_steps=1, batch_size=2, rank=4, alpha=8,
+                dropout=0.0, targets=["q_proj", "v_proj"], max_train_samples=8, max_eval_samples=2, lr=1e-4,
+                save_adapters=False)
+    runs = [RunConfig.from_dict(base | {"init": init, "seed": 0, "init_args": args})
+            for init, args in (("lora_one", {"batches": 1, "gamma": 1.0}), ("a", None), ("eva", {"tau": 0.5}))]
+    trainer = PackTrainer(runs, show_progress=False, factor_cache=families.FactorCache(None))
+    trainer.record_trivial()
+    one, a, eva = (res.trivial_loss for res in trainer.results)
+    assert a == eva  # both start at the base: one evaluation serves the seed
+    assert one != a and abs(one - a) > 1e-4
+
+
+def test_an_eva_run_that_does_not_settle_fails_alone_naming_why():
+    runs = [_run("eva", 0, {"max_batches": 2}), _run("a", 0)]
+    results = PackTrainer(runs, show_progress=False, factor_cache=families.FactorCache(None)).run()
+    assert results[0].status == "failed" and results[0].final == {}
+    assert "EVA's components of bert.encoder.layer.0.attention.self.query (and 11 more layers) did not settle " \
+           "to tau 0.99 within 2 batches; raise init_args.max_batches or lower tau" == results[0].error
+    assert results[1].status == "done" and results[1].steps == 5

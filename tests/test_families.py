@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from conftest import train_killed_at
 from lorainit import models
 from lorainit.config import RunConfig
 from lorainit.engine import families, rng
@@ -271,10 +272,6 @@ def test_each_run_of_a_mixed_pack_equals_itself_alone(tmp_path, measured):
     assert len({round(_losses(r)[-1], 6) for r in packed}) == len(runs)
 
 
-class _Kill(Exception):
-    pass
-
-
 def test_a_killed_mixed_pack_resumes_to_the_run_straight_through_and_decomposes_nothing_again(
         tmp_path, monkeypatch):
     runs = _runs(("pissa", "olora", "ab", "a"), checkpoint_every=2)
@@ -294,14 +291,8 @@ def test_a_killed_mixed_pack_resumes_to_the_run_straight_through_and_decomposes_
     layers = 12  # MiniLM's query and value in 6 blocks
     assert calls == {"svd": layers, "qr": layers}  # pissa's SVDs, olora's QRs: once each
 
-    def kill(trainer, losses, seconds):
-        if trainer.step == 3:
-            raise _Kill
-
     ckpt = tmp_path / "ckpt"
-    with pytest.raises(_Kill):
-        PackTrainer(runs, show_progress=False, factor_cache=families.FactorCache(tmp_path / "inits")).run(
-            checkpoint_dir=ckpt, on_step=kill)
+    train_killed_at(runs, ckpt, tmp_path / "inits", step=3)
     assert calls == {"svd": layers, "qr": layers}  # a new process reads the folder's cache
     # the resumed pack takes its corrections from the checkpoint: factors now in the cache would not
     # change them

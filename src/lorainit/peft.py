@@ -195,12 +195,10 @@ def _gathered(peft_model: nn.Module, layers: list[tuple[str, nn.Module]], init: 
         for p in peft_model.parameters():
             p.grad = None
         peft_model.train(was_training)
-    if plan.kind == "eva":
-        late = [name for name, st in collector.stats[0].items() if not bool(st.converged.all())]
-        if late:
-            raise BadInput(f"EVA's components of {late[0]} did not settle to tau {args['tau']} within "
-                           f"{len(plan.steps)} batches; raise init_args.max_batches or lower tau")
-    return [st.finish() for st in collector.stats[0].values()]
+    found = [st.finish() for st in collector.stats[0].values()]
+    if plan.kind == "eva" and (why := statistics.unsettled([n for n, _ in layers], found, args["tau"], len(plan.steps))):
+        raise BadInput(why)
+    return found
 
 
 def apply_init(peft_model: nn.Module, init: str = "b", seed: int = 0, adapter_name: str = "default",

@@ -135,8 +135,7 @@ class PackTrainer:
         self.statistics_seconds = 0.0  # the data-driven inits' statistics pass, when it ran
         self.statistics_batches = 0    # the batches it forwarded
         data_runs = [k for k, run in enumerate(runs) if families.get(run.init).needs]
-        if data_runs:
-            statistics.initialise(self, data_runs, cache, show_progress)
+        unmade = statistics.initialise(self, data_runs, cache, show_progress) if data_runs else {}
         self.pack.release_targets()
         if first.gradient_checkpointing:
             self.task.checkpoint_base(self.state)
@@ -154,6 +153,9 @@ class PackTrainer:
         self.sink: MetricSink | None = None
         self.pending: list[tuple[int, int, str, float]] = []  # (run, step, name, value) not yet in the sink
         self.results = [RunResult(r) for r in runs]
+        for k, why in unmade.items():  # its init could not be made: it fails, its pack-mates train
+            self.alive[k] = False
+            self.results[k].status, self.results[k].error = "failed", why
         self.step = 0  # optimiser steps done
         self.finished = False  # trained and evaluated to the end
         self.seconds = 0.0  # time spent in run(), across resumes
@@ -302,19 +304,24 @@ class PackTrainer:
     @torch.inference_mode()
     def record_trivial(self) -> None:
         """Each run's trivial loss at step 0 (`Task.trivial_losses`), as its metric row
-        `trivial_loss` and on its result. Runs whose adapters start at zero and share a seed
-        compute one function at step 0 (the base with that seed's frozen draws), so one of them
-        is evaluated for all: one evaluation per seed, without generation."""
+        `trivial_loss` and on its result. Runs that start at the base (s B0 A0 = 0, or carried as
+        their correction) and share a seed compute one function at step 0 (the base with that
+        seed's frozen draws), so one of them is evaluated for all: one evaluation per seed, without
+        generation. A run that starts off the base (LoRA-One, Init[AB] without reset, orthogonal's
+        rounding) is evaluated as it starts."""
+        keys = [run.seed if families.starts_at_base(run.init, families.args_of(run.init, run.init_args))
+                else ("own", k) for k, run in enumerate(self.runs)]
         first = {}
-        for k, run in enumerate(self.runs):
-            first.setdefault(run.seed, k)
+        for k, key in enumerate(keys):
+            first.setdefault(key, k)
         active = sorted(first.values())
         with self._evaluating(active):
             values = dict(zip(active, self.task.trivial_losses(self.state, active)))
-        for k, run in enumerate(self.runs):
-            self.results[k].trivial_loss = values[first[run.seed]]
-            if values[first[run.seed]] is not None:  # a task with no eval loss: not judged
-                self._emit(k, 0, "trivial_loss", values[first[run.seed]])
+        for k, key in enumerate(keys):
+            value = values[first[key]]
+            self.results[k].trivial_loss = value
+            if value is not None:  # a task with no eval loss: not judged
+                self._emit(k, 0, "trivial_loss", value)
 
     # -- checkpoints ------------------------------------------------------------------------
 

@@ -196,6 +196,14 @@ def check_args(init: str, args: dict | None, rank: int, where: str = "run") -> d
     return out
 
 
+def starts_at_base(init: str, args: dict | None = None) -> bool:
+    """Whether a run of the family computes the base model at step 0: s B_0 A_0 = 0 (a, b, gaussian,
+    eva), or carried as its correction (a family that rewrites the base). Not LoRA-One (one gradient
+    step away by design), Init[AB] without reset, nor orthogonal (B_0 A_0 = 0 up to rounding)."""
+    family = get(init)
+    return family.rewrites_base(args) or family.name in ("a", "b", "gaussian", "eva")
+
+
 def args_of(init: str, init_args: str | None) -> dict:
     """Every option of the family, the run's `init_args` (JSON) over the defaults."""
     return {**get(init).args, **(json.loads(init_args) if init_args else {})}

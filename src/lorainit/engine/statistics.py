@@ -229,7 +229,8 @@ def gather(trainer, plans: list[Plan], show_progress: bool = False) -> dict[int,
 
     Runs that share a seed read the same rows through the same head under the same dropout, so
     their statistics come from one pass: a forward (and, for gradients, a backward) of each batch
-    once, on that batch's rows alone, with one of them active. Each pass is then exactly the pass
+    once, on that batch's rows alone, with one of them active; runs that also share their family
+    and options share their statistics, gathered once. Each pass is then exactly the pass
     the run makes alone, in the same shapes, bit for bit; and a pack of K runs over S seeds makes
     S passes (per kind) where K runs alone make K."""
     from lorainit.display import ProgressDisplay
@@ -237,6 +238,12 @@ def gather(trainer, plans: list[Plan], show_progress: bool = False) -> dict[int,
     from lorainit.tasks.base import Forward
 
     pack, state, task, model = trainer.pack, trainer.state, trainer.task, trainer.model
+    # runs of one seed, family and options (a sweep's lrs) have the same statistics: gathered once
+    twins: dict[tuple, Plan] = {}
+    for p in plans:
+        twins.setdefault((trainer.runs[p.run].seed, p.init, json.dumps(p.args, sort_keys=True)), p)
+    twin_of = {p.run: twins[trainer.runs[p.run].seed, p.init, json.dumps(p.args, sort_keys=True)].run for p in plans}
+    plans = list(twins.values())
     collector = Collector(pack.layers, plans, pack.config.rank)
     handles = [layer.register_forward_hook(collector.hook(name)) for name, layer in pack.layers.items()]
     streams, was_training = state.streams, model.training
@@ -289,21 +296,27 @@ def gather(trainer, plans: list[Plan], show_progress: bool = False) -> dict[int,
         state.set_batch(None, None)
         model.train(was_training)
         bar.close()
-    for p in plans:
-        if p.kind == "eva":
-            late = [name for name, st in collector.stats[p.run].items() if not st.stopped and not (
-                st.converged is not None and bool(st.converged.all()))]
-            if late:
-                raise BadInput(f"run {trainer.runs[p.run].run_id()}: EVA's components of {late[0]} (and "
-                               f"{len(late) - 1} more layers) did not settle to tau {p.args['tau']} within "
-                               f"{len(p.steps)} batches; raise init_args.max_batches or lower tau")
-    return {p.run: [st.finish() for st in collector.stats[p.run].values()] for p in plans}
+    found = {p.run: [st.finish() for st in collector.stats[p.run].values()] for p in plans}
+    return {run: found[twin] for run, twin in twin_of.items()}
 
 
-def initialise(trainer, runs: list[int], cache: families.FactorCache | None, show_progress: bool = False) -> None:
+def unsettled(names: list[str], stats: list[LayerStats], tau: float, batches: int) -> str | None:
+    """Why an EVA run's statistics cannot make its factors (a layer whose components did not settle
+    within its batches), or None."""
+    late = [name for name, st in zip(names, stats) if not (st.converged is not None and bool(st.converged.all()))]
+    if not late:
+        return None
+    more = f" (and {len(late) - 1} more layers)" if len(late) > 1 else ""
+    return (f"EVA's components of {late[0]}{more} did not settle to tau {tau} within {batches} batches; "
+            "raise init_args.max_batches or lower tau")
+
+
+def initialise(trainer, runs: list[int], cache: families.FactorCache | None,
+               show_progress: bool = False) -> dict[int, str]:
     """Set the data-driven runs' initial factors: from `cache` where it holds them (keyed also by
-    the rows and seed their statistics read), else from statistics gathered now for all of them in
-    one pass. Records the pass's seconds on `trainer.statistics_seconds`."""
+    the rows and seed their statistics read), else from statistics gathered now, one pass per seed.
+    Records the pass's seconds on `trainer.statistics_seconds`. Returns the runs whose statistics
+    could make no factors (EVA that did not settle), each with why: they fail, their pack-mates go on."""
     pack, cfg = trainer.pack, trainer.pack.config
     targets = pack.targets()
     missing = []
@@ -318,12 +331,17 @@ def initialise(trainer, runs: list[int], cache: families.FactorCache | None, sho
         else:
             missing.append((p, key))
     if not missing:
-        return
+        return {}
     start = time.perf_counter()
     found = gather(trainer, [p for p, _ in missing], show_progress)
     trainer.statistics_seconds += time.perf_counter() - start
+    failed = {}
     for p, key in missing:
         run = trainer.runs[p.run]
+        if p.kind == "eva" and (why := unsettled(list(pack.layers), found[p.run], p.args["tau"], len(p.steps))):
+            failed[p.run] = why
+            continue
         made = families.from_statistics(run.init, p.args, targets, cfg.rank, cfg.alpha, cfg.rslora,
                                         rng.generator(run.seed, "init"), found[p.run])
         pack.set_factors(p.run, cache.put(key, made) if cache is not None else made)
+    return failed
