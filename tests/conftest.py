@@ -204,3 +204,15 @@ def train_killed_at(runs, checkpoint_dir, cache_dir, step: int) -> None:
     with pytest.raises(Killed):
         PackTrainer(runs, show_progress=False, factor_cache=FactorCache(cache_dir)).run(
             checkpoint_dir=checkpoint_dir, on_step=kill)
+
+
+def sst2_eval_batch(rows: int):
+    """MiniLM as loaded (a 2-way head, its own dropout) and the first `rows` SST-2 slice validation
+    rows as one padded batch with their labels: (base, batch, labels), for reloading adapters."""
+    from lorainit.tasks import glue
+    from lorainit.tasks.classification import collate
+
+    examples = glue.read("sst2-slice", "eval", max_rows=rows)
+    base, tokenizer = models.load("minilm", "classification", num_labels=2)
+    ids, type_ids = glue.encode(examples, tokenizer, 128)
+    return base, collate(ids, tokenizer.pad_token_id, type_ids), torch.tensor(examples.labels)

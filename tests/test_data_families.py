@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import NO_DROPOUT, train_killed_at
+from conftest import NO_DROPOUT, sst2_eval_batch, train_killed_at
 from lorainit import models
 from lorainit.config import RunConfig
 from lorainit.engine import families, rng, statistics
@@ -241,9 +241,6 @@ def _losses(result):
 def test_a_mixed_pack_equals_each_run_alone_and_every_adapter_reloads_in_peft(tmp_path, measured):
     from peft import PeftModel
 
-    from lorainit.tasks import glue
-    from lorainit.tasks.classification import collate
-
     runs = _mixed(max_eval_samples=32)
     cache = families.FactorCache(tmp_path / "inits")
     packed = PackTrainer(runs, show_progress=False, factor_cache=cache).run(adapters_dir=tmp_path / "adapters")
@@ -253,11 +250,7 @@ def test_a_mixed_pack_equals_each_run_alone_and_every_adapter_reloads_in_peft(tm
         # statistics gathered and trained in a pack of 7 against alone, with dropout: fp32 rounding
         assert measured("mixed_vs_alone_loss", _losses(res), _losses(alone)) <= 1e-5, run.init
         assert measured("mixed_vs_alone_eval", res.final["eval_loss"], alone.final["eval_loss"]) <= 1e-5
-    examples = glue.read("sst2-slice", "eval", max_rows=32)
-    base, tokenizer = models.load("minilm", "classification", num_labels=2)
-    ids, type_ids = glue.encode(examples, tokenizer, 128)
-    batch = collate(ids, tokenizer.pad_token_id, type_ids)
-    labels = torch.tensor(examples.labels)
+    base, batch, labels = sst2_eval_batch(32)
     for run, res in zip(runs, packed):
         model = PeftModel.from_pretrained(copy.deepcopy(base), res.adapter).eval()  # the unmodified base
         with torch.no_grad():

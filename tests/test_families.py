@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import train_killed_at
+from conftest import sst2_eval_batch, train_killed_at
 from lorainit import models
 from lorainit.config import RunConfig
 from lorainit.engine import families, rng
@@ -395,18 +395,11 @@ def test_every_familys_trained_adapter_reloads_in_peft_to_the_runs_eval_loss_and
     corrected) is loaded by PEFT alone onto the unmodified base and evaluated on the run's rows."""
     from peft import PeftModel
 
-    from lorainit.tasks import glue
-    from lorainit.tasks.classification import collate
-
     runs = [RunConfig.from_dict(BASE | {"init": init, "seed": 1, "max_eval_samples": 32, "lr": 5e-3})
             for init in ("a", "b", "gaussian", "orthogonal", "pissa", "pissa_niter_4", "olora", "ab")]
     runs.append(RunConfig.from_dict(runs[-1].to_dict() | {"init_args": {"reset": False}}))
     results = train_pack(runs, adapters_dir=tmp_path, show_progress=False)
-    examples = glue.read("sst2-slice", "eval", max_rows=32)
-    base, tokenizer = models.load("minilm", "classification", num_labels=2)
-    ids, type_ids = glue.encode(examples, tokenizer, 128)
-    batch = collate(ids, tokenizer.pad_token_id, type_ids)
-    labels = torch.tensor(examples.labels)
+    base, batch, labels = sst2_eval_batch(32)
     for run, res in zip(runs, results):
         config = json.loads((tmp_path / run.run_id() / "adapter_config.json").read_text())
         corrected = families.get(run.init).rewrites_base(json.loads(run.init_args or "{}"))
