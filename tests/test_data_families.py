@@ -282,7 +282,9 @@ def test_reuse_false_reads_the_batches_after_training_and_is_refused_where_train
     assert p.steps == [5, 6]  # after its 5 training steps: rows it never trains on
     trained = {row for step in range(5) for row in trainer.orders[0].rows_at(step)}
     assert not trained & {row for step in p.steps for row in trainer.orders[0].rows_at(step)}
-    with pytest.raises(BadInput, match="with reuse: false reads the 2 batches after its last training step"):
+    with pytest.raises(BadInput, match="with reuse: false reads the 2 batches after its last training step, but "
+                                       "its 49 steps and those 2 batches need 51 of the 50 batches an epoch of "
+                                       "its 400 rows has"):
         PackTrainer([_run("lora_ga", 0, {"batches": 2, "reuse": False}, max_steps=49)], show_progress=False)
 
 

@@ -375,6 +375,9 @@ def test_peft_strings_and_defaults_keep_run_ids():
     ({"init": "olora", "init_variance": "gaussian"}, "init_variance applies to inits a and b only"),
     ({"init": "loftq"}, "LoftQ replaces the frozen base"),
     ({"init": False}, "PEFT's init_lora_weights=false"),
+    ({"init": "lora_ga", "init_args": {"reuse": False, "batches": 996}},
+     "with reuse: false reads the 996 batches after its last training step, but its 5 steps and those 996 "
+     "batches need 1001 of the 1000 batches an epoch of its 4000 rows has"),
 ])
 def test_a_sweep_with_a_bad_init_exits_2_before_any_write(tmp_path, capsys, fields, needle):
     import yaml

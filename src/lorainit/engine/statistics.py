@@ -39,7 +39,7 @@ from torch import nn
 
 from lorainit.engine import families, rng
 from lorainit.engine.lora import DropoutStreams
-from lorainit.engine.order import steps_per_epoch
+from lorainit.engine.order import steps_per_epoch, total_steps
 from lorainit.errors import BadInput
 
 STREAM_SALT = 1  # the init pass's dropout stream: the run's 'dropout' stream salted with this
@@ -103,6 +103,20 @@ class Plan:
         self.kind = "grad" if families.get(self.init).needs == "grad" else self.init
 
 
+def held_out_steps(run, rows: int, count: int) -> list[int]:
+    """The data-order steps a run with `reuse: false` reads: the `count` after its last training
+    step, all inside the first epoch so that it never trains on them; BadInput naming the numbers
+    where they are not (`rows`: its training rows)."""
+    total = total_steps(rows, run.batch_size, run.epochs, run.max_steps)
+    per_epoch = steps_per_epoch(rows, run.batch_size)
+    if total + count > per_epoch:
+        raise BadInput(f"run {run.run_id()}: init {run.init} with reuse: false reads the {count} batches after its "
+                       f"last training step, but its {total} steps and those {count} batches need "
+                       f"{total + count} of the {per_epoch} batches an epoch of its {rows} rows has; train fewer "
+                       "steps, read fewer batches, or set reuse: true")
+    return list(range(total, total + count))
+
+
 def plan(trainer, k: int) -> Plan:
     """Run k's pass: its first `batches` steps, or with `reuse: false` the steps after its last."""
     run = trainer.runs[k]
@@ -110,13 +124,18 @@ def plan(trainer, k: int) -> Plan:
     count = args.get("batches", args.get("max_batches"))
     if args["reuse"]:
         return Plan(k, run.init, args, list(range(count)))
-    per_epoch = steps_per_epoch(trainer.task.train_size, run.batch_size)
-    if trainer.total + count > per_epoch:
-        raise BadInput(f"run {run.run_id()}: init {run.init} with reuse: false reads the {count} batches after its "
-                       f"last training step, but its {trainer.total} steps and those {count} batches need "
-                       f"{trainer.total + count} of the {per_epoch} batches an epoch has; train fewer steps, read "
-                       "fewer batches, or set reuse: true")
-    return Plan(k, run.init, args, list(range(trainer.total, trainer.total + count)))
+    return Plan(k, run.init, args, held_out_steps(run, trainer.task.train_size, count))
+
+
+def check_rows(run, rows: int | None) -> None:
+    """Before anything is written (a sweep's checks): a run whose statistics must be held out of
+    training (`reuse: false`) has rows enough for both; `rows`: its training rows, None if unknown."""
+    family = families.get(run.init)
+    if not family.needs or rows is None:
+        return
+    args = families.args_of(run.init, run.init_args)
+    if not args["reuse"]:
+        held_out_steps(run, rows, args.get("batches", args.get("max_batches")))
 
 
 def data_digest(trainer, p: Plan) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lorainit import models, tasks
 from lorainit.config import RunConfig
-from lorainit.engine import checkpoint, precision
+from lorainit.engine import checkpoint, families, precision, statistics
 from lorainit.errors import BadInput
 from lorainit.files import csv_text, write_text_atomic
 from lorainit.sweeps import estimates, folder, worker
@@ -98,7 +98,8 @@ def _preflight(runs: list[RunConfig], device: str, free: int | None = None) -> N
     cannot run, a tokenizer with more tokens than the model's embeddings, a model the task cannot
     use (no head for it, or a decoder a pack does not serve exactly), a task's data missing or
     holding a label out of range, a target that matches no module of the model (checked on its
-    skeleton, no weights loaded), a single run that cannot fit."""
+    skeleton, no weights loaded), a data init whose held-out rows training would reach, a single
+    run that cannot fit."""
     from lorainit.engine.lora import check_targets
 
     for name in sorted({r.precision for r in runs}):
@@ -119,6 +120,8 @@ def _preflight(runs: list[RunConfig], device: str, free: int | None = None) -> N
         if rows not in checked:  # read, checked and tokenised into the cache
             checked.add(rows)
             tasks.family(run.task).check_data(run)
+        if families.get(run.init).needs:  # rows held out of training for the init, where it asks
+            statistics.check_rows(run, tasks.family(run.task).train_rows(run))
     _check_fits(runs, device, estimates.available_memory(device) if free is None else free)
 
 

@@ -151,6 +151,12 @@ class Task(ABC):
         """Raise BadInput if the run's data cannot be read (called before a sweep writes anything)."""
 
     @classmethod
+    def train_rows(cls, run) -> int | None:
+        """How many training rows the run reads, after `check_data` (from its cache); None where the
+        family cannot say without loading the model."""
+        return None
+
+    @classmethod
     def data_files(cls, run) -> dict[str, str]:
         """role ('train', 'eval') -> each file the run reads, for its data fingerprint
         (`tasks.declared.data_record`); a family that reads files says which."""

@@ -355,6 +355,10 @@ class CausalLM(Task):
         declared.check(run, encode_run)
 
     @classmethod
+    def train_rows(cls, run) -> int:
+        return len(encode_run(run, models.tokenizer(run.model))["train"]["ids"])
+
+    @classmethod
     def data_files(cls, run) -> dict[str, str]:
         return declared.files_of(run, lambda: lm_data.files(slices.base(run.task), _data_dir(run)))
 

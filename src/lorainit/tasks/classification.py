@@ -220,6 +220,10 @@ class Classification(Task):
         declared.check(run, encode_run)
 
     @classmethod
+    def train_rows(cls, run) -> int:
+        return len(encode_run(run, models.tokenizer(run.model))["train"]["ids"])
+
+    @classmethod
     def data_files(cls, run) -> dict[str, str]:
         return declared.files_of(run, lambda: glue.files(run.task, run.data_dir))
 
