@@ -145,7 +145,7 @@ def _gathered(peft_model: nn.Module, layers: list[tuple[str, nn.Module]], init: 
 
     from lorainit.engine import statistics
 
-    plan = statistics.Plan(0, init, args, list(range(args.get("batches", args.get("max_batches")))))
+    plan = statistics.Plan(0, init, args, list(range(statistics.batches(args))))
     collector = statistics.Collector(dict(layers), [plan], dict(zip((n for n, _ in layers), ranks)))
     handles = [layer.register_forward_hook(collector.hook(name)) for name, layer in layers]
     grad = plan.kind == "grad"
@@ -161,7 +161,7 @@ def _gathered(peft_model: nn.Module, layers: list[tuple[str, nn.Module]], init: 
             for i in plan.steps:
                 stats = collector.stats[0].values()
                 for st in stats:
-                    st.stopped = st.stopped or (st.converged is not None and bool(st.converged.all()))
+                    st.stopped = st.stopped or st.settled
                 if plan.kind == "eva" and all(st.stopped for st in stats):
                     break
                 batch = next(batches, None)

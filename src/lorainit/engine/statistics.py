@@ -57,6 +57,11 @@ class LayerStats:
     converged: torch.Tensor | None = None   # EVA: per component, cosine to the last batch >= tau
     stopped: bool = False                   # EVA: converged, takes no more batches
 
+    @property
+    def settled(self) -> bool:
+        """EVA: every component's cosine to the previous batch's reached tau."""
+        return self.converged is not None and bool(self.converged.all())
+
     def finish(self) -> "LayerStats":
         if self.grad is not None:
             self.grad = (self.grad / self.batches).cpu()
@@ -117,11 +122,16 @@ def held_out_steps(run, rows: int, count: int) -> list[int]:
     return list(range(total, total + count))
 
 
+def batches(args: dict) -> int:
+    """How many batches a data family's options let it read (EVA: at most)."""
+    return args["batches"] if "batches" in args else args["max_batches"]
+
+
 def plan(trainer, k: int) -> Plan:
     """Run k's pass: its first `batches` steps, or with `reuse: false` the steps after its last."""
     run = trainer.runs[k]
     args = families.args_of(run.init, run.init_args)
-    count = args.get("batches", args.get("max_batches"))
+    count = batches(args)
     if args["reuse"]:
         return Plan(k, run.init, args, list(range(count)))
     return Plan(k, run.init, args, held_out_steps(run, trainer.task.train_size, count))
@@ -135,7 +145,7 @@ def check_rows(run, rows: int | None) -> None:
         return
     args = families.args_of(run.init, run.init_args)
     if not args["reuse"]:
-        held_out_steps(run, rows, args.get("batches", args.get("max_batches")))
+        held_out_steps(run, rows, batches(args))
 
 
 def data_digest(trainer, p: Plan) -> str:
@@ -282,7 +292,7 @@ def gather(trainer, plans: list[Plan], show_progress: bool = False) -> dict[int,
                         continue
                     if p.kind == "eva":  # a layer whose components settled takes no more batches
                         for st in collector.stats[p.run].values():
-                            st.stopped = st.stopped or (st.converged is not None and bool(st.converged.all()))
+                            st.stopped = st.stopped or st.settled
                         if all(st.stopped for st in collector.stats[p.run].values()):
                             continue
                     listening.append(p.run)
@@ -319,14 +329,14 @@ def gather(trainer, plans: list[Plan], show_progress: bool = False) -> dict[int,
     return {run: found[twin] for run, twin in twin_of.items()}
 
 
-def unsettled(names: list[str], stats: list[LayerStats], tau: float, batches: int) -> str | None:
+def unsettled(names: list[str], stats: list[LayerStats], tau: float, count: int) -> str | None:
     """Why an EVA run's statistics cannot make its factors (a layer whose components did not settle
     within its batches), or None."""
-    late = [name for name, st in zip(names, stats) if not (st.converged is not None and bool(st.converged.all()))]
+    late = [name for name, st in zip(names, stats) if not st.settled]
     if not late:
         return None
     more = f" (and {len(late) - 1} more layers)" if len(late) > 1 else ""
-    return (f"EVA's components of {late[0]}{more} did not settle to tau {tau} within {batches} batches; "
+    return (f"EVA's components of {late[0]}{more} did not settle to tau {tau} within {count} batches; "
             "raise init_args.max_batches or lower tau")
 
 
