@@ -151,6 +151,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             show_progress=not args.quiet)
 
 
+def _cmd_advise(args: argparse.Namespace) -> int:
+    from lorainit import advise
+    from lorainit.config import RunConfig
+
+    base = {name: getattr(args, name) for name in RunConfig.field_names() if getattr(args, name) is not None}
+    if set(base) & set(advise.SET_BY_ADVISE):
+        name = next(n for n in advise.SET_BY_ADVISE if n in base)
+        raise BadInput(f"advise: {name} is set by advise; give --families, --lrs, --seeds or --target-steps")
+    relative_to = None
+    if "task" in base:
+        base["task"], relative_to = _task_option(base["task"])
+    run = RunConfig.from_dict(base | {"max_steps": max(1, args.target_steps)}, where="lorainit advise",
+                              relative_to=relative_to)
+    base = {k: v for k, v in run.to_dict().items() if k in base}  # typed, as a sweep file holds them
+    if run.data is not None:
+        base["task"] = {"type": run.task, **json.loads(run.data)}
+    if args.seeds < 1:
+        raise BadInput(f"--seeds is {args.seeds}; give the number of seeds, at least 1")
+    if args.budget is not None and args.minutes is not None:
+        raise BadInput("give --budget (run-steps) or --minutes, not both")
+    settings = advise.Settings(
+        base=base,
+        families=tuple(t.strip() for t in args.families.split(",") if t.strip()) if args.families
+        else advise.DEFAULT_FAMILIES,
+        lrs=tuple(sorted(_numbers(args.lrs, float, "--lrs"))) if args.lrs else advise.DEFAULT_LRS,
+        seeds=tuple(range(args.seeds)), target_steps=args.target_steps, budget=args.budget or 0,
+        minutes=args.minutes, metric=args.metric, pack_size=args.pack_size, name=args.name)
+    result = advise.advise(settings, args.out, device=args.device, show_progress=not args.quiet,
+                           dry_run=args.dry_run)
+    if result is not None:
+        print("\n".join(result.lines()))
+        print(f"\nreport: {args.out}/report/index.html")
+        if result.best is not None:
+            print(f"confirm at {settings.target_steps} steps: lorainit sweep {args.out}/confirm.yaml --out DIR")
+    return 0
+
+
 def _task_option(value: str):
     """--task: a task name, an inline YAML mapping ('{type: classification, train: a.csv, ...}'), or a
     YAML file holding one; returns the value and the folder its relative paths are read from."""
@@ -300,6 +337,38 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument(*flags, dest=name, default=None, metavar="V",
                         help=f"default {','.join(default) if isinstance(default, tuple) else default}")
     tr.set_defaults(func=_cmd_train)
+
+    ad = sub.add_parser("advise", allow_abbrev=False, help="each init family's best lr and the family to use, from a staged probe "
+                                       "sweep within a budget; every run field but init, lr, seed and length is an option")
+    ad.add_argument("--out", required=True, help="output folder: advice.md, confirm.yaml, report/, stage-<i>/")
+    ad.add_argument("--target-steps", "--target_steps", dest="target_steps", type=int, required=True,
+                    help="the length, in optimiser steps, you will finally train")
+    ad.add_argument("--budget", type=int, default=None, help="run-steps to spend at most (one step of one run)")
+    ad.add_argument("--minutes", type=float, default=None,
+                    help="or a budget in minutes, converted to run-steps through the dry run's estimate")
+    ad.add_argument("--families", default=None,
+                    help="comma-separated init families (default: Init[A], Init[B] and the data-free families: "
+                         "a,b,ab,gaussian,orthogonal,pissa,olora)")
+    ad.add_argument("--lrs", default=None, help="comma-separated lr grid, e.g. 2^-16,2^-15,1e-3 "
+                                                "(default: 14 octaves, 2^-18 to 2^-5)")
+    ad.add_argument("--seeds", type=int, default=2, help="number of seeds (0 .. N-1; default 2)")
+    ad.add_argument("--metric", default=None, help="the metric to choose by (default: the task's first)")
+    ad.add_argument("--pack-size", "--pack_size", dest="pack_size", type=int, default=None,
+                    help="most runs per pack (default: chosen from memory)")
+    ad.add_argument("--name", default="advise", help="the name its sweeps and report carry")
+    ad.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                    help="print the stages and their cost; train nothing")
+    ad.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ad.add_argument("--quiet", action="store_true", help="no progress display")
+    for name in RunConfig.field_names():
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        if name in ("init", "init_args", "lr", "seed", "max_steps", "epochs"):  # advise sets these
+            ad.add_argument(*flags, dest=name, default=None, help=argparse.SUPPRESS)
+            continue
+        default = getattr(defaults, name)
+        ad.add_argument(*flags, dest=name, default=None, metavar="V",
+                        help=f"default {','.join(default) if isinstance(default, tuple) else default}")
+    ad.set_defaults(func=_cmd_advise)
 
     model = sub.add_parser("model", help="resolve a model spec and list its linear module names")
     model.add_argument("spec", help="an alias (minilm, smollm2-135m), a local folder, or a hub id")
