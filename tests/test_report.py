@@ -203,6 +203,20 @@ def test_a_folder_without_a_store_is_a_clear_error(tmp_path):
     assert not (tmp_path / "report").exists()
 
 
+def test_a_folder_of_run_folders_reports_as_the_sweep_they_make(tmp_path):
+    """Each run in a store of its own (as lorainit.hf.ProbeCallback writes them), under one parent:
+    the same runs, groups and findings as one store holding them all."""
+    cells = _grid(a=(0.80, 0.85, 0.90, 0.88), b=(0.82, 0.86, 0.84, "diverged"), seeds=(0, 1))
+    whole = load(_store(tmp_path / "whole", cells))
+    for cell, value in cells.items():
+        _store(tmp_path / "parts" / f"{cell[0]}-{cell[1]:g}" / f"seed{cell[2]}", {cell: value})
+    parts = load(tmp_path / "parts")
+    assert (parts.name, len(parts.runs), len(parts.groups)) == ("parts", 16, 1)
+    assert sorted(r.run_id for r in parts.runs) == sorted(r.run_id for r in whole.runs)
+    assert [F.summary_lines(f) for f in report.analyse(parts)] == [F.summary_lines(f) for f in report.analyse(whole)]
+    assert report.analyse(parts)[0].claims[0].verdict == F.HOLDS
+
+
 def test_compare_puts_two_sweeps_side_by_side(tmp_path):
     one = _store(tmp_path / "cpu", _grid(a=(0.80, 0.85, 0.90, 0.88), b=(0.82, 0.86, 0.84, 0.80), seeds=(0,)))
     two = _store(tmp_path / "full", _grid(a=(0.70, 0.75, 0.80, 0.78), b=(0.72, 0.79, 0.74, 0.70), seeds=(0,)))

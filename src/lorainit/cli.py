@@ -315,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=_cmd_sweep)
 
     rp = sub.add_parser("report", help="figures, findings and one self-contained page from a sweep folder's store")
-    rp.add_argument("folder", help="a sweep folder (holding store.sqlite) or a `lorainit toy` folder; "
-                                    "writes FOLDER/report/")
+    rp.add_argument("folder", help="a sweep folder (holding store.sqlite), a folder of run folders that each hold "
+                                    "one (lorainit.hf.ProbeCallback's: read as one sweep) or a `lorainit toy` "
+                                    "folder; writes FOLDER/report/")
     rp.add_argument("--compare", nargs="+", metavar="DIR", default=None,
                     help="other sweep folders to put side by side with FOLDER")
     rp.add_argument("--out", default=None, help="with --compare: the output folder (default FOLDER/report/compare)")

@@ -83,7 +83,25 @@ class Group:
 
     @property
     def metrics(self) -> tuple[tasks.Metric, ...]:
-        return tasks.metrics(self.task) if self.task in tasks.names() else ()
+        return tasks.metrics(self.task) if self.task in tasks.names() else recorded_metrics(self.runs)
+
+
+def recorded_metrics(runs: list[Run]) -> tuple[tasks.Metric, ...]:
+    """The metrics of runs of a task the registry does not know (runs a Trainer recorded through
+    `lorainit.hf.ProbeCallback`): each metric some run recorded whose direction is known, from the
+    runs' own `metrics` field (name -> higher is better) or else from a registered task's metric of
+    that name, in the order the runs give them. A metric of unknown direction is in no finding."""
+    directions: dict[str, bool] = {}
+    for run in runs:
+        declared = run.config.get("metrics")
+        for name, higher in declared.items() if isinstance(declared, dict) else ():
+            directions.setdefault(name, bool(higher))
+    for task in tasks.names():
+        for metric in tasks.metrics(task):
+            directions.setdefault(metric.name, metric.higher_is_better)
+    recorded = {name for run in runs for name in (*run.final, *run.series)}
+    names = [name for name in directions if name in recorded]
+    return tuple(tasks.Metric(name, directions[name]) for name in names)
 
 
 @dataclass
@@ -104,12 +122,31 @@ def finished(group: "Group") -> bool:
 
 
 def load(folder: str | Path) -> Sweep:
-    """Read a sweep folder's store; BadInput if the folder has none or it cannot be read."""
+    """Read a sweep folder's store; BadInput if the folder has none or it cannot be read.
+
+    A folder without a store of its own whose subfolders hold stores (run folders that
+    `lorainit.hf.ProbeCallback` wrote, one per Trainer run, or several sweeps) is read as one
+    sweep: every store below it, its runs grouped together as one sweep's are."""
     folder = Path(folder)
     path = folder / STORE
     if not path.is_file():
-        raise BadInput(f"{folder}: no sweep store here ({STORE} not found); give a folder made by "
-                       "`lorainit sweep` or `lorainit train --out`")
+        below = sorted(p.parent for p in folder.rglob(STORE)) if folder.is_dir() else []
+        if not below:
+            raise BadInput(f"{folder}: no sweep store here ({STORE} not found, nor in any folder below it); give a "
+                           "folder made by `lorainit sweep`, `lorainit train --out` or lorainit.hf.ProbeCallback")
+        return _merged(folder, [_load_one(f) for f in below])
+    return _load_one(folder)
+
+
+def _merged(folder: Path, sweeps: list[Sweep]) -> Sweep:
+    """Several stores' runs as one sweep named for `folder` (no grid: the axes are the fields that vary)."""
+    runs = [run for sweep in sweeps for run in sweep.runs]
+    compare = list(dict.fromkeys(pair for sweep in sweeps for pair in sweep.compare))
+    return Sweep(folder, folder.name, runs, _groups(runs, None), compare)
+
+
+def _load_one(folder: Path) -> Sweep:
+    path = folder / STORE
     try:
         db = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=30)
         try:
