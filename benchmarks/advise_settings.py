@@ -25,13 +25,12 @@ def settings(data: str) -> dict[str, dict]:
                  "families": ["a", "b", "orthogonal", "pissa"], "lrs": octaves(-18, -5), "seeds": [0, 1],
                  "steps": 160},
         "code": {"base": {"model": "smollm2-135m", "task": code, "rank": 8, "alpha": 8, "dropout": 0.0,
-                          "batch_size": 4, "max_seq_len": 96, "max_train_samples": 400, "max_eval_samples": 32,
+                          "batch_size": 4, "max_seq_len": 64, "max_train_samples": 400, "max_eval_samples": 16,
                           "warmup_ratio": 0.06, "save_adapters": False},
-                 "families": ["a", "b"], "lrs": octaves(-14, -7), "seeds": [0, 1], "steps": 40},
+                 "families": ["a", "b"], "lrs": octaves(-13, -8), "seeds": [0, 1], "steps": 30},
         "sst2": {"base": encoder | {"task": "sst2", "max_seq_len": 64, "max_train_samples": 4000,
                                     "max_eval_samples": 400},
-                 "families": ["a", "b", "orthogonal", "pissa"], "lrs": octaves(-18, -5), "seeds": [0, 1],
-                 "steps": 150},
+                 "families": ["a", "b", "pissa"], "lrs": octaves(-17, -6), "seeds": [0, 1], "steps": 120},
     }
 
 

@@ -152,7 +152,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {cpu_model()}", file=sys.stderr)
     results = [compare(name, chosen[name], out) for name in names]
-    (out / "advise_vs_grid.json").write_text(json.dumps(results, indent=1))
+    (out / f"advise_vs_grid_{'_'.join(names)}.json").write_text(json.dumps(results, indent=1))
     print(f"CPU: {cpu_model()}\n")
     for result in results:
         print(table(result))

@@ -25,8 +25,9 @@ pick at the target length.
 rows per step, so run-steps measure training compute), or in minutes, converted through the dry run's
 time estimate and recorded as run-steps. The plan is fixed before any training: the most stages the
 grid allows, the first horizon as long as the budget allows (never below `MIN_STEPS`), fewer stages
-only when the budget cannot give every stage that; a budget too small for even one stage is refused
-before anything is written, with what would fit.
+only when the budget cannot give every stage that; when the stages would cost as much as the full
+grid and the budget covers it, the full grid is the one stage. A budget too small for even one stage
+is refused before anything is written, with what would fit.
 
 The answer is judged by the report's rules (`report.findings`): the recommended family's margin over
 the runner-up HOLDS only when every seed of one beats every seed of the other, and is "within seed
@@ -153,7 +154,11 @@ def plan(settings: Settings) -> list[Stage]:
         # the last stage takes what the budget has left, up to the target length
         left = settings.budget - sum(h * n for h, n in zip(horizons, c)) * n_families * n_seeds
         horizons.append(min(target, left // (c[-1] * n_families * n_seeds)))
-        return [Stage(h, n) for h, n in zip(horizons, c)]
+        staged = [Stage(h, n) for h, n in zip(horizons, c)]
+        if settings.budget >= settings.full_grid and \
+                sum(st.run_steps(n_families, n_seeds) for st in staged) >= settings.full_grid:
+            return [Stage(target, len(settings.lrs))]  # the stages would cost the grid itself: run the grid
+        return staged
     one = MIN_STEPS * len(settings.lrs) * n_families * n_seeds
     full = sum(n * ETA ** i for i, n in enumerate(counts)) * MIN_STEPS * n_families * n_seeds
     raise BadInput(
