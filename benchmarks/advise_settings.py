@@ -17,7 +17,8 @@ def settings(data: str) -> dict[str, dict]:
     """The settings, their data read from the root `data` (laid out like LORAINIT_DATA, with byo/)."""
     trec = {"type": "classification", "train": f"{data}/byo/trec/train.csv", "eval": f"{data}/byo/trec/test.csv"}
     code = {"type": "sft", "style": "instruction", "train": f"{data}/byo/gpteacher_codegen/train.jsonl",
-            "eval": f"{data}/byo/gpteacher_codegen/test.jsonl", "columns": {"output": "response"}}
+            "eval": f"{data}/byo/gpteacher_codegen/test.jsonl", "columns": {"output": "response"},
+            "too_long": "truncate"}
     encoder = {"model": "minilm", "rank": 8, "alpha": 8, "dropout": 0.1, "batch_size": 8, "warmup_ratio": 0.06,
                "save_adapters": False}
     return {
@@ -25,7 +26,7 @@ def settings(data: str) -> dict[str, dict]:
                  "families": ["a", "b", "orthogonal", "pissa"], "lrs": octaves(-18, -5), "seeds": [0, 1],
                  "steps": 160},
         "code": {"base": {"model": "smollm2-135m", "task": code, "rank": 8, "alpha": 8, "dropout": 0.0,
-                          "batch_size": 4, "max_seq_len": 64, "max_train_samples": 400, "max_eval_samples": 16,
+                          "batch_size": 2, "max_seq_len": 96, "max_train_samples": 400, "max_eval_samples": 16,
                           "warmup_ratio": 0.06, "save_adapters": False},
                  "families": ["a", "b"], "lrs": octaves(-13, -8), "seeds": [0, 1], "steps": 30},
         "sst2": {"base": encoder | {"task": "sst2", "max_seq_len": 64, "max_train_samples": 4000,

@@ -54,6 +54,13 @@ def test_a_small_budget_takes_fewer_stages_then_is_refused_with_what_fits():
         advise.plan(_settings(families=("a",), seeds=(0,), target_steps=300, budget=139))
 
 
+def test_what_a_stage_let_go_is_said_once_per_reason():
+    choice = advise.Choice("a", 30, dropped=[(1, "behind the best 5", 2.0 ** -10), (1, "behind the best 5", 2.0 ** -12),
+                                             (2, "2 did not learn (of 2)", 1e-3)])
+    assert choice.dropped_text() == ("stage 1: behind the best 5: 0.000244, 0.000977; "
+                                     "stage 2: 2 did not learn (of 2): 0.001")
+
+
 def test_cli_refuses_a_budget_too_small_before_writing_anything(tmp_path, capsys):
     out = tmp_path / "advice"
     code = cli.main(["advise", "--out", str(out), "--task", "sst2-slice", "--target-steps", "200",

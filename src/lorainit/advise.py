@@ -212,11 +212,19 @@ class Choice:
     high: float | None = None
     mean: float | None = None
     values: list[float] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)  # what each stage dropped, and why
+    dropped: list[tuple[int, str, float]] = field(default_factory=list)  # (stage, why, lr) each lr let go
 
     @property
     def name(self) -> str:
         return families.name(self.family)
+
+    def dropped_text(self) -> str:
+        """What each stage let go, and why: 'stage 1: behind the best 5: 3.81e-06, 7.63e-06; ...'."""
+        said: dict[tuple[int, str], list[float]] = {}
+        for stage, why, lr in self.dropped:
+            said.setdefault((stage, why), []).append(lr)
+        return "; ".join(f"stage {stage}: {why}: {', '.join(map(_lr, sorted(lrs)))}"
+                         for (stage, why), lrs in sorted(said.items()))
 
 
 @dataclass
@@ -423,7 +431,7 @@ def advise(settings: Settings, out: str | Path, device: str | None = None, show_
             for c in family_cells:
                 if c not in going:
                     why = c.label() if c.label() and (learned or c not in unlearned) else None
-                    choices[f].dropped.append(f"stage {i}: lr {_lr(c.lr)} " + (why or f"behind the best {keep}"))
+                    choices[f].dropped.append((i, why or f"behind the best {keep}", c.lr))
         lrs = nxt
     return _finish(settings, stages, metric, kept, choices, spent, seconds, out)
 

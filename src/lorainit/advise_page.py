@@ -15,8 +15,8 @@ from lorainit.theory.toy_figures import _plt
 
 
 def narrowing(advice, stage_reports: list, out: Path) -> Path | None:
-    """One panel per family: the mean metric against lr at each stage (a darker line, a longer
-    horizon), its chosen lr ringed."""
+    """One panel per family: the mean metric over seeds against lr at each stage (a darker line, a
+    longer horizon; a hollow marker where a seed did not learn), its chosen lr ringed."""
     plt = _plt()
     fams = list(advice.choices)
     if not fams or not stage_reports:
@@ -27,15 +27,18 @@ def narrowing(advice, stage_reports: list, out: Path) -> Path | None:
     shades = _plt().get_cmap("Blues")
     for ax, family in zip(axes.flat, fams):
         for i, (stage, built) in enumerate(zip(advice.stages, stage_reports)):
-            points = []
+            points = []  # (lr, mean over the seeds that trained to the end, every seed learned)
             for group in built.sweep.groups:
                 for c in cells_of(group, advice.metric.name).get(family, []):
-                    if c.complete:
-                        points.append((c.lr, c.mean))
+                    if c.trained_values:
+                        points.append((c.lr, sum(c.trained_values) / len(c.trained_values), c.complete))
             if points:
                 points.sort()
                 color = shades(0.35 + 0.65 * (i + 1) / len(advice.stages))
-                ax.plot(*zip(*points), "o-", color=color, ms=3, label=f"stage {i + 1}: {stage.steps} steps")
+                xs, ys = [p[0] for p in points], [p[1] for p in points]
+                ax.plot(xs, ys, "-", color=color, label=f"stage {i + 1}: {stage.steps} steps")
+                ax.scatter(xs, ys, s=14, color=[color if p[2] else "white" for p in points], edgecolors=color,
+                           zorder=3)
         choice = advice.choices[family]
         if choice.lr is not None:
             ax.plot([choice.lr], [choice.mean], "o", ms=10, mfc="none", mec="tab:red", label="chosen")
@@ -68,7 +71,7 @@ def write(advice) -> Path:
         table.append([c.name, f"{c.lr:.3g}", f"{c.low:.3g}" if c.low else "below the grid",
                       f"{c.mean:.4g} ({min(c.values):.4g}–{max(c.values):.4g})", f"{c.steps} steps"])
         table[-1][2] += " and " + (f"{c.high:.3g}" if c.high else "above the grid")
-    dropped = [f"{c.name}: " + "; ".join(c.dropped) for c in advice.choices.values() if c.dropped]
+    dropped = [f"{c.name}: {c.dropped_text()}" for c in advice.choices.values() if c.dropped]
     stages_html = []
     for i, (stage, r) in enumerate(zip(advice.stages, built), 1):
         figs = "".join(f"<figure>{page.image(png)}<figcaption>{html.escape(caption)}</figcaption></figure>"
