@@ -369,9 +369,10 @@ def _settings_match(out: Path, settings: Settings) -> None:
 
 
 def advise(settings: Settings, out: str | Path, device: str | None = None, show_progress: bool = True,
-           dry_run: bool = False) -> Advice | None:
+           dry_run: bool = False, executor: str = "local", ray_address: str | None = None) -> Advice | None:
     """Run (or continue) the staged probe sweep in `out` and return its advice; writes OUT/advice.md,
-    OUT/advice.json, OUT/confirm.yaml and OUT/report/index.html. With `dry_run`, print the plan only."""
+    OUT/advice.json, OUT/confirm.yaml and OUT/report/index.html. With `dry_run`, print the plan only.
+    `executor`, `ray_address`: where each stage's packs train, as for a sweep."""
     from lorainit.sweeps import driver
 
     out = Path(out)
@@ -410,7 +411,8 @@ def advise(settings: Settings, out: str | Path, device: str | None = None, show_
                           f"lorainit advise, stage {i} of {len(stages)}: {stage.steps} steps")
         sweep = sweep_file.parse(text, f"advise stage {i}")
         print(f"advise: stage {i} of {len(stages)}: {len(sweep.runs)} runs at {stage.steps} steps", file=sys.stderr)
-        driver.run_sweep(sweep, folder, device=device, show_progress=show_progress)
+        driver.run_sweep(sweep, folder, executor=executor, ray_address=ray_address, device=device,
+                         show_progress=show_progress)
         spent += len(sweep.runs) * stage.steps
         seconds += _seconds(folder)
         cells = _stage_cells(folder, metric)

@@ -179,7 +179,7 @@ def _cmd_advise(args: argparse.Namespace) -> int:
         seeds=tuple(range(args.seeds)), target_steps=args.target_steps, budget=args.budget or 0,
         minutes=args.minutes, metric=args.metric, pack_size=args.pack_size, name=args.name)
     result = advise.advise(settings, args.out, device=args.device, show_progress=not args.quiet,
-                           dry_run=args.dry_run)
+                           dry_run=args.dry_run, executor=args.executor, ray_address=args.ray_address)
     if result is not None:
         print("\n".join(result.lines()))
         print(f"\nreport: {args.out}/report/index.html")
@@ -359,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--name", default="advise", help="the name its sweeps and report carry")
     ad.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                     help="print the stages and their cost; train nothing")
+    ad.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="where each stage's packs train, as for `lorainit sweep`")
+    ad.add_argument("--ray-address", "--ray_address", dest="ray_address", default=None,
+                    help="auto or HOST:PORT of a running Ray cluster (default: start a local one)")
     ad.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ad.add_argument("--quiet", action="store_true", help="no progress display")
     for name in RunConfig.field_names():
