@@ -271,6 +271,8 @@ class Advice:
                 gap = abs(b.mean - r.mean)
                 line += (f"; runner-up {r.name} at lr {_lr(r.lr)} ({_num(r.mean)}): margin {_num(gap)}, "
                          f"{self.verdict}")
+                if b.steps < s.target_steps:
+                    line += f" (at {b.steps} steps; not judged at the target length)"
             out.append(line)
             if b.steps is not None and b.steps < s.target_steps:
                 out.append(f"chosen at {b.steps} steps, short of the target {s.target_steps}: the optimum at the "
