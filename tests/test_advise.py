@@ -114,7 +114,7 @@ def test_a_budget_in_minutes_becomes_run_steps(tmp_path, capsys, monkeypatch):
 def _trec(root: Path) -> dict:
     return {"model": "minilm", "task": {"type": "classification", "train": str(root / "byo/trec/train.csv"),
                                         "eval": str(root / "byo/trec/test.csv")},
-            "max_seq_len": 16, "max_train_samples": 200, "max_eval_samples": 32, "batch_size": 8,
+            "max_seq_len": 16, "max_train_samples": 160, "max_eval_samples": 16, "batch_size": 8,
             "save_adapters": False}
 
 
@@ -190,12 +190,16 @@ def test_advise_narrows_each_family_in_stages_and_resumes(tmp_path, capsys):
 
     # run again: every stage is finished, nothing trains, the advice is the same
     before = [(out / f"stage-{i}" / "results.csv").read_text() for i in (1, 2)]
+    figure = next((out / "stage-2" / "report").glob("metric_vs_lr_*.png"))
+    drawn_at = figure.stat().st_mtime_ns
     capsys.readouterr()
     again = advise.advise(settings, out, device="cpu", show_progress=False)
     err = capsys.readouterr().err
     assert "24 runs already finished, 0 new" in err and "runs already finished, 0 new" in err.split("stage 2")[1]
     assert [(out / f"stage-{i}" / "results.csv").read_text() for i in (1, 2)] == before
     assert again.lines() == result.lines()
+    assert figure.stat().st_mtime_ns == drawn_at  # finished stages are not drawn again
+    assert "Stage 2: 30 steps" in (out / "report" / "index.html").read_text()
 
     # other settings in the same folder are refused, naming what differs, and change nothing
     stored = (out / advise.SETTINGS).read_text()

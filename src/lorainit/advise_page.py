@@ -4,7 +4,9 @@ the same text in `OUT/advice.md`."""
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
 from pathlib import Path
 
 from lorainit import report as reports
@@ -55,11 +57,30 @@ def narrowing(advice, stage_reports: list, out: Path) -> Path | None:
     return figures._save(fig, out, "narrowing")[0]
 
 
+def stage_report(folder: Path):
+    """A stage's report (`lorainit report` of its folder), drawn again only when its results changed
+    since it was last drawn: advise run again on finished stages redraws nothing."""
+    from lorainit.report.sweep import load
+
+    digest = hashlib.sha256((folder / "results.csv").read_bytes()).hexdigest()
+    drawn = folder / "report" / "advise-drawn.json"
+    if drawn.is_file():
+        saved = json.loads(drawn.read_text())
+        figures_ = [(caption, folder / "report" / name) for caption, name in saved["figures"]]
+        if saved["results"] == digest and all(path.is_file() for _, path in figures_):
+            sweep = load(folder)
+            return reports.Report(sweep, reports.analyse(sweep), figures_, folder / "report")
+    built = reports.build(folder)
+    write_text_atomic(drawn, json.dumps({"results": digest,
+                                         "figures": [(caption, path.name) for caption, path in built.figures]}))
+    return built
+
+
 def write(advice) -> Path:
     """Write OUT/report/index.html and OUT/advice.md; returns the page."""
     out = advice.out / "report"
     out.mkdir(parents=True, exist_ok=True)
-    built = [reports.build(advice.out / f"stage-{i}") for i in range(1, len(advice.kept) + 1)]
+    built = [stage_report(advice.out / f"stage-{i}") for i in range(1, len(advice.kept) + 1)]
     picture = narrowing(advice, built, out)
     lines = advice.lines()
     table_head = ["family", "best lr", "the optimum lies between", f"{advice.metric.label} (seeds)", "chosen at"]
