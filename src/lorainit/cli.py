@@ -245,6 +245,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _field_options(parser: argparse.ArgumentParser, hidden: tuple[str, ...] = ()) -> None:
+    """Every run field as an option (`--max_steps` and `--max-steps`); those in `hidden` are accepted
+    but not listed, so that the command can refuse them by name."""
+    from lorainit.config import RunConfig
+
+    defaults = RunConfig()
+    for name in RunConfig.field_names():
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        if name in hidden:
+            parser.add_argument(*flags, dest=name, default=None, help=argparse.SUPPRESS)
+            continue
+        default = getattr(defaults, name)
+        parser.add_argument(*flags, dest=name, default=None, metavar="V",
+                            help=f"default {','.join(default) if isinstance(default, tuple) else default}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorainit",
@@ -298,8 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
     ty.add_argument("--quiet", action="store_true", help="no progress display")
     ty.set_defaults(func=_cmd_toy)
 
-    from lorainit.config import RunConfig
-
     sw = sub.add_parser("sweep", help="run or continue a sweep file (a base run and a grid) into a folder")
     sw.add_argument("file", help="the sweep file (YAML): name, base, grid, pack_size")
     sw.add_argument("--out", required=True,
@@ -331,12 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="output folder: store.sqlite, results.csv, metrics.csv, adapters/")
     tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     tr.add_argument("--quiet", action="store_true", help="no progress display")
-    defaults = RunConfig()
-    for name in RunConfig.field_names():
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        default = getattr(defaults, name)
-        tr.add_argument(*flags, dest=name, default=None, metavar="V",
-                        help=f"default {','.join(default) if isinstance(default, tuple) else default}")
+    _field_options(tr)
     tr.set_defaults(func=_cmd_train)
 
     ad = sub.add_parser("advise", allow_abbrev=False, help="each init family's best lr and the family to use, from a staged probe "
@@ -365,14 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto or HOST:PORT of a running Ray cluster (default: start a local one)")
     ad.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ad.add_argument("--quiet", action="store_true", help="no progress display")
-    for name in RunConfig.field_names():
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        if name in ("init", "init_args", "lr", "seed", "max_steps", "epochs"):  # advise sets these
-            ad.add_argument(*flags, dest=name, default=None, help=argparse.SUPPRESS)
-            continue
-        default = getattr(defaults, name)
-        ad.add_argument(*flags, dest=name, default=None, metavar="V",
-                        help=f"default {','.join(default) if isinstance(default, tuple) else default}")
+    _field_options(ad, hidden=("init", "init_args", "lr", "seed", "max_steps", "epochs"))  # advise sets these
     ad.set_defaults(func=_cmd_advise)
 
     model = sub.add_parser("model", help="resolve a model spec and list its linear module names")
