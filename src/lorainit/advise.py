@@ -237,7 +237,7 @@ class Advice:
     best: Choice | None
     runner_up: Choice | None
     verdict: str | None                  # the best's metric against the runner-up's, by the report's rules
-    spent: int                           # run-steps trained (planned stages, as run)
+    spent: int                           # run-steps the stages scheduled (a diverged run stops sooner)
     seconds: float                       # the stages' training time, summed over packs
     out: Path
     notes: list[str] = field(default_factory=list)
@@ -318,7 +318,8 @@ def _metric(settings: Settings, run: RunConfig) -> tasks.Metric:
 def _ranked(cells: list, metric: tasks.Metric, loss_cells: dict[float, object]) -> tuple[list, list]:
     """(cells where every seed learned, cells where every seed trained to the end but some did not
     learn or collapsed), each best first: the first by the mean metric over seeds, then (a tie) by the
-    mean eval loss, then the smaller lr; the second by the mean eval loss. A cell where a seed diverged or failed is in neither."""
+    mean eval loss, then the smaller lr; the second by the mean eval loss. A cell where a seed
+    diverged or failed is in neither."""
     import statistics
 
     sign = -1 if metric.higher_is_better else 1
@@ -429,13 +430,12 @@ def advise(settings: Settings, out: str | Path, device: str | None = None, show_
                 continue
             keep = stages[i].lrs
             # what learned goes on first; at a short horizon a slow lr may not have learned yet, so the
-            # best of the rest (by the metric they reached) fill the places left
+            # best of the rest by eval loss fill the places left
             going = learned[:keep] + unlearned[:max(0, keep - len(learned))]
             nxt[f] = sorted(c.lr for c in going)
             for c in family_cells:
                 if c not in going:
-                    why = c.label() if c.label() and (learned or c not in unlearned) else None
-                    choices[f].dropped.append((i, why or f"behind the best {keep}", c.lr))
+                    choices[f].dropped.append((i, c.label() or f"behind the best {keep}", c.lr))
         lrs = nxt
     return _finish(settings, stages, metric, kept, choices, spent, seconds, out)
 
