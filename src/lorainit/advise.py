@@ -51,6 +51,7 @@ from lorainit.errors import BadInput
 from lorainit.files import write_text_atomic
 from lorainit.report import families
 from lorainit.report import findings as judged
+from lorainit.report.findings import _lr, _num, _range  # numbers as the report writes them
 from lorainit.sweeps import file as sweep_file
 
 DEFAULT_FAMILIES = ("a", "b", "ab", "gaussian", "orthogonal", "pissa", "olora")  # Init[A], Init[B], data-free
@@ -298,18 +299,6 @@ def _rows(settings: Settings) -> int:
     return int(settings.base.get("batch_size", RunConfig.batch_size))
 
 
-def _lr(value: float) -> str:
-    return f"{value:.3g}"
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
-
-def _range(values: list[float]) -> str:
-    return f"{_num(min(values))}–{_num(max(values))}" if values else "-"
-
-
 def _metric(settings: Settings, run: RunConfig) -> tasks.Metric:
     metrics = tasks.metrics(run.task)
     return next(m for m in metrics if m.name == settings.metric) if settings.metric else metrics[0]
@@ -318,26 +307,20 @@ def _metric(settings: Settings, run: RunConfig) -> tasks.Metric:
 def _ranked(cells: list, metric: tasks.Metric, loss_cells: dict[float, object]) -> tuple[list, list]:
     """(cells where every seed learned, cells where every seed trained to the end but some did not
     learn or collapsed), each best first: the first by the mean metric over seeds, then (a tie) by the
-    mean eval loss, then the smaller lr; the second by the mean eval loss. A cell where a seed
-    diverged or failed is in neither."""
+    mean eval loss, then the smaller lr; the second by the mean eval loss (a metric such as accuracy
+    sits at chance before a run learns: the loss still moves). A cell where a seed diverged or failed
+    is in neither."""
     import statistics
 
     sign = -1 if metric.higher_is_better else 1
 
-    def key(cell, values):
-        loss = loss_cells.get(cell.lr)
-        tie = statistics.fmean(loss.trained_values) if loss is not None and loss.trained_values else math.inf
-        return (sign * statistics.fmean(values), tie, cell.lr)
+    def loss(cell) -> float:
+        found = loss_cells.get(cell.lr)
+        return statistics.fmean(found.trained_values) if found is not None and found.trained_values else math.inf
 
-    learned = sorted((c for c in cells if c.complete), key=lambda c: key(c, c.values))
+    learned = sorted((c for c in cells if c.complete), key=lambda c: (sign * c.mean, loss(c), c.lr))
     trained = [c for c in cells if not c.complete and len(c.trained_values) == len(c.runs) > 0]
-
-    def loss_key(cell):  # a metric such as accuracy sits at chance before a run learns: the loss still moves
-        loss = loss_cells.get(cell.lr)
-        return (statistics.fmean(loss.trained_values) if loss is not None and loss.trained_values else math.inf,
-                cell.lr)
-
-    return learned, sorted(trained, key=loss_key)
+    return learned, sorted(trained, key=lambda c: (loss(c), c.lr))
 
 
 def _stage_cells(folder: Path, metric: tasks.Metric) -> dict[str, tuple[list, dict]]:

@@ -261,6 +261,13 @@ def _field_options(parser: argparse.ArgumentParser, hidden: tuple[str, ...] = ()
                             help=f"default {','.join(default) if isinstance(default, tuple) else default}")
 
 
+def _executor_options(parser: argparse.ArgumentParser, executor_help: str) -> None:
+    """--executor and --ray-address: where packs train."""
+    parser.add_argument("--executor", choices=("local", "ray"), default="local", help=executor_help)
+    parser.add_argument("--ray-address", "--ray_address", dest="ray_address", default=None,
+                        help="auto or HOST:PORT of a running Ray cluster (default: start a local one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorainit",
@@ -320,10 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the sweep folder: store.sqlite, results.csv, metrics.csv, adapters/, checkpoints/")
     sw.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                     help="print the runs, the packs and estimates of memory and time; train nothing")
-    sw.add_argument("--executor", choices=("local", "ray"), default="local",
-                    help="local: packs one after another in this process; ray: one Ray task per pack")
-    sw.add_argument("--ray-address", "--ray_address", dest="ray_address", default=None,
-                    help="auto or HOST:PORT of a running Ray cluster (default: start a local one)")
+    _executor_options(sw, "local: packs one after another in this process; ray: one Ray task per pack")
     sw.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     sw.add_argument("--quiet", action="store_true", help="no progress display")
     sw.set_defaults(func=_cmd_sweep)
@@ -368,10 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--name", default="advise", help="the name its sweeps and report carry")
     ad.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                     help="print the stages and their cost; train nothing")
-    ad.add_argument("--executor", choices=("local", "ray"), default="local",
-                    help="where each stage's packs train, as for `lorainit sweep`")
-    ad.add_argument("--ray-address", "--ray_address", dest="ray_address", default=None,
-                    help="auto or HOST:PORT of a running Ray cluster (default: start a local one)")
+    _executor_options(ad, "where each stage's packs train, as for `lorainit sweep`")
     ad.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ad.add_argument("--quiet", action="store_true", help="no progress display")
     _field_options(ad, hidden=("init", "init_args", "lr", "seed", "max_steps", "epochs"))  # advise sets these
