@@ -141,12 +141,19 @@ def test_attention_dropout_with_grouped_query_heads_in_a_pack_equals_runs_alone(
     monkeypatch.setattr(causal_lm, "PADDING_FREE", padding_free)
     runs = [_run(task="gsm8k", seed=s, init=i, max_steps=1, max_seq_len=UNEVEN) for s, i in ((0, "a"), (1, "b"))]
     overrides = {"attention_dropout": 0.2}
-    packed = train_pack(runs, show_progress=False, model_overrides=overrides)
-    for res, run in zip(packed, runs):
-        (alone,) = train_pack([run], show_progress=False, model_overrides=overrides)
-        assert measured("attention_dropout_pack_vs_alone", _losses(res), _losses(alone)) <= 1e-4
-    without = train_pack(runs[:1], show_progress=False)[0]
-    assert abs(_losses(without)[-1] - _losses(packed[0])[-1]) > 1e-4  # the dropout did act
+
+    def first_losses(runs, **kwargs):  # the first step's training losses: the forward under dropout
+        trainer = PackTrainer(runs, show_progress=False, **kwargs)
+        assert trainer.task.padding_free == padding_free
+        losses, _ = trainer.train_step(log=False)
+        return [losses[k] for k in range(len(runs))]
+
+    packed = first_losses(runs, model_overrides=overrides)
+    for k, run in enumerate(runs):
+        (alone,) = first_losses([run], model_overrides=overrides)
+        assert measured("attention_dropout_pack_vs_alone", packed[k], alone) <= 1e-4
+    (without,) = first_losses(runs[:1])
+    assert abs(without - packed[0]) > 1e-4  # the dropout did act
 
 
 def test_attention_dropout_on_rows_without_padding_stays_causal():
@@ -228,7 +235,8 @@ def lm_pack():
     and alone, on each task."""
     out = {}
     for task in ("gsm8k", "wikitext2"):
-        runs = [_run(task=task, init=i, lr=lr, seed=s, max_seq_len=UNEVEN if task == "gsm8k" else 48) for i, lr, s in
+        runs = [_run(task=task, init=i, lr=lr, seed=s, max_seq_len=UNEVEN if task == "gsm8k" else 48,
+                     max_eval_samples=2, max_new_tokens=4) for i, lr, s in
                 (("a", 1e-3, 0), ("b", 1e-3, 1), ("a", 3e-3, 1), ("b", 3e-3, 0))]
         out[task] = (runs, train_pack(runs, show_progress=False), [train_pack([r], show_progress=False)[0] for r in runs])
     return out

@@ -142,7 +142,7 @@ def test_a_pack_of_two_seeds_on_uneven_chats_equals_each_run_alone(tmp_path, mea
     _write_jsonl(tmp_path / "test.jsonl", chats[8:])
     task = {"type": "sft", "style": "messages", "train": str(tmp_path / "chats.jsonl"),
             "eval": str(tmp_path / "test.jsonl")}
-    base = dict(model="smollm2-135m", task=task, max_steps=2, batch_size=2, max_seq_len=512, warmup_ratio=0.0,
+    base = dict(model="smollm2-135m", task=task, max_steps=2, batch_size=2, max_seq_len=320, warmup_ratio=0.0,
                 save_adapters=False, log_every=1)
     runs = [RunConfig.from_dict(base | {"init": i, "lr": 2e-3, "seed": s}) for i, s in (("a", 0), ("b", 1))]
     pack = PackTrainer(runs, show_progress=False)
