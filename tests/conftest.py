@@ -15,6 +15,13 @@ from pathlib import Path
 
 # The tests never reach a hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Under pytest-xdist (`make test` runs one worker per core) each worker, and every process it
+# starts, computes on one thread: workers of several threads each would oversubscribe the cores,
+# and torch's parallel regions then wait on each other, several times slower. Set before torch
+# is imported, which reads it once.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_name] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _BESIDE = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not os.environ.get("LORAINIT_DATA"):
