@@ -8,7 +8,7 @@ every seed of the best beats every seed of it). Then:
 
 - each family's lr from advise against that bracket, in grid steps (0: inside it);
 - advise's recommended family against the full grid's best family (and those within seed noise of it);
-- the compute of each: run-steps, and training time as the packs' seconds summed.
+- the compute of each: run-steps, training tokens, and training time as the packs' seconds summed.
 
 advise's settings (ETA, KEEP, MIN_STEPS, the budget of a third) were fixed before any comparison;
 `sst2` was run only for this table, after `advise` was built on the others.
@@ -108,6 +108,7 @@ def compare(name: str, setting: dict, out: Path) -> dict:
     return {"name": name, "metric": metric.name, "rows": rows, "grid_best_family": best_family,
             "grid_close_families": close, "advise_family": result.best.family if result.best else None,
             "advise_run_steps": result.spent, "grid_run_steps": settings.full_grid,
+            "advise_tokens": result.tokens, "grid_tokens": result.full_tokens,
             "advise_seconds": sum(pack_seconds(out / f"{name}-advise" / f"stage-{i}")
                                   for i in range(1, len(result.kept) + 1)),
             "grid_seconds": pack_seconds(out / f"{name}-grid"), "advise_wall": advise_wall, "grid_wall": grid_wall,
@@ -132,7 +133,9 @@ def table(result: dict) -> str:
                   f"(within seed noise of it: {', '.join(result['grid_close_families'])}): "
                   f"{'inside' if hit else 'outside'}",
               f"compute: advise {result['advise_run_steps']:,} run-steps, full grid {result['grid_run_steps']:,} "
-              f"({result['advise_run_steps'] / result['grid_run_steps']:.0%}); training time (packs' seconds) "
+              f"({result['advise_run_steps'] / result['grid_run_steps']:.0%}); training tokens "
+              f"{result['advise_tokens']:,} against {result['grid_tokens']:,} "
+              f"({result['advise_tokens'] / result['grid_tokens']:.0%}); training time (packs' seconds) "
               f"{result['advise_seconds'] / 60:.1f} min against {result['grid_seconds'] / 60:.1f} min "
               f"({result['advise_seconds'] / max(result['grid_seconds'], 1e-9):.0%})", ""]
     return "\n".join(lines)

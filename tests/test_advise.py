@@ -11,7 +11,9 @@ import pytest
 import yaml
 from conftest import needs_data
 
-from lorainit import advise, cli
+from lorainit import advise, cli, tasks
+from lorainit.config import RunConfig
+from lorainit.engine.order import tokens_read
 from lorainit.errors import BadInput
 from lorainit.sweeps import file as sweep_file
 
@@ -118,6 +120,26 @@ def _trec(root: Path) -> dict:
             "save_adapters": False}
 
 
+@pytest.mark.parametrize("fields", [
+    {"model": "minilm", "task": "sst2-slice", "max_seq_len": 32, "batch_size": 3, "max_train_samples": 12},
+    {"model": "smollm2-135m", "task": "gsm8k-slice", "max_seq_len": 160, "batch_size": 2, "max_train_samples": 12},
+], ids=["classification", "causal_lm"])
+def test_the_tokens_advise_counts_are_the_tokens_the_trainer_trains_on(fields):
+    """A run's training tokens from its rows' lengths and its data order, without training, equal the
+    real tokens a pack of two seeds reads step by step (into a second epoch)."""
+    from lorainit.train import PackTrainer
+
+    runs = [RunConfig.from_dict(fields | {"seed": seed, "max_steps": 30}) for seed in (0, 1)]
+    lengths = tasks.family(runs[0].task).train_lengths(runs[0])
+    trainer = PackTrainer(runs, show_progress=False)
+    assert trainer.task.train_size == len(lengths) and len(set(lengths)) > 1
+    steps = -(-len(lengths) // runs[0].batch_size) + 2  # into the second epoch, reshuffled
+    seen = 0
+    for step in range(1, steps + 1):
+        seen += trainer.train_step(log=False)[1]
+        assert seen == sum(tokens_read(lengths, r.seed, r.batch_size, step) for r in runs), step
+
+
 def _rows(folder: Path) -> list[dict]:
     with open(folder / "results.csv") as f:
         return list(csv.DictReader(f))
@@ -177,6 +199,13 @@ def test_advise_narrows_each_family_in_stages_and_resumes(tmp_path, capsys):
 
     saved = json.loads((out / "advice.json").read_text())
     assert saved["run_steps"] == result.spent and saved["full_grid_run_steps"] == 720
+    # training tokens: each stage run's rows over its own steps; the full grid's at the target length
+    run = RunConfig.from_dict(settings.base | {"max_steps": 30})
+    lengths = tasks.family(run.task).train_lengths(run)
+    assert saved["train_tokens"] == sum(tokens_read(lengths, int(r["seed"]), 8, int(r["max_steps"]))
+                                        for r in first + second)
+    assert saved["full_grid_train_tokens"] == 2 * 6 * sum(tokens_read(lengths, seed, 8, 30) for seed in (0, 1))
+    assert f"{saved['train_tokens']:,} training tokens" in text
     page = (out / "report" / "index.html").read_text()
     assert "Stage 1: 10 steps" in page and "Stage 2: 30 steps" in page and "data:image/png;base64" in page
     assert (out / "stage-2" / "report" / "index.html").is_file()

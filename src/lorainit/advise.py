@@ -23,7 +23,8 @@ pick at the target length.
 
 **The budget** is in run-steps (one optimiser step of one run; every run of a setting trains the same
 rows per step, so run-steps measure training compute), or in minutes, converted through the dry run's
-time estimate and recorded as run-steps. The plan is fixed before any training: the most stages the
+time estimate and recorded as run-steps. The compute spent is also given in training tokens, counted
+from the rows each run's data order gives it (`engine.order.tokens_read`), against the full grid's. The plan is fixed before any training: the most stages the
 grid allows, the first horizon as long as the budget allows (never below `MIN_STEPS`), fewer stages
 only when the budget cannot give every stage that; when the stages would cost as much as the full
 grid and the budget covers it, the full grid is the one stage. A budget too small for even one stage
@@ -47,6 +48,7 @@ import yaml
 from lorainit import tasks
 from lorainit.config import RunConfig
 from lorainit.engine import families as engine_families
+from lorainit.engine.order import tokens_read
 from lorainit.errors import BadInput
 from lorainit.files import write_text_atomic
 from lorainit.report import families
@@ -242,6 +244,8 @@ class Advice:
     seconds: float                       # the stages' training time, summed over packs
     out: Path
     notes: list[str] = field(default_factory=list)
+    tokens: int | None = None            # real training tokens of those run-steps (None: the task cannot say)
+    full_tokens: int | None = None       # and of the full grid's
 
     def lines(self) -> list[str]:
         """The advice as plain sentences, for the terminal and advice.md."""
@@ -279,10 +283,12 @@ class Advice:
                 out.append(f"chosen at {b.steps} steps, short of the target {s.target_steps}: the optimum at the "
                            f"target can differ; run {self.out / 'confirm.yaml'} to check it")
         full = s.full_grid
-        out.append(f"compute: {self.spent:,} run-steps ({self.spent * _rows(s):,} training rows), "
-                   f"{self.spent / full:.0%} of the full grid's {full:,} ({len(s.families)} families x "
-                   f"{len(s.lrs)} lrs x {len(s.seeds)} seeds x {s.target_steps} steps); "
-                   f"training time {self.seconds / 60:.1f} min")
+        line = (f"compute: {self.spent:,} run-steps, {self.spent / full:.0%} of the full grid's {full:,} "
+                f"({len(s.families)} families x {len(s.lrs)} lrs x {len(s.seeds)} seeds x {s.target_steps} steps)")
+        if self.tokens is not None and self.full_tokens:
+            line += (f"; {self.tokens:,} training tokens, {self.tokens / self.full_tokens:.0%} of the full "
+                     f"grid's {self.full_tokens:,}")
+        out.append(line + f"; training time {self.seconds / 60:.1f} min")
         return out + self.notes
 
     def as_dict(self) -> dict:
@@ -292,11 +298,29 @@ class Advice:
                 "recommended": self.best.family if self.best else None,
                 "runner_up": self.runner_up.family if self.runner_up else None, "verdict": self.verdict,
                 "run_steps": self.spent, "full_grid_run_steps": self.settings.full_grid,
+                "train_tokens": self.tokens, "full_grid_train_tokens": self.full_tokens,
                 "seconds": self.seconds}
 
 
-def _rows(settings: Settings) -> int:
-    return int(settings.base.get("batch_size", RunConfig.batch_size))
+class _Tokens:
+    """Real training tokens of a run of a seed over its first n steps, from the task's rows and the
+    run's data order (`engine.order.tokens_read`): what the trainer counts, without training."""
+
+    def __init__(self, run: RunConfig):
+        self.lengths = tasks.family(run.task).train_lengths(run)
+        self.batch_size = run.batch_size
+        self.seen: dict[tuple[int, int], int] = {}
+
+    def __call__(self, seed: int, steps: int) -> int | None:
+        if self.lengths is None:
+            return None
+        if (seed, steps) not in self.seen:
+            self.seen[seed, steps] = tokens_read(self.lengths, seed, self.batch_size, steps)
+        return self.seen[seed, steps]
+
+    def full_grid(self, settings: Settings) -> int | None:
+        per_cell = [self(seed, settings.target_steps) for seed in settings.seeds]
+        return None if None in per_cell else len(settings.families) * len(settings.lrs) * sum(per_cell)
 
 
 def _metric(settings: Settings, run: RunConfig) -> tasks.Metric:
@@ -386,6 +410,7 @@ def advise(settings: Settings, out: str | Path, device: str | None = None, show_
     write_text_atomic(out / SETTINGS, json.dumps(settings.as_dict(), indent=1))
     lrs = {f: list(settings.lrs) for f in fams}
     kept, spent, seconds = [], 0, 0.0
+    scheduled: list[tuple[int, int]] = []  # (seed, steps) of every run the stages trained
     choices = {f: Choice(f, None) for f in fams}
     for i, stage in enumerate(stages, 1):
         lrs = {f: v for f, v in lrs.items() if v}
@@ -401,6 +426,7 @@ def advise(settings: Settings, out: str | Path, device: str | None = None, show_
                          show_progress=show_progress)
         spent += len(sweep.runs) * stage.steps
         seconds += _seconds(folder)
+        scheduled += [(r.seed, stage.steps) for r in sweep.runs]
         cells = _stage_cells(folder, metric)
         last = i == len(stages)
         nxt = {}
@@ -420,7 +446,8 @@ def advise(settings: Settings, out: str | Path, device: str | None = None, show_
                 if c not in going:
                     choices[f].dropped.append((i, c.label() or f"behind the best {keep}", c.lr))
         lrs = nxt
-    return _finish(settings, stages, metric, kept, choices, spent, seconds, out)
+    tokens = _counted(base_run, settings, scheduled)
+    return _finish(settings, stages, metric, kept, choices, spent, seconds, out, tokens)
 
 
 def _seconds(folder: Path) -> float:
@@ -437,6 +464,15 @@ def _seconds(folder: Path) -> float:
         store.close()
 
 
+def _counted(run: RunConfig, settings: Settings, scheduled: list[tuple[int, int]]) -> tuple[int | None, ...]:
+    """(training tokens of the scheduled runs, of the full grid); (None, None) where the task cannot say."""
+    count = _Tokens(run)
+    per_run = [count(seed, steps) for seed, steps in scheduled]
+    if None in per_run:
+        return None, None
+    return sum(per_run), count.full_grid(settings)
+
+
 def _choose(choice: Choice, cell, steps: int, grid: tuple[float, ...]) -> None:
     """The family's best cell at this stage, with its bracket: the grid's lrs either side."""
     i = grid.index(cell.lr) if cell.lr in grid else min(range(len(grid)), key=lambda j: abs(grid[j] - cell.lr))
@@ -446,7 +482,7 @@ def _choose(choice: Choice, cell, steps: int, grid: tuple[float, ...]) -> None:
 
 
 def _finish(settings: Settings, stages: list[Stage], metric: tasks.Metric, kept, choices: dict[str, Choice],
-            spent: int, seconds: float, out: Path) -> Advice:
+            spent: int, seconds: float, out: Path, tokens: tuple[int | None, ...] = (None, None)) -> Advice:
     final = max((c.steps for c in choices.values() if c.steps), default=None)
     contenders = [c for c in choices.values() if c.lr is not None and c.steps == final]
     sign = 1 if metric.higher_is_better else -1
@@ -467,7 +503,8 @@ def _finish(settings: Settings, stages: list[Stage], metric: tasks.Metric, kept,
         if c.lr is not None and (c.low is None or c.high is None):
             side = "smallest" if c.low is None else "largest"
             notes.append(f"{c.name}'s best lr is the {side} of the grid: its optimum may lie beyond; widen --lrs")
-    advice = Advice(settings, stages, metric, kept, choices, best, runner, verdict, spent, seconds, out, notes)
+    advice = Advice(settings, stages, metric, kept, choices, best, runner, verdict, spent, seconds, out, notes,
+                    *tokens)
     if best is not None:
         write_text_atomic(out / "confirm.yaml", confirm_file(advice))
     elif (out / "confirm.yaml").exists():

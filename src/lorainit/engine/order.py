@@ -42,3 +42,11 @@ class DataOrder:
             self._order = torch.randperm(self.rows, generator=rng.generator(self.seed, "data", epoch))
             self._epoch = epoch
         return self._order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+
+
+def tokens_read(lengths: list[int], seed: int, batch_size: int, steps: int) -> int:
+    """The real tokens a run of `seed` trains on in its first `steps` steps, given each training
+    row's token count: the rows its data order gives, step by step, their lengths summed. Runs of
+    one seed read the same rows, so they read the same tokens."""
+    order = DataOrder(seed, len(lengths), batch_size)
+    return sum(lengths[i] for step in range(steps) for i in order.rows_at(step))

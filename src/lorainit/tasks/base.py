@@ -157,6 +157,12 @@ class Task(ABC):
         return None
 
     @classmethod
+    def train_lengths(cls, run) -> list[int] | None:
+        """Each training row's real tokens (what `token_mask` counts of it in a batch), after
+        `check_data` (from its cache); None where the family cannot say without loading the model."""
+        return None
+
+    @classmethod
     def data_files(cls, run) -> dict[str, str]:
         """role ('train', 'eval') -> each file the run reads, for its data fingerprint
         (`tasks.declared.data_record`); a family that reads files says which."""

@@ -377,6 +377,10 @@ class CausalLM(Task):
         return len(encode_run(run, models.tokenizer(run.model))["train"]["ids"])
 
     @classmethod
+    def train_lengths(cls, run) -> list[int]:
+        return [len(ids) for ids in encode_run(run, models.tokenizer(run.model))["train"]["ids"]]
+
+    @classmethod
     def data_files(cls, run) -> dict[str, str]:
         return declared.files_of(run, lambda: lm_data.files(slices.base(run.task), _data_dir(run)))
 

@@ -224,6 +224,10 @@ class Classification(Task):
         return len(encode_run(run, models.tokenizer(run.model))["train"]["ids"])
 
     @classmethod
+    def train_lengths(cls, run) -> list[int]:
+        return [len(ids) for ids in encode_run(run, models.tokenizer(run.model))["train"]["ids"]]
+
+    @classmethod
     def data_files(cls, run) -> dict[str, str]:
         return declared.files_of(run, lambda: glue.files(run.task, run.data_dir))
 
