@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/lorainit demo --out runs/demo
 
-# One worker per core, each test file whole on one worker (its module fixtures built once), each
-# worker computing on one thread (tests/conftest.py).
+# One worker per CPU (at most one per 4 GiB of memory), each test file whole on one worker (its
+# module fixtures built once), each worker computing on one thread (tests/conftest.py).
 test: install
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 

@@ -70,6 +70,28 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+WORKER_MEMORY = 4 * 2 ** 30  # what one worker may hold at its peak (a decoder pack, a Ray cluster), with room
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (`make test`): one worker per CPU this process may run on (its affinity, and a
+    cgroup's CPU quota where one is set), at most one per WORKER_MEMORY of the machine's memory;
+    $PYTEST_XDIST_AUTO_NUM_WORKERS wins. pytest-xdist's own count is physical cores, which is 1 on a
+    machine that exposes two hyperthreads of one core, where two one-thread workers still pay."""
+    given = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
+    if given:
+        return int(given)
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, min(cpus, memory // WORKER_MEMORY))
+
+
 def pytest_collection_finish(session):
     """Under CI=true the whole suite (pytest run with no paths) collects at least MIN_COLLECTED tests."""
     whole = not session.config.args or [Path(a).resolve() for a in session.config.args] == [
