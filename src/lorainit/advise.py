@@ -21,14 +21,15 @@ the optimum at a short horizon can differ from the one at the target length, so 
 which horizon each family's lr was chosen, and writes a sweep file (`confirm.yaml`) that checks the
 pick at the target length.
 
-**The budget** is in run-steps (one optimiser step of one run; every run of a setting trains the same
+**The budget** is in run-steps (one optimiser step of one run; every run of a setting trains as many
 rows per step, so run-steps measure training compute), or in minutes, converted through the dry run's
 time estimate and recorded as run-steps. The compute spent is also given in training tokens, counted
-from the rows each run's data order gives it (`engine.order.tokens_read`), against the full grid's. The plan is fixed before any training: the most stages the
-grid allows, the first horizon as long as the budget allows (never below `MIN_STEPS`), fewer stages
-only when the budget cannot give every stage that; when the stages would cost as much as the full
-grid and the budget covers it, the full grid is the one stage. A budget too small for even one stage
-is refused before anything is written, with what would fit.
+from the rows each run's data order gives it (`engine.order.tokens_read`), against the full grid's.
+The plan is fixed before any training: the most stages the grid allows, the first horizon as long as
+the budget allows (never below `MIN_STEPS`), fewer stages only when the budget cannot give every
+stage that; when the stages would cost as much as the full grid and the budget covers it, the full
+grid is the one stage. A budget too small for even one stage is refused before anything is written,
+with what would fit.
 
 The answer is judged by the report's rules (`report.findings`): the recommended family's margin over
 the runner-up HOLDS only when every seed of one beats every seed of the other, and is "within seed
