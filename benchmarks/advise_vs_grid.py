@@ -133,9 +133,11 @@ def table(result: dict) -> str:
                   f"(within seed noise of it: {', '.join(result['grid_close_families'])}): "
                   f"{'inside' if hit else 'outside'}",
               f"compute: advise {result['advise_run_steps']:,} run-steps, full grid {result['grid_run_steps']:,} "
-              f"({result['advise_run_steps'] / result['grid_run_steps']:.0%}); training tokens "
-              f"{result['advise_tokens']:,} against {result['grid_tokens']:,} "
-              f"({result['advise_tokens'] / result['grid_tokens']:.0%}); training time (packs' seconds) "
+              f"({result['advise_run_steps'] / result['grid_run_steps']:.1%}); training tokens "
+              + (f"{result['advise_tokens']:,} against {result['grid_tokens']:,} "
+                 f"({result['advise_tokens'] / result['grid_tokens']:.1%})" if result.get("grid_tokens")
+                 else "not known for this task")
+              + "; training time (packs' seconds) "
               f"{result['advise_seconds'] / 60:.1f} min against {result['grid_seconds'] / 60:.1f} min "
               f"({result['advise_seconds'] / max(result['grid_seconds'], 1e-9):.0%})", ""]
     return "\n".join(lines)
