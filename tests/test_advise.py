@@ -54,6 +54,10 @@ def test_a_small_budget_takes_fewer_stages_then_is_refused_with_what_fits():
     assert [(st.steps, st.lrs) for st in advise.plan(s)] == [(12, 14)]  # one stage only
     with pytest.raises(BadInput, match=r"too small for even one stage: .* needs 140 run-steps"):
         advise.plan(_settings(families=("a",), seeds=(0,), target_steps=300, budget=139))
+    # a budget given in minutes is named as the user gave it
+    with pytest.raises(BadInput, match=r"--minutes 0.5 \(139 run-steps at the estimated rate\) is too small .* "
+                                       r"give more --minutes"):
+        advise.plan(_settings(families=("a",), seeds=(0,), target_steps=300, budget=139, minutes=0.5))
 
 
 def test_what_a_stage_let_go_is_said_once_per_reason():
@@ -206,6 +210,13 @@ def test_advise_narrows_each_family_in_stages_and_resumes(tmp_path, capsys):
                                         for r in first + second)
     assert saved["full_grid_train_tokens"] == 2 * 6 * sum(tokens_read(lengths, seed, 8, 30) for seed in (0, 1))
     assert f"{saved['train_tokens']:,} training tokens" in text
+    # a stage's store may hold runs an earlier plan asked for (resumed after the stage before it
+    # changed): a stage is judged on the runs it planned, and only those
+    metric = tasks.metrics(run.task)[0]
+    planned = {r["run_id"] for r in second if r["init"] == "a" and float(r["lr"]) == result.kept[1]["a"][0]}
+    cells = advise._stage_cells(out / "stage-2", metric, planned)
+    assert list(cells) == ["a"] and [c.lr for c in cells["a"][0]] == [result.kept[1]["a"][0]]
+    assert {r.run_id for c in cells["a"][0] for r in c.runs} == planned
     page = (out / "report" / "index.html").read_text()
     assert "Stage 1: 10 steps" in page and "Stage 2: 30 steps" in page and "data:image/png;base64" in page
     assert (out / "stage-2" / "report" / "index.html").is_file()

@@ -96,7 +96,7 @@ def _trainer(model, task, run: RunConfig, out, callbacks=(), evaluate=True, **ov
         learning_rate=run.lr, lr_scheduler_type="linear", warmup_steps=1, weight_decay=0.0,
         max_grad_norm=run.max_grad_norm, seed=run.seed, logging_steps=5, logging_first_step=True,
         eval_strategy="steps" if evaluate else "no", eval_steps=5, per_device_eval_batch_size=8,
-        save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, remove_unused_columns=False,
+        save_strategy=overrides.pop("save_strategy", "no"), report_to="none", disable_tqdm=True, use_cpu=True, remove_unused_columns=False,
         train_sampling_strategy="sequential", **overrides)
     trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=evaluated if evaluate else None,
                       data_collator=collate, compute_metrics=accuracy, callbacks=list(callbacks))
@@ -145,6 +145,34 @@ def test_probes_reach_log_history_and_the_reporting_callbacks(sst2_task, recorde
     assert run.final["accuracy"] == trainer.state.log_history[-2]["eval_accuracy"]
     assert [f.metric.name for f in built.findings] == ["accuracy", "eval_loss"]
     assert (tmp_path / "report" / "index.html").is_file()
+
+
+def _store_rows(folder) -> dict[tuple[int, str], float]:
+    store = Store(folder)
+    try:
+        return {(step, name): value for _, step, name, value in store.db.execute(
+            "SELECT run_id, step, name, value FROM metrics")}
+    finally:
+        store.close()
+
+
+def test_a_run_resumed_from_its_checkpoint_keeps_the_rows_written_before_it(sst2_task, tmp_path):
+    """`trainer.train(resume_from_checkpoint=...)`: the same run (same fields, same id) goes on from
+    the checkpoint's step; what the folder held up to that step stays, and is not logged again."""
+    def trainer(folder):
+        return _trainer(_peft_model(init="a"), sst2_task, _run(), folder, callbacks=[ProbeCallback(task="sst2-mine")],
+                        save_strategy="steps", save_steps=5)
+
+    trainer(tmp_path).train()
+    straight = _store_rows(tmp_path)
+    trainer(tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
+    rows = _store_rows(tmp_path)
+    assert set(rows) == set(straight)  # every step's rows, those before the checkpoint included
+    assert {step for step, name in rows if name == "train_loss"} == set(LOGGED)
+    before = {key: value for key, value in rows.items() if key[0] <= 5}
+    assert before == {key: straight[key] for key in before}  # the first run's, kept as they were
+    (run,) = report.build(tmp_path).sweep.runs
+    assert run.status == "done" and run.steps == STEPS and run.final["eval_loss"] == rows[(STEPS, "eval_loss")]
 
 
 def test_add_probes_places_the_callback_without_searching(sst2_task, recorder, tmp_path):
@@ -268,3 +296,23 @@ def _names(folder):
         return store.db.execute("SELECT DISTINCT name FROM metrics").fetchall()
     finally:
         store.close()
+
+
+def test_an_init_given_by_name_keeps_the_variance_apply_init_recorded_for_it():
+    from types import SimpleNamespace
+
+    from lorainit.hf import record
+
+    applied = SimpleNamespace(record=SimpleNamespace(init="a", init_args={}, init_variance="gaussian"))
+    assert record.family("a", None, applied, True) == ("a", None, "gaussian")
+    assert record.family("b", None, applied, True) == ("b", None, "kaiming")  # another init than the one applied
+    assert record.family(None, None, applied, True) == ("a", None, "gaussian")
+
+
+def test_evaluations_of_several_sets_at_one_step_are_one_evaluation():
+    callback = ProbeCallback()
+    callback._evaluations = []
+    callback._evaluated(5, {"x_loss": 1.0, "x_accuracy": 0.5})
+    callback._evaluated(5, {"y_loss": 2.0})
+    callback._evaluated(10, {"x_loss": 0.5})
+    assert callback._evaluations == [(5, {"x_loss": 1.0, "x_accuracy": 0.5, "y_loss": 2.0}), (10, {"x_loss": 0.5})]

@@ -4,7 +4,8 @@ full sweep's compute, with the evidence and the horizon each choice was made at.
 **Method: successive halving per family, in packs.** Stage 1 trains every family at every lr of a
 wide grid (default 14 octaves) for every seed at a short horizon. After each stage, within each
 family, the lrs at which a seed diverged, failed, collapsed or did not learn are dropped
-(`sweeps.outcome`), and of the rest only the best third by the mean over seeds (at least `KEEP`, so
+(`sweeps.outcome`; a slow lr that has not learned yet fills a place left when too few learned), and
+of the rest only the best third by the mean over seeds (at least `KEEP`, so
 that the last stage still holds the best lr's rivals) go on to the next stage, at a horizon `ETA`
 times longer; the last stage's horizon is at most the target length. Every stage is a sweep of its
 own (`OUT/stage-<i>/`), run by the sweep driver in packs: it resumes after a kill like any sweep,
@@ -165,11 +166,14 @@ def plan(settings: Settings) -> list[Stage]:
         return staged
     one = MIN_STEPS * len(settings.lrs) * n_families * n_seeds
     full = sum(n * ETA ** i for i, n in enumerate(counts)) * MIN_STEPS * n_families * n_seeds
+    given = (f"--minutes {settings.minutes:g} ({settings.budget:,} run-steps at the estimated rate)"
+             if settings.minutes is not None else f"a budget of {settings.budget:,} run-steps")
     raise BadInput(
-        f"advise: a budget of {settings.budget:,} run-steps is too small for even one stage: one stage of "
+        f"advise: {given} is too small for even one stage: one stage of "
         f"{n_families} families x {len(settings.lrs)} lrs x {n_seeds} seeds at the shortest horizon "
         f"({MIN_STEPS} steps) needs {one:,} run-steps, and the full plan ({len(counts)} stages) at least {full:,}; "
-        "give a larger --budget, or fewer families, lrs or seeds")
+        f"give {'more --minutes' if settings.minutes is not None else 'a larger --budget'}, or fewer families, "
+        "lrs or seeds")
 
 
 def budget_from_minutes(settings: Settings, device: str) -> int:
@@ -331,7 +335,7 @@ def _metric(settings: Settings, run: RunConfig) -> tasks.Metric:
 
 def _ranked(cells: list, metric: tasks.Metric, loss_cells: dict[float, object]) -> tuple[list, list]:
     """(cells where every seed learned, cells where every seed trained to the end but some did not
-    learn or collapsed), each best first: the first by the mean metric over seeds, then (a tie) by the
+    learn and none collapsed), each best first: the first by the mean metric over seeds, then (a tie) by the
     mean eval loss, then the smaller lr; the second by the mean eval loss (a metric such as accuracy
     sits at chance before a run learns: the loss still moves). A cell where a seed diverged or failed
     is in neither."""
@@ -344,17 +348,24 @@ def _ranked(cells: list, metric: tasks.Metric, loss_cells: dict[float, object]) 
         return statistics.fmean(found.trained_values) if found is not None and found.trained_values else math.inf
 
     learned = sorted((c for c in cells if c.complete), key=lambda c: (sign * c.mean, loss(c), c.lr))
-    trained = [c for c in cells if not c.complete and len(c.trained_values) == len(c.runs) > 0]
+    # a collapse (learned, then fell back) is a failure at any horizon; not having learned yet is not
+    trained = [c for c in cells if not c.complete and len(c.trained_values) == len(c.runs) > 0
+               and not c.count("collapsed")]
     return learned, sorted(trained, key=lambda c: (loss(c), c.lr))
 
 
-def _stage_cells(folder: Path, metric: tasks.Metric) -> dict[str, tuple[list, dict]]:
-    """family -> (its cells for the metric, its eval_loss cells by lr), from a stage's store."""
+def _stage_cells(folder: Path, metric: tasks.Metric, ids: set[str]) -> dict[str, tuple[list, dict]]:
+    """family -> (its cells for the metric, its eval_loss cells by lr), from a stage's store: of the
+    runs `ids` only. A store can hold others: a stage resumed after the one before it changed (a run
+    that failed there, retried, then passed) planned other lrs the first time."""
+    import dataclasses
+
     from lorainit.report.sweep import load
 
     sweep = load(folder)
     out = {}
     for group in sweep.groups:
+        group = dataclasses.replace(group, runs=[r for r in group.runs if r.run_id in ids])
         cells = judged.cells_of(group, metric.name)
         losses = judged.cells_of(group, "eval_loss")
         for family, cs in cells.items():
@@ -426,9 +437,10 @@ def advise(settings: Settings, out: str | Path, device: str | None = None, show_
         driver.run_sweep(sweep, folder, executor=executor, ray_address=ray_address, device=device,
                          show_progress=show_progress)
         spent += len(sweep.runs) * stage.steps
-        seconds += _seconds(folder)
+        ids = {r.run_id() for r in sweep.runs}
+        seconds += _seconds(folder, ids)
         scheduled += [(r.seed, stage.steps) for r in sweep.runs]
-        cells = _stage_cells(folder, metric)
+        cells = _stage_cells(folder, metric, ids)
         last = i == len(stages)
         nxt = {}
         for f in lrs:
@@ -451,8 +463,9 @@ def advise(settings: Settings, out: str | Path, device: str | None = None, show_
     return _finish(settings, stages, metric, kept, choices, spent, seconds, out, tokens)
 
 
-def _seconds(folder: Path) -> float:
-    """The stage's training time: each pack's seconds (its runs share them), summed over packs."""
+def _seconds(folder: Path, ids: set[str] | None = None) -> float:
+    """The stage's training time: each pack's seconds (its runs share them), summed over the packs
+    that trained any of the runs `ids` (None: every pack)."""
     from lorainit.sweeps.store import Store
 
     store = Store.peek(folder)
@@ -460,7 +473,8 @@ def _seconds(folder: Path) -> float:
         return 0.0
     try:
         seconds = dict(store.db.execute("SELECT run_id, seconds FROM runs"))
-        return sum(max((seconds.get(r) or 0.0) for r in ids) for ids in store.packs().values())
+        return sum(max((seconds.get(r) or 0.0) for r in pack) for pack in store.packs().values()
+                   if ids is None or ids & set(pack))
     finally:
         store.close()
 

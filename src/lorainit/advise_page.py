@@ -30,9 +30,10 @@ def narrowing(advice, stage_reports: list, out: Path) -> Path | None:
     for ax, family in zip(axes.flat, fams):
         for i, (stage, built) in enumerate(zip(advice.stages, stage_reports)):
             points = []  # (lr, mean over the seeds that trained to the end, every seed learned)
+            ran = set(advice.kept[i].get(family, ()))  # a resumed stage's store can hold an earlier plan's lrs
             for group in built.sweep.groups:
                 for c in cells_of(group, advice.metric.name).get(family, []):
-                    if c.trained_values:
+                    if c.trained_values and c.lr in ran:
                         points.append((c.lr, sum(c.trained_values) / len(c.trained_values), c.complete))
             if points:
                 points.sort()
@@ -100,7 +101,7 @@ def write(advice) -> Path:
         stages_html.append(f"<h2>Stage {i}: {stage.steps} steps</h2><p class=\"status\">"
                            f"{html.escape(page._status_line(r))}; its own report: stage-{i}/report/index.html</p>"
                            f"<pre>{html.escape(r.text())}</pre>{figs}")
-    best = [line for line in lines if line.startswith("recommended")]
+    best = [line for line in lines if line.startswith(("recommended", "no family learned"))]
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>lorainit advise: {html.escape(advice.settings.name)}</title>
 <style>{page.STYLE}</style></head><body>

@@ -137,6 +137,9 @@ class ProbeCallback(TrainerCallback):
         length = len(train_dataloader) if hasattr(train_dataloader, "__len__") else None
         self._per_epoch = max(math.ceil(length / args.gradient_accumulation_steps), 1) if length else None
         self._values, self._values_step, self._rows, self._evaluations = {}, -1, [], []
+        for entry in state.log_history:  # resumed from a checkpoint: the evaluations it had made
+            if isinstance(entry.get("step"), int) and entry["step"] <= state.global_step:
+                self._evaluated(entry["step"], _evaluation(entry))
         self._diverged_step, self._ended = None, False
         self._started = self._flushed = time.perf_counter()
         applied = getattr(model, "lorainit_init", None)
@@ -147,7 +150,7 @@ class ProbeCallback(TrainerCallback):
         self.folder = None
         if state.is_world_process_zero:
             self.folder = record.RunFolder(self.out if self.out is not None else Path(args.output_dir), self.run)
-            self.folder.begin()
+            self.folder.begin(state.global_step)
 
     def _logs_at(self, args, state, step: int) -> bool:
         """Whether the Trainer logs at optimiser step `step` (1-based), as DefaultFlowCallback decides."""
@@ -196,10 +199,9 @@ class ProbeCallback(TrainerCallback):
         if self._diverged_step is None and any(not math.isfinite(float(logs[key]))
                                                for key in ("loss", "grad_norm") if key in logs):
             self._diverged_step = step
-        evaluated = {name: float(v) for key, v in logs.items()
-                     if (name := record.metric_name(key)) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        evaluated = _evaluation(logs)
         if evaluated:
-            self._evaluations.append((step, evaluated))
+            self._evaluated(step, evaluated)
             self._rows += [(step, name, value) for name, value in evaluated.items()]
             if step == 0 and self._causal_lm and "eval_loss" in evaluated:
                 # the run's own eval loss before any update: what lorainit judges a decoder against
@@ -209,6 +211,15 @@ class ProbeCallback(TrainerCallback):
             self._flush()
         if evaluated and self._ended:  # trainer.evaluate() after training: the final metrics move
             self._record()
+
+    def _evaluated(self, step: int, values: dict[str, float]) -> None:
+        """An evaluation's metrics at `step`; those of several evaluation sets logged at one step
+        (an `eval_dataset` dict) are one evaluation."""
+        if values:
+            if self._evaluations and self._evaluations[-1][0] == step:
+                self._evaluations[-1][1].update(values)
+            else:
+                self._evaluations.append((step, dict(values)))
 
     def on_save(self, args, state, control, **kwargs):
         self._flush()  # the folder holds what the checkpoint holds
@@ -236,6 +247,12 @@ class ProbeCallback(TrainerCallback):
         if self.folder is not None:
             self.folder.record("diverged" if self._diverged_step is not None else "done", self._diverged_step,
                                self._steps, self._seconds, [values for step, values in self._evaluations if step > 0])
+
+
+def _evaluation(logs: dict) -> dict[str, float]:
+    """The evaluation metrics in one log entry, as lorainit names them (`record.metric_name`)."""
+    return {name: float(v) for key, v in logs.items()
+            if (name := record.metric_name(key)) and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def add_probes(trainer: "transformers.Trainer", **options) -> ProbeCallback:

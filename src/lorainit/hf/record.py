@@ -60,6 +60,8 @@ def family(init: str | None, init_args: dict | None, applied, init_lora_weights)
     `init_lora_weights` mapped to a family (PEFT's false and loftq, refused as families, as given)."""
     if init is not None:
         init, args, variance = families.canonical(init), init_args or {}, "kaiming"
+        if applied is not None and families.canonical(applied.record.init) == init:  # the same init, applied
+            args, variance = init_args or applied.record.init_args or {}, applied.record.init_variance or "kaiming"
     elif applied is not None:
         init, args, variance = applied.record.init, applied.record.init_args, applied.record.init_variance or "kaiming"
     else:
@@ -130,8 +132,10 @@ class RunFolder:
     def __init__(self, folder: Path, run: TrainerRun):
         self.folder, self.run = Path(folder), run
 
-    def begin(self) -> None:
-        """The run in the store, running, with none of the rows an earlier run of the same fields left."""
+    def begin(self, resumed_at: int = 0) -> None:
+        """The run in the store, running, with none of the rows an earlier run of the same fields
+        left after step `resumed_at`: a run resumed from its checkpoint at that step keeps its own
+        rows up to it; a run from the start keeps none."""
         from lorainit.sweeps.store import MetricWriter, Store
 
         store = Store(self.folder)
@@ -142,7 +146,7 @@ class RunFolder:
             store.close()
         writer = MetricWriter(self.folder)
         try:
-            writer.truncate([self.run.run_id()], -1)
+            writer.truncate([self.run.run_id()], resumed_at if resumed_at > 0 else -1)
         finally:
             writer.close()
 
