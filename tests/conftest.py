@@ -39,7 +39,7 @@ from lorainit.tasks.classification import collate  # noqa: E402
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 # A full run of the suite collects at least this many tests: a run that skips nothing must not get
 # there by collecting fewer. Raise it when tests are added.
-MIN_COLLECTED = 605
+MIN_COLLECTED = 606
 
 
 def skip_or_fail(message: str) -> None:

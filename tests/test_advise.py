@@ -95,6 +95,17 @@ def test_cli_refuses_bad_settings_naming_them(tmp_path, capsys, argv, said):
     assert not out.exists()
 
 
+def test_exact_match_is_refused_for_a_declared_task_without_references(tmp_path, capsys):
+    rows = tmp_path / "train.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completion": f" A{i}"}) + "\n" for i in range(8)))
+    out = tmp_path / "advice"
+    code = cli.main(["advise", "--out", str(out), "--model", "smollm2-135m", "--task",
+                     f"{{type: sft, train: {rows}, eval_fraction: 0.25}}", "--target-steps", "200",
+                     "--budget", "100000", "--metric", "exact_match"])
+    assert code == 2 and "task.reference" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "advice"
     code = cli.main(["advise", "--out", str(out), "--task", "sst2-slice", "--target-steps", "270",

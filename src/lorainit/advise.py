@@ -56,6 +56,7 @@ from lorainit.files import write_text_atomic
 from lorainit.report import families
 from lorainit.report import findings as judged
 from lorainit.report.findings import _lr, _num, _range  # numbers as the report writes them
+from lorainit.tasks import spec as specs
 from lorainit.sweeps import file as sweep_file
 
 DEFAULT_FAMILIES = ("a", "b", "ab", "gaussian", "orthogonal", "pissa", "olora")  # Init[A], Init[B], data-free
@@ -132,6 +133,9 @@ def check(settings: Settings) -> RunConfig:
     names = [m.name for m in tasks.metrics(run.task)]
     if settings.metric is not None and settings.metric not in names:
         raise BadInput(f"advise: --metric {settings.metric!r} is not one of the task's metrics: {', '.join(names)}")
+    if settings.metric == "exact_match" and run.data is not None and "reference" not in specs.loads(run.data):
+        raise BadInput("advise: --metric exact_match needs answers to match: a declared task generates them only "
+                       "with task.reference (the column of reference answers), and this one has none")
     return run
 
 
