@@ -39,6 +39,7 @@ noise" otherwise.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -311,27 +312,6 @@ class Advice:
                 "seconds": self.seconds}
 
 
-class _Tokens:
-    """Real training tokens of a run of a seed over its first n steps, from the task's rows and the
-    run's data order (`engine.order.tokens_read`): what the trainer counts, without training."""
-
-    def __init__(self, run: RunConfig):
-        self.lengths = tasks.family(run.task).train_lengths(run)
-        self.batch_size = run.batch_size
-        self.seen: dict[tuple[int, int], int] = {}
-
-    def __call__(self, seed: int, steps: int) -> int | None:
-        if self.lengths is None:
-            return None
-        if (seed, steps) not in self.seen:
-            self.seen[seed, steps] = tokens_read(self.lengths, seed, self.batch_size, steps)
-        return self.seen[seed, steps]
-
-    def full_grid(self, settings: Settings) -> int | None:
-        per_cell = [self(seed, settings.target_steps) for seed in settings.seeds]
-        return None if None in per_cell else len(settings.families) * len(settings.lrs) * sum(per_cell)
-
-
 def _metric(settings: Settings, run: RunConfig) -> tasks.Metric:
     metrics = tasks.metrics(run.task)
     return next(m for m in metrics if m.name == settings.metric) if settings.metric else metrics[0]
@@ -425,7 +405,7 @@ def advise(settings: Settings, out: str | Path, device: str | None = None, show_
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / SETTINGS, json.dumps(settings.as_dict(), indent=1))
     lrs = {f: list(settings.lrs) for f in fams}
-    kept, spent, seconds = [], 0, 0.0
+    kept, seconds = [], 0.0
     scheduled: list[tuple[int, int]] = []  # (seed, steps) of every run the stages trained
     choices = {f: Choice(f, None) for f in fams}
     for i, stage in enumerate(stages, 1):
@@ -440,7 +420,6 @@ def advise(settings: Settings, out: str | Path, device: str | None = None, show_
         print(f"advise: stage {i} of {len(stages)}: {len(sweep.runs)} runs at {stage.steps} steps", file=sys.stderr)
         driver.run_sweep(sweep, folder, executor=executor, ray_address=ray_address, device=device,
                          show_progress=show_progress)
-        spent += len(sweep.runs) * stage.steps
         ids = {r.run_id() for r in sweep.runs}
         seconds += _seconds(folder, ids)
         scheduled += [(r.seed, stage.steps) for r in sweep.runs]
@@ -463,8 +442,9 @@ def advise(settings: Settings, out: str | Path, device: str | None = None, show_
                 if c not in going:
                     choices[f].dropped.append((i, c.label() or f"behind the best {keep}", c.lr))
         lrs = nxt
-    tokens = _counted(base_run, settings, scheduled)
-    return _finish(settings, stages, metric, kept, choices, spent, seconds, out, tokens)
+    spent = sum(steps for _, steps in scheduled)
+    return _finish(settings, stages, metric, kept, choices, spent, seconds, out,
+                   _counted(base_run, settings, scheduled))
 
 
 def _seconds(folder: Path, ids: set[str] | None = None) -> float:
@@ -484,12 +464,20 @@ def _seconds(folder: Path, ids: set[str] | None = None) -> float:
 
 
 def _counted(run: RunConfig, settings: Settings, scheduled: list[tuple[int, int]]) -> tuple[int | None, ...]:
-    """(training tokens of the scheduled runs, of the full grid); (None, None) where the task cannot say."""
-    count = _Tokens(run)
-    per_run = [count(seed, steps) for seed, steps in scheduled]
-    if None in per_run:
+    """(real training tokens of the scheduled runs, (seed, steps) each, and of the full grid's), from
+    the task's rows and each seed's data order (`engine.order.tokens_read`): what the trainer counts,
+    without training; (None, None) where the task cannot say."""
+    lengths = tasks.family(run.task).train_lengths(run)
+    if lengths is None:
         return None, None
-    return sum(per_run), count.full_grid(settings)
+
+    @functools.cache
+    def read(seed: int, steps: int) -> int:  # runs of one seed read the same rows
+        return tokens_read(lengths, seed, run.batch_size, steps)
+
+    cells = len(settings.families) * len(settings.lrs)
+    return (sum(read(seed, steps) for seed, steps in scheduled),
+            cells * sum(read(seed, settings.target_steps) for seed in settings.seeds))
 
 
 def _choose(choice: Choice, cell, steps: int, grid: tuple[float, ...]) -> None:

@@ -154,7 +154,8 @@ class Task(ABC):
     def train_rows(cls, run) -> int | None:
         """How many training rows the run reads, after `check_data` (from its cache); None where the
         family cannot say without loading the model."""
-        return None
+        lengths = cls.train_lengths(run)
+        return None if lengths is None else len(lengths)
 
     @classmethod
     def train_lengths(cls, run) -> list[int] | None:

@@ -220,10 +220,6 @@ class Classification(Task):
         declared.check(run, encode_run)
 
     @classmethod
-    def train_rows(cls, run) -> int:
-        return len(encode_run(run, models.tokenizer(run.model))["train"]["ids"])
-
-    @classmethod
     def train_lengths(cls, run) -> list[int]:
         return [len(ids) for ids in encode_run(run, models.tokenizer(run.model))["train"]["ids"]]
 
